@@ -1,0 +1,225 @@
+"""What PRISM and NaiveDPLoRA share: validation, hooks, dense updates, generator, state_dict.
+
+A logical step is: any number of forward/backward passes (micro-batches), each clipped per
+example at the end of its backward pass, then one `step()` that adds noise once, divides by
+the EXPECTED batch size and updates. Subclasses define how LoRA pairs are represented
+(`_lora_unit`) and updated (`_update_lora`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import _validate, per_example
+from .functional import StepConfig, dense_step
+from .hooks import PerExampleCollector, StepStats, Unit
+from .layers import LoRAPair, find_trainables
+from .noise import gaussian
+
+
+class DPLoRAOptimizer(torch.optim.Optimizer):
+    """Base class of prism's private optimizers; see PRISM for the arguments."""
+
+    def __init__(self, model: nn.Module, *, lr: float, noise_multiplier: float, max_grad_norm: float,
+                 expected_batch_size: float, adaptive: bool = True, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, loss_reduction: str = "mean",
+                 generator: torch.Generator | None = None, **extra_defaults):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be the peft model (an nn.Module), got {type(model).__name__}; prism "
+                            "finds the trainable parameters itself, so do not pass model.parameters().")
+        _validate.non_negative(lr=lr, noise_multiplier=noise_multiplier, weight_decay=weight_decay)
+        _validate.positive(max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size, eps=eps)
+        _validate.in_unit_interval(**{"betas[0]": betas[0], "betas[1]": betas[1]})
+        _validate.one_of({"mean", "sum"}, loss_reduction=loss_reduction)
+        self.pairs, self.dense = find_trainables(model)
+        params = [p for pair in self.pairs for p in (pair.lora_A.weight, pair.lora_B.weight)]
+        params += [p for d in self.dense for p in d.module.parameters() if p.requires_grad]
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adaptive=adaptive,
+                        **extra_defaults)
+        super().__init__([{"params": params}], defaults)
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.expected_batch_size = float(expected_batch_size)
+        self.loss_reduction = loss_reduction
+        self.generator = _checked_generator(generator, params[0].device)
+        self.steps_taken = 0
+        self._collector = PerExampleCollector(self.max_grad_norm, loss_reduction)
+        self._lora_units = []
+        for index, pair in enumerate(self.pairs):
+            unit = self._lora_unit(index, pair)
+            self._collector.add_lora_pair(pair.lora_A, pair.lora_B, unit)
+            self._lora_units.append(unit)
+        self._dense_units = [self._dense_unit(d.name, d.module) for d in self.dense]
+
+    @property
+    def noise_std(self) -> float:
+        """Standard deviation of the noise on the averaged gradient: sigma C / b."""
+        return self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
+
+    @property
+    def stats(self) -> StepStats:
+        """Counters of the logical step in progress (examples seen, clipped, non-finite)."""
+        return self._collector.stats
+
+    def _lora_unit(self, index: int, pair: LoRAPair) -> Unit:
+        raise NotImplementedError
+
+    def _lora_updates(self, cfg: StepConfig) -> list[Update]:
+        raise NotImplementedError
+
+    def _dense_unit(self, name: str, module: nn.Linear) -> Unit:
+        params = [p for p in (module.weight, module.bias) if p is not None and p.requires_grad]
+        if len(params) == 1 and params[0] is not module.weight:
+            raise ValueError(f"{name}: a dense nn.Linear with a trainable bias but a frozen weight is not "
+                             "supported; train both or neither.")
+        has_bias = len(params) == 2
+        unit = Unit(name, params, lambda x, go: per_example.linear_grads(x, go, has_bias),
+                    per_example.sum_of_squares, compute_dtype(module.weight))
+        self._collector.add_linear(module, unit)
+        return unit
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Privatise the clipped sums accumulated since the last step and update the model.
+
+        Adds noise exactly once per call, also when no example was seen (an empty Poisson
+        batch), and leaves every trainable parameter's non-private `.grad` cleared.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._collector.finish_backward()
+        self._refuse_gradients_without_hooks()
+        group = self.param_groups[0]
+        cfg = StepConfig(lr=group["lr"], noise_std=self.noise_std, expected_batch_size=self.expected_batch_size,
+                         adaptive=group["adaptive"], betas=group["betas"], eps=group["eps"],
+                         weight_decay=group["weight_decay"], **self._extra_config(group))
+        updates = self._lora_updates(cfg)
+        for unit in self._dense_units:
+            updates += self._dense_updates(unit, cfg)
+        apply_updates(updates)
+        self.steps_taken += 1
+        self._end_step()
+        return loss
+
+    def _extra_config(self, group: dict) -> dict:
+        return {}
+
+    def _dense_updates(self, unit: Unit, cfg: StepConfig) -> list[Update]:
+        """DP-SGD / DP-AdamW on each parameter: (clipped sum) / b + N(0, std^2 I)."""
+        updates = []
+        for index, param in enumerate(unit.params):
+            value = param.detach().to(unit.compute_dtype)
+            grad = unit.sums[index] / cfg.expected_batch_size if unit.sums else torch.zeros_like(value)
+            if cfg.noise_std > 0:
+                grad = grad + gaussian(tuple(value.shape), cfg.noise_std, self.generator, value)
+            updates.append(Update(param, dense_step(value, grad, self.state[param], cfg), unit.name))
+        return updates
+
+    def _refuse_gradients_without_hooks(self) -> None:
+        for unit in self._lora_units + self._dense_units:
+            if unit.sums is None and any(p.grad is not None for p in unit.params):
+                raise RuntimeError(
+                    "trainable parameters have gradients but prism's per-example hooks saw no example since "
+                    "the last step (was the model run through a copy, torch.func, or after remove_hooks()?). "
+                    "Refusing a step that would not be private.")
+
+    def _end_step(self) -> None:
+        self._collector.reset()
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear `.grad` and discard the clipped sums accumulated since the last step."""
+        super().zero_grad(set_to_none=set_to_none)
+        self._collector.reset()
+
+    def remove_hooks(self) -> None:
+        """Detach prism's hooks from the model (the optimizer cannot step privately afterwards)."""
+        self._collector.remove()
+
+    def state_dict(self) -> dict:
+        """torch's format ('state', 'param_groups') plus a 'prism' entry: steps taken, the privacy
+        settings and the noise generator's state (so a resumed run continues the same noise stream).
+
+        The generator state lets whoever holds the checkpoint reproduce the noise: keep checkpoints
+        as confidential as the training data; release only the trained adapter.
+        """
+        state = super().state_dict()
+        state["prism"] = dict(steps_taken=self.steps_taken, generator_state=self.generator.get_state(),
+                              noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+                              expected_batch_size=self.expected_batch_size)
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state_dict() of an optimizer built with the same privacy settings.
+
+        Unlike torch's default, floating state keeps its saved dtype (fp32 moments stay fp32
+        for bf16 parameters).
+        """
+        state_dict = dict(state_dict)
+        if "prism" not in state_dict:
+            raise ValueError("this state_dict has no 'prism' entry: it was not saved by a prism optimizer.")
+        extra = state_dict.pop("prism")
+        for key in ("noise_multiplier", "max_grad_norm", "expected_batch_size"):
+            if extra[key] != getattr(self, key):
+                raise ValueError(f"the checkpoint was saved with {key}={extra[key]}, this optimizer has "
+                                 f"{getattr(self, key)}; build the optimizer with the checkpoint's settings.")
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, values in saved_state.items():
+            param = params[index]
+            self.state[param] = {k: v.to(param.device, copy=True) if torch.is_tensor(v) else v
+                                 for k, v in values.items()}
+        self.steps_taken = extra["steps_taken"]
+        self.generator.set_state(extra["generator_state"])
+
+    def __repr__(self) -> str:
+        group = self.param_groups[0]
+        return (f"{type(self).__name__}(lora_modules={len(self.pairs)}, dense_modules={len(self.dense)}, "
+                f"lr={group['lr']}, noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "
+                f"expected_batch_size={self.expected_batch_size}, adaptive={group['adaptive']}, "
+                f"loss_reduction={self.loss_reduction!r}, steps_taken={self.steps_taken})")
+
+
+def compute_dtype(param: Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 parameters, fp64 for fp64 ones."""
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+class Update(NamedTuple):
+    """A parameter's new value (in the compute dtype) and its module's name."""
+
+    param: Tensor
+    value: Tensor
+    module_name: str
+
+
+def apply_updates(updates: list[Update]) -> None:
+    """Write every new value (cast to the parameter's dtype), or none if any is not finite."""
+    for update in updates:
+        if not bool(torch.isfinite(update.value).all()):
+            raise FloatingPointError(f"the update of {update.module_name} is not finite; the step was not applied. "
+                                     "Lower the learning rate or check the inputs for inf/NaN.")
+    for update in updates:
+        update.param.copy_(update.value.to(update.param.dtype))
+
+
+def _checked_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    if generator is None:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int.from_bytes(os.urandom(8), "little") & (2 ** 63 - 1))
+        return generator
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the parameters are on {device}; create it "
+                         f"with torch.Generator(device='{device.type}').")
+    return generator

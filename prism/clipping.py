@@ -1,0 +1,47 @@
+"""Global per-example clipping.
+
+Formal guarantees: with alpha_i = clip_factors(s, C), every example's clipped contribution
+alpha_i g_i has norm min(||g_i||, C) <= C, where s_i = ||g_i||^2 is the squared norm over
+ALL privately trained tensors (all LoRA modules and dense parameters). So adding or removing
+one example changes the clipped sum by at most C (add/remove sensitivity C).
+
+Edge cases of clip_factors:
+
+    | s_i           | alpha_i        | why                                             |
+    |---------------|----------------|-------------------------------------------------|
+    | 0             | 1              | nothing to clip; no division by zero            |
+    | 0 < s_i <= C^2 | 1              | inside the ball                                 |
+    | s_i > C^2     | C / sqrt(s_i)  | scaled onto the sphere of radius C              |
+    | inf or NaN    | 0              | example dropped (counted by the caller); its    |
+    |               |                | tensors must be zeroed, as NaN * 0 = NaN        |
+    | b = 0         | empty          | an empty micro-batch contributes nothing        |
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def clip_factors(sqnorms: Tensor, max_norm: float) -> tuple[Tensor, Tensor]:
+    """Clip factors alpha_i = min(1, C / ||g_i||) and the mask of finite norms.
+
+    Args:
+        sqnorms: (b,) squared global per-example norms.
+        max_norm: the clipping bound C > 0.
+
+    Returns:
+        alpha (b,) and finite (b,) bool; alpha is 0 where the norm is not finite.
+    """
+    finite = torch.isfinite(sqnorms)
+    norms = torch.where(finite, sqnorms, 0).clamp_min(0).sqrt()
+    alpha = (max_norm / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp(max=1.0)
+    return torch.where(finite, alpha, 0), finite
+
+
+def clipped_sum(alpha: Tensor, finite: Tensor, per_example: Tensor) -> Tensor:
+    """sum_i alpha_i t_i over the leading axis, with non-finite examples contributing exactly 0."""
+    if not bool(finite.all()):
+        keep = finite.reshape(-1, *([1] * (per_example.dim() - 1)))
+        per_example = torch.where(keep, per_example, 0)
+    return torch.tensordot(alpha.to(per_example.dtype), per_example, dims=1)

@@ -1,0 +1,105 @@
+"""One optimizer step for one LoRA module, as pure functions of tensors (method.md section 3).
+
+    clipped sums (Y, W) --split--> (S, U, V) / b + tangent noise      = xi_dp   (3.2, 3.3)
+    xi_dp --symmetric lift--> --horizontal lift--> (dA, dB)                     (3.5)
+    adaptive: moments, DP-aware floor, r x r preconditioner, horizontal lift    (3.5)
+    (A, B) --retract(lr)--> balanced rank-r factors --Procrustes--> (A+, B+)   (3.6)
+
+and the Euclidean (Adam or SGD) step shared by dense parameters and naive DP-LoRA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import manifold, noise, precondition
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Hyperparameters of one step, shared by every module of a parameter group."""
+
+    lr: float
+    noise_std: float
+    expected_batch_size: float
+    adaptive: bool
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    floor_mode: str = "scalar"
+    floor_factor: float = 0.5
+    max_condition: float = 1e4
+
+
+def privatize_tangent(Y_sum: Tensor, W_sum: Tensor, basis: manifold.TangentBasis, cfg: StepConfig,
+                      generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """xi_dp = (sum_i alpha_i P_Z(G_i)) / b + std P_Z(Xi), in blocks (S, U, V).
+
+    b is the EXPECTED batch size, never the realised one.
+    """
+    S, U, V = (t / cfg.expected_batch_size for t in manifold.split_tangent(Y_sum, W_sum, basis))
+    if cfg.noise_std > 0:
+        nS, nU, nV = noise.tangent_noise(basis, cfg.noise_std, generator)
+        S, U, V = S + nS, U + nU, V + nV
+    return S, U, V
+
+
+def prism_module_step(A: Tensor, B: Tensor, Y_sum: Tensor, W_sum: Tensor, basis: manifold.TangentBasis,
+                      state: dict, cfg: StepConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """New factors (A+, B+) of one LoRA module.
+
+    Args:
+        A: (m, r) = lora_B.weight, B: (n, r) = lora_A.weight^T, in the compute dtype.
+        Y_sum: (m, r) and W_sum: (n, r): clipped sums of G_i Q_B and G_i^T Q_A.
+        basis: tangent_basis(A, B), the one the per-example blocks were computed in.
+        state: this module's optimizer state; with cfg.adaptive, holds "step" (int),
+            "exp_avg_A" (m, r), "exp_avg_sq_A" (r, r), "exp_avg_B" (n, r), "exp_avg_sq_B" (r, r);
+            updated in place.
+    """
+    S, U, V = privatize_tangent(Y_sum, W_sum, basis, cfg, generator)
+    dA, dB = manifold.horizontal_lift(A, B, *manifold.symmetric_lift(S, U, V, basis))
+    if cfg.adaptive:
+        dA, dB = _adaptive_direction(A, B, dA, dB, basis, state, cfg)
+    A_new, B_new = manifold.retract(A, B, dA, dB, cfg.lr, cfg.weight_decay)
+    return manifold.procrustes_align(A_new, B_new, A, B)
+
+
+def _adaptive_direction(A, B, dA, dB, basis, state, cfg: StepConfig) -> tuple[Tensor, Tensor]:
+    if not state:
+        r = A.shape[1]
+        state.update(step=0, exp_avg_A=torch.zeros_like(A), exp_avg_B=torch.zeros_like(B),
+                     exp_avg_sq_A=A.new_zeros(r, r), exp_avg_sq_B=A.new_zeros(r, r))
+    state["step"] += 1
+    floor_A, floor_B = precondition.noise_floors(cfg.floor_mode, cfg.floor_factor, cfg.noise_std, basis,
+                                                 A.shape[0], B.shape[0])
+    directions = []
+    for side, direction, floor in (("A", dA, floor_A), ("B", dB, floor_B)):
+        exp_avg, exp_avg_sq = state[f"exp_avg_{side}"], state[f"exp_avg_sq_{side}"]
+        precondition.update_moments(exp_avg, exp_avg_sq, direction, cfg.betas)
+        directions.append(precondition.preconditioned(exp_avg, exp_avg_sq, state["step"], cfg.betas, floor,
+                                                      cfg.max_condition, cfg.eps))
+    return manifold.horizontal_lift(A, B, *directions)
+
+
+def dense_step(param: Tensor, grad: Tensor, state: dict, cfg: StepConfig) -> Tensor:
+    """Euclidean update of one privatised gradient: AdamW if cfg.adaptive, else SGD.
+
+    With decoupled weight decay: p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps).
+    `param` and `grad` are in the compute dtype; the state ("step", "exp_avg", "exp_avg_sq")
+    is created lazily and updated in place. Returns the new parameter value.
+    """
+    new = param * (1 - cfg.lr * cfg.weight_decay)
+    if not cfg.adaptive:
+        return new - cfg.lr * grad
+    if not state:
+        state.update(step=0, exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+    state["step"] += 1
+    beta1, beta2 = cfg.betas
+    state["exp_avg"].lerp_(grad, 1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    m_hat = state["exp_avg"] / (1 - beta1 ** state["step"])
+    v_hat = state["exp_avg_sq"] / (1 - beta2 ** state["step"])
+    return new - cfg.lr * m_hat / (v_hat.sqrt() + cfg.eps)

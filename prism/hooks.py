@@ -1,0 +1,187 @@
+"""In-place hooks that turn each backward pass into clipped per-example sums.
+
+The hooks sit on the user's own modules (peft's lora_A / lora_B and dense nn.Linear layers);
+the model is never wrapped. For each forward call with gradients enabled they keep references
+to the tensors autograd keeps anyway (the inputs of lora_A and lora_B) and register a hook on
+the output. When that output's gradient arrives, a `Unit` turns (inputs, output gradient) into
+per-example tensors. At the end of the backward pass (an autograd callback) the collector knows
+every module's contribution, computes each example's GLOBAL norm, clips, and adds the clipped
+sums to the step's accumulators; per-example tensors are then dropped. Gradient accumulation
+over several micro-batches therefore only ever accumulates clipped sums.
+
+Formal guarantees: per backward pass, every example i of the micro-batch contributes
+alpha_i (t_i over all units) with global norm <= max_grad_norm (see clipping.py). A gradient
+that reaches a hooked output twice (backward twice through one forward) raises instead of
+counting an example twice.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .clipping import clip_factors, clipped_sum
+
+PerExampleFn = Callable[..., tuple[Tensor, ...]]
+
+
+class Unit:
+    """Per-example tensors of one module: pending for this backward pass, then clipped sums.
+
+    Args:
+        name: the module's name, for error messages.
+        params: the parameters this unit trains.
+        per_example: (*captured inputs, output grad), each (b, T, features), in the compute
+            dtype -> tuple of (b, ...) per-example tensors.
+        sqnorms: per-example tensors -> (b,) squared norms of the gradient they represent.
+        compute_dtype: dtype of all per-example math (fp32, or fp64 for fp64 parameters).
+    """
+
+    def __init__(self, name: str, params: Sequence[Tensor], per_example: PerExampleFn,
+                 sqnorms: Callable[..., Tensor], compute_dtype: torch.dtype):
+        self.name = name
+        self.params = list(params)
+        self.per_example = per_example
+        self.sqnorms = sqnorms
+        self.compute_dtype = compute_dtype
+        self.pending: list[Tensor] | None = None
+        self.sums: list[Tensor] | None = None
+
+    def add_pending(self, tensors: tuple[Tensor, ...]) -> None:
+        """Add one forward call's per-example tensors (a module called twice sums its calls)."""
+        if self.pending is None:
+            self.pending = list(tensors)
+        elif self.pending[0].shape[0] != tensors[0].shape[0]:
+            raise RuntimeError(f"{self.name} was called on micro-batches of different sizes within one "
+                               "backward pass; prism needs the batch on dimension 0 of every call.")
+        else:
+            self.pending = [p + t for p, t in zip(self.pending, tensors)]
+
+    def flush(self, alpha: Tensor, finite: Tensor) -> None:
+        """sums += sum_i alpha_i pending_i; drop the per-example tensors."""
+        clipped = [clipped_sum(alpha, finite, t) for t in self.pending]
+        self.sums = clipped if self.sums is None else [s + c for s, c in zip(self.sums, clipped)]
+        self.pending = None
+
+    def reset(self) -> None:
+        self.pending = None
+        self.sums = None
+
+
+class StepStats:
+    """Counters of the current logical step (for monitoring; not privacy-relevant)."""
+
+    def __init__(self):
+        self.examples = 0
+        self.clipped = 0
+        self.nonfinite = 0
+        self.backward_passes = 0
+        self.last_norms: Tensor | None = None
+
+    def __repr__(self) -> str:
+        return (f"StepStats(examples={self.examples}, clipped={self.clipped}, nonfinite={self.nonfinite}, "
+                f"backward_passes={self.backward_passes})")
+
+
+class PerExampleCollector:
+    """Attaches the hooks, clips per backward pass and owns the step's accumulators.
+
+    Args:
+        max_grad_norm: the global clipping bound C.
+        loss_reduction: "sum" if the loss is a sum of per-example losses, "mean" if it is
+            their mean over the micro-batch (gradients are then multiplied by b).
+    """
+
+    def __init__(self, max_grad_norm: float, loss_reduction: str):
+        self.max_grad_norm = max_grad_norm
+        self.loss_reduction = loss_reduction
+        self.units: list[Unit] = []
+        self.stats = StepStats()
+        self._handles: list = []
+        self._callback_queued = False
+
+    def add_lora_pair(self, lora_A: nn.Linear, lora_B: nn.Linear, unit: Unit) -> None:
+        """Hook a LoRA pair; `unit.per_example(x, h, go)` gets lora_A's input x, its output h
+        and the gradient go at lora_B's output."""
+        pending_inputs: list[Tensor] = []
+
+        def on_lora_A(module, inputs, output):
+            if output.requires_grad:
+                pending_inputs.append(inputs[0])
+
+        def on_lora_B(module, inputs, output):
+            if output.requires_grad:
+                self._watch(output, unit, pending_inputs.pop(), inputs[0])
+
+        self.units.append(unit)
+        self._handles += [lora_A.register_forward_hook(on_lora_A), lora_B.register_forward_hook(on_lora_B)]
+
+    def add_linear(self, module: nn.Linear, unit: Unit) -> None:
+        """Hook a dense nn.Linear; `unit.per_example(x, go)` gets its input and output gradient."""
+
+        def on_forward(mod, inputs, output):
+            if output.requires_grad:
+                self._watch(output, unit, inputs[0])
+
+        self.units.append(unit)
+        self._handles.append(module.register_forward_hook(on_forward))
+
+    def _watch(self, output: Tensor, unit: Unit, *captured: Tensor) -> None:
+        captured_box = [captured]
+
+        def on_grad(grad: Tensor):
+            if captured_box[0] is None:
+                raise RuntimeError(
+                    "a gradient reached the same forward pass twice (backward called twice, e.g. with "
+                    "retain_graph=True); each example would count twice. Sum the losses and call "
+                    "backward once per forward pass.")
+            inputs, captured_box[0] = captured_box[0], None
+            self._on_grad(unit, inputs, grad)
+
+        output.register_hook(on_grad)
+
+    def _on_grad(self, unit: Unit, inputs: tuple[Tensor, ...], grad: Tensor) -> None:
+        if not self._callback_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish_backward)
+            self._callback_queued = True
+        b = grad.shape[0]
+        tensors = [t.reshape(b, -1, t.shape[-1]).to(unit.compute_dtype) for t in (*inputs, grad)]
+        if self.loss_reduction == "mean":
+            tensors[-1] = tensors[-1] * b
+        with torch.no_grad():
+            unit.add_pending(unit.per_example(*tensors))
+
+    @torch.no_grad()
+    def finish_backward(self) -> None:
+        """Clip the finished backward pass's examples by their global norm and accumulate."""
+        self._callback_queued = False
+        active = [u for u in self.units if u.pending is not None]
+        if not active:
+            return
+        sizes = {u.pending[0].shape[0] for u in active}
+        if len(sizes) != 1:
+            raise RuntimeError(f"hooked modules saw different batch sizes {sorted(sizes)} in one backward pass; "
+                               "prism needs the batch on dimension 0 of every LoRA and head input.")
+        sqnorms = sum(u.sqnorms(*u.pending) for u in active)
+        alpha, finite = clip_factors(sqnorms, self.max_grad_norm)
+        for u in active:
+            u.flush(alpha, finite)
+        self.stats.examples += sizes.pop()
+        self.stats.clipped += int((alpha < 1).sum())
+        self.stats.nonfinite += int((~finite).sum())
+        self.stats.backward_passes += 1
+        self.stats.last_norms = sqnorms.sqrt()
+
+    def reset(self) -> None:
+        """Forget everything accumulated since the last step."""
+        for u in self.units:
+            u.reset()
+        self.stats = StepStats()
+
+    def remove(self) -> None:
+        """Detach every hook from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

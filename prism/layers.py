@@ -1,0 +1,123 @@
+"""Find what a peft model trains, and refuse anything that cannot be trained privately.
+
+Every trainable parameter must belong to exactly one of:
+- a LoRA pair: lora_A / lora_B (nn.Linear, no bias) of a peft LoRA `Linear` layer of the
+  single active adapter; the base layer may be nn.Linear or GPT-2's Conv1D (fan_in_fan_out);
+- a dense nn.Linear whose weight (and bias) are trainable, e.g. a classification head in
+  `modules_to_save`.
+Anything else (a trainable LayerNorm, embedding, DoRA magnitude, lora_bias) raises, naming the
+parameter, because its per-example gradient would be missing and it would be trained non-privately.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+try:
+    from peft.tuners.lora import Linear as _PeftLoraLinear
+    from peft.tuners.lora import LoraLayer as _PeftLoraLayer
+except ImportError as exc:  # pragma: no cover - peft is a hard dependency
+    raise ImportError("prism needs peft: pip install peft") from exc
+
+
+@dataclass(frozen=True)
+class LoRAPair:
+    """One LoRA module: Z = lora_B.weight @ lora_A.weight (m x n), delta W = scaling * Z."""
+
+    name: str
+    layer: nn.Module  # the peft LoRA layer (base layer + adapters)
+    lora_A: nn.Linear  # weight (r, n) = B^T
+    lora_B: nn.Linear  # weight (m, r) = A
+    scaling: float
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(m, n, r)."""
+        return self.lora_B.out_features, self.lora_A.in_features, self.lora_A.out_features
+
+
+@dataclass(frozen=True)
+class DenseLinear:
+    """An nn.Linear trained with Euclidean per-example gradients (weight, and bias if trainable)."""
+
+    name: str
+    module: nn.Linear
+
+
+def find_trainables(model: nn.Module) -> tuple[list[LoRAPair], list[DenseLinear]]:
+    """LoRA pairs and dense linears covering every trainable parameter of `model`.
+
+    Raises:
+        ValueError: no LoRA layer, several active adapters, an unsupported LoRA variant, or a
+            trainable parameter that is neither a LoRA factor nor part of a dense nn.Linear.
+    """
+    pairs = _find_lora_pairs(model)
+    covered = {id(p) for pair in pairs for p in (pair.lora_A.weight, pair.lora_B.weight)}
+    dense, unsupported = [], []
+    for name, module in model.named_modules():
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) not in covered]
+        if not own:
+            continue
+        if type(module) is nn.Linear and not _is_lora_factor(name):
+            dense.append(DenseLinear(name, module))
+            covered.update(id(p) for _, p in own)
+        else:
+            unsupported += [f"{name}.{n} ({type(module).__name__})" for n, p in own]
+    if unsupported:
+        raise ValueError(
+            "these trainable parameters have no private per-example gradient in prism: "
+            + ", ".join(unsupported)
+            + ". Freeze them (param.requires_grad_(False)) or train them as LoRA targets; prism trains "
+            "LoRA factors and dense nn.Linear layers (e.g. a head in modules_to_save) privately.")
+    return pairs, dense
+
+
+def _find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
+    pairs, active = [], set()
+    for name, layer in model.named_modules():
+        if not isinstance(layer, _PeftLoraLayer):
+            continue
+        adapters = [a for a in layer.active_adapters if a in layer.lora_A or a in layer.lora_embedding_A]
+        active.update(adapters)
+        for adapter in adapters:
+            pair = _lora_pair(f"{name}[{adapter}]", layer, adapter)
+            if pair is not None:
+                pairs.append(pair)
+    if not pairs:
+        raise ValueError(
+            "the model has no active, trainable peft LoRA layer: wrap it with peft.get_peft_model(model, "
+            "LoraConfig(target_modules=[...])) before building a prism optimizer.")
+    if len(active) > 1:
+        raise ValueError(
+            f"several LoRA adapters are active ({sorted(active)}); prism trains exactly one: call "
+            "model.set_adapter(name) first.")
+    return pairs
+
+
+def _lora_pair(name: str, layer, adapter: str) -> LoRAPair | None:
+    """The pair of `adapter` in `layer`; None when both factors are frozen."""
+    if not isinstance(layer, _PeftLoraLinear) or adapter not in layer.lora_A:
+        raise ValueError(f"{name}: LoRA on {type(layer).__name__} layers is not supported; target "
+                         "nn.Linear or GPT-2 Conv1D modules.")
+    if adapter in getattr(layer, "lora_variant", {}):
+        variant = type(layer.lora_variant[adapter]).__name__
+        raise ValueError(f"{name}: the LoRA variant {variant} (e.g. DoRA) is not supported; set "
+                         "use_dora=False in LoraConfig.")
+    lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
+    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear:
+        raise ValueError(f"{name}: lora_A/lora_B must be nn.Linear, got {type(lora_A).__name__}.")
+    if lora_A.bias is not None or lora_B.bias is not None:
+        raise ValueError(f"{name}: lora_bias=True is not supported; set lora_bias=False in LoraConfig.")
+    if not (lora_A.weight.requires_grad or lora_B.weight.requires_grad):
+        return None
+    if not (lora_A.weight.requires_grad and lora_B.weight.requires_grad):
+        raise ValueError(f"{name}: lora_A and lora_B must both be trainable (prism does not support "
+                         "freezing one factor).")
+    return LoRAPair(name, layer, lora_A, lora_B, float(layer.scaling[adapter]))
+
+
+def _is_lora_factor(module_name: str) -> bool:
+    parts = module_name.split(".")
+    return any(p in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B") for p in parts)

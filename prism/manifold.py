@@ -1,0 +1,133 @@
+"""Geometry of the manifold M_r of rank-r matrices, in factored form.
+
+A point is Z = A B^T with A (m, r) and B (n, r) of full column rank. The gauge
+(A, B) -> (A R, B R^{-T}) leaves Z unchanged; every function here either depends on Z
+only, or is equivariant under orthogonal gauges R = O (A -> A O, B -> B O), as stated
+in its docstring. All functions are pure and expect a floating dtype of at least fp32.
+
+A tangent vector at Z is stored in block form (S, U, V):
+
+    xi = Q_A S Q_B^T + U Q_B^T + Q_A V^T,   Q_A^T U = 0,  Q_B^T V = 0,
+    ||xi||_F^2 = ||S||^2 + ||U||^2 + ||V||^2,
+
+with A = Q_A R_A and B = Q_B R_B thin QR factorisations.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class TangentBasis(NamedTuple):
+    """Thin QR factors of A (m, r) and B (n, r), and R_B^{-1} (used to map h_t to p_t)."""
+
+    Q_A: Tensor  # (m, r)
+    R_A: Tensor  # (r, r), upper triangular
+    Q_B: Tensor  # (n, r)
+    R_B: Tensor  # (r, r), upper triangular
+    R_B_inv: Tensor  # (r, r)
+
+
+def tangent_basis(A: Tensor, B: Tensor) -> TangentBasis:
+    """Orthonormal bases of the column spaces of A and B (thin QR)."""
+    Q_A, R_A = torch.linalg.qr(A)
+    Q_B, R_B = torch.linalg.qr(B)
+    eye = torch.eye(R_B.shape[0], dtype=R_B.dtype, device=R_B.device)
+    R_B_inv = torch.linalg.solve_triangular(R_B, eye, upper=True)
+    return TangentBasis(Q_A, R_A, Q_B, R_B, R_B_inv)
+
+
+def split_tangent(Y: Tensor, W: Tensor, basis: TangentBasis) -> tuple[Tensor, Tensor, Tensor]:
+    """Blocks (S, U, V) of P_Z(G) from Y = G Q_B (m, r) and W = G^T Q_A (n, r).
+
+    S = Q_A^T Y,  U = Y - Q_A S,  V = W - Q_B S^T.  Linear in (Y, W).
+    """
+    S = basis.Q_A.T @ Y
+    U = Y - basis.Q_A @ S
+    V = W - basis.Q_B @ S.T
+    return S, U, V
+
+
+def symmetric_lift(S: Tensor, U: Tensor, V: Tensor, basis: TangentBasis) -> tuple[Tensor, Tensor]:
+    """A factor pair (dA, dB) with dA B^T + A dB^T = xi (method.md 3.5).
+
+    dA = (U + Q_A S / 2) R_B^{-T},   dB = (V + Q_B S^T / 2) R_A^{-T}.
+    """
+    dA = torch.linalg.solve_triangular(basis.R_B, (U + basis.Q_A @ S / 2).T, upper=True).T
+    dB = torch.linalg.solve_triangular(basis.R_A, (V + basis.Q_B @ S.T / 2).T, upper=True).T
+    return dA, dB
+
+
+def solve_sylvester_spd(M: Tensor, N: Tensor, C: Tensor) -> Tensor:
+    """Solve M X + X N = C for symmetric positive definite M, N (r, r).
+
+    With M = P diag(a) P^T and N = Q diag(c) Q^T:  X = P [(P^T C Q)_ij / (a_i + c_j)] Q^T.
+    """
+    a, P = torch.linalg.eigh(M)
+    c, Q = torch.linalg.eigh(N)
+    return P @ ((P.T @ C @ Q) / (a[:, None] + c[None, :])) @ Q.T
+
+
+def horizontal_lift(A: Tensor, B: Tensor, dA: Tensor, dB: Tensor) -> tuple[Tensor, Tensor]:
+    """The minimum-norm factor pair representing the same dZ = dA B^T + A dB^T.
+
+    Solves M Om + Om N = dB^T B - A^T dA (M = A^T A, N = B^T B) and returns
+    (dA + A Om, dB - B Om^T), which satisfies A^T dA' = dB'^T B. It depends on (A, B, dZ)
+    only, and is equivariant: (A O, B O, dA O, dB O) -> (dA' O, dB' O).
+    """
+    Om = solve_sylvester_spd(A.T @ A, B.T @ B, dB.T @ B - A.T @ dA)
+    return dA + A @ Om, dB - B @ Om.T
+
+
+def retract(A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, lr: float, weight_decay: float = 0.0
+            ) -> tuple[Tensor, Tensor]:
+    """Balanced factors of the best rank-r approximation of
+
+        Z+ = (1 - lr * weight_decay) Z - lr (dA B^T + A dB^T)
+           = [A, dA] [[(1 - lr wd) I, -lr I], [-lr I, 0]] [B, dB]^T.
+
+    Thin QR of [A, dA] (m, 2r) and [B, dB] (n, 2r), SVD of the small core, keep the top r
+    singular triplets: A+ = Q_u U_r S_r^{1/2}, B+ = Q_v V_r S_r^{1/2}. The lr^2 dA dB^T
+    term is absent by construction. Depends on Z+ only, up to an orthogonal gauge.
+    """
+    r = A.shape[1]
+    eye = torch.eye(r, dtype=A.dtype, device=A.device)
+    K = torch.cat([torch.cat([(1.0 - lr * weight_decay) * eye, -lr * eye], 1),
+                   torch.cat([-lr * eye, torch.zeros_like(eye)], 1)], 0)
+    Q_u, R_u = torch.linalg.qr(torch.cat([A, dA], 1))
+    Q_v, R_v = torch.linalg.qr(torch.cat([B, dB], 1))
+    U, S, Vh = torch.linalg.svd(R_u @ K @ R_v.T)
+    root = _rank_r_sqrt(S[:r])
+    return Q_u @ U[:, :r] * root, Q_v @ Vh[:r].T * root
+
+
+def balance(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    """Balanced factors (A'^T A' = B'^T B' = Sigma) of Z = A B^T, via Z's thin SVD.
+
+    Depends on Z only, up to the sign of each singular pair (an orthogonal gauge).
+    """
+    Q_A, R_A = torch.linalg.qr(A)
+    Q_B, R_B = torch.linalg.qr(B)
+    U, S, Vh = torch.linalg.svd(R_A @ R_B.T)
+    root = _rank_r_sqrt(S)
+    return Q_A @ U * root, Q_B @ Vh.T * root
+
+
+def procrustes_align(A: Tensor, B: Tensor, A_ref: Tensor, B_ref: Tensor) -> tuple[Tensor, Tensor]:
+    """Rotate (A O, B O) with the orthogonal O minimising ||A O - A_ref||^2 + ||B O - B_ref||^2.
+
+    O = P Q^T from the SVD A^T A_ref + B^T B_ref = P Sigma Q^T. Z is unchanged, balance is
+    kept, and factor-shaped optimizer state stays aligned with the factors.
+    """
+    P, _, Qh = torch.linalg.svd(A.T @ A_ref + B.T @ B_ref)
+    O = P @ Qh
+    return A @ O, B @ O
+
+
+def _rank_r_sqrt(S: Tensor) -> Tensor:
+    """sqrt of singular values, floored at 1e-7 of the largest so the factors stay full rank."""
+    floor = S.max().clamp_min(torch.finfo(S.dtype).tiny) * 1e-7
+    return S.clamp_min(floor).sqrt()

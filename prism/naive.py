@@ -1,0 +1,38 @@
+"""Naive DP-LoRA: DP-SGD / DP-AdamW directly on peft's factors, the baseline PRISM fixes."""
+
+from __future__ import annotations
+
+from . import per_example
+from ._base import DPLoRAOptimizer, Update, compute_dtype
+from .functional import StepConfig
+from .hooks import Unit
+from .layers import LoRAPair
+
+
+class NaiveDPLoRA(DPLoRAOptimizer):
+    r"""DP-SGD (adaptive=False) or DP-AdamW (adaptive=True) on lora_A.weight and lora_B.weight.
+
+    Each example's gradient with respect to ALL trainable tensors (both factors of every LoRA
+    module and any dense layer) is clipped jointly to norm C, the clipped sum gets
+    N(0, (sigma C)^2) on every coordinate, is divided by the expected batch size b, and an
+    AdamW or SGD step follows: what Opacus' DPOptimizer wrapping AdamW does on the factors.
+
+    It is gauge-dependent (method.md section 2): under (A, B) -> (c A, B / c) the clipped norm
+    ||gA||^2 / c^2 + c^2 ||gB||^2 and the first-order noise energy in Z,
+    tau^2 (m ||B||_F^2 + n ||A||_F^2) with tau = sigma C / b, change although Z does not.
+    It accepts peft's default init (lora_B = 0).
+
+    Arguments are those of PRISM without the floor options; the same privacy conditions apply.
+    """
+
+    def _lora_unit(self, index: int, pair: LoRAPair) -> Unit:
+        dtype = compute_dtype(pair.lora_B.weight)
+
+        def factor_grads(x, h, go):
+            return per_example.lora_factor_grads(x, h, go, pair.lora_B.weight.detach().to(dtype))
+
+        return Unit(pair.name, [pair.lora_B.weight, pair.lora_A.weight], factor_grads,
+                    per_example.sum_of_squares, dtype)
+
+    def _lora_updates(self, cfg: StepConfig) -> list[Update]:
+        return [update for unit in self._lora_units for update in self._dense_updates(unit, cfg)]

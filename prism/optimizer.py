@@ -1,0 +1,129 @@
+"""PRISM: gauge-invariant tangent-space DP-LoRA as a torch.optim.Optimizer (method.md)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _validate, per_example
+from ._base import DPLoRAOptimizer, Update, compute_dtype
+from .functional import StepConfig, prism_module_step
+from .hooks import Unit
+from .init import check_full_rank, lora_factors
+from .layers import LoRAPair
+from .manifold import TangentBasis, balance, tangent_basis
+
+
+class PRISM(DPLoRAOptimizer):
+    r"""Differentially private LoRA fine-tuning in the tangent space of the rank-r manifold.
+
+    For every LoRA module Z = A B^T (A = lora_B.weight, B = lora_A.weight^T; peft's scaling s
+    is not part of Z) and a logical batch of expected size b:
+
+    .. math::
+        \begin{aligned}
+        &\xi_i = P_Z(G_i),\quad G_i = \partial L_i / \partial Z, \quad
+            P_Z(G) = G - (I - P_A) G (I - P_B) \\
+        &\alpha_i = \min\bigl(1, C / \sqrt{\textstyle\sum_{\text{modules}} \|\xi_i\|_F^2
+            + \|g_i^{\text{dense}}\|^2}\bigr) \\
+        &\xi_{dp} = \tfrac{1}{b} \textstyle\sum_i \alpha_i \xi_i + \tfrac{\sigma C}{b} P_Z(\Xi),
+            \quad \Xi \sim N(0, I_{m \times n}) \\
+        &(dA, dB) = \text{horizontal lift of } \xi_{dp}; \text{ if adaptive: }
+            u = \hat m\, \mathrm{floor}(\hat V)^{-1/2} \text{ per side, lifted again} \\
+        &Z_{+} = \text{best rank-}r \text{ approximation of } Z - \eta (u_A B^T + A u_B^T)
+        \end{aligned}
+
+    Dense trainable nn.Linear layers (e.g. a classification head) join the same global clip and
+    get the same noise std; they are updated by AdamW (adaptive) or SGD.
+
+    Formal guarantees: every example's clipped contribution has norm <= max_grad_norm over all
+    trained tensors together, and the noise is std * P_Z(Xi) per module (std N(0, I) on dense
+    tensors) with std = noise_multiplier * max_grad_norm / expected_batch_size. Each step thus
+    costs exactly a DP-SGD step with the same (noise_multiplier, sampling rate), PROVIDED that
+    (1) each example's loss depends on that example alone, (2) batches are drawn by Poisson
+    sampling with rate q = expected_batch_size / N, and (3) the generator is not seeded from data.
+    Noise-free trajectories of Z do not depend on how the initial Z is factored.
+
+    Args:
+        model: the peft model; hooks are attached to its LoRA layers in place.
+        lr (float): learning rate eta.
+        noise_multiplier (float): sigma >= 0; 0 means clipping only (no privacy).
+        max_grad_norm (float): clipping bound C > 0 on each example's global tangent norm.
+        expected_batch_size (float): b = q N, the EXPECTED logical batch size (never the realised one).
+        adaptive (bool, optional): DP-aware adaptive update (default: True); False is Riemannian DP-SGD.
+        betas (tuple, optional): moment coefficients (default: (0.9, 0.999)).
+        eps (float, optional): added to the preconditioner's square roots (default: 1e-8).
+        weight_decay (float, optional): decoupled decay of Z (and dense weights) (default: 0).
+        floor_mode (str, optional): "scalar" or "geometry" noise floor of the second moments (default: "scalar").
+        floor_factor (float, optional): f in the floor f * std^2 (default: 0.5).
+        max_condition (float, optional): condition-number clamp of the second moments (default: 1e4).
+        loss_reduction (str, optional): "mean" if the loss is the mean of per-example losses over
+            the micro-batch, "sum" if it is their sum (default: "mean").
+        generator (torch.Generator, optional): source of all noise, on the parameters' device
+            (default: a generator seeded from os.urandom).
+
+    Raises:
+        ValueError: bad hyperparameters, no LoRA layer, several active adapters, trainable
+            parameters prism cannot train privately, or zero/rank-deficient factors.
+
+    Reference: Wang & Zhang, "PRISM: Gauge-Invariant Tangent-Space Differentially Private LoRA",
+    ICML 2026.
+    """
+
+    def __init__(self, model: nn.Module, *, lr: float, noise_multiplier: float, max_grad_norm: float,
+                 expected_batch_size: float, adaptive: bool = True, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, floor_mode: str = "scalar",
+                 floor_factor: float = 0.5, max_condition: float = 1e4, loss_reduction: str = "mean",
+                 generator: torch.Generator | None = None):
+        _validate.one_of({"scalar", "geometry"}, floor_mode=floor_mode)
+        _validate.non_negative(floor_factor=floor_factor)
+        _validate.positive(max_condition=max_condition)
+        self._bases: dict[int, TangentBasis] = {}
+        super().__init__(model, lr=lr, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, adaptive=adaptive, betas=betas, eps=eps,
+                         weight_decay=weight_decay, loss_reduction=loss_reduction, generator=generator,
+                         floor_mode=floor_mode, floor_factor=floor_factor, max_condition=max_condition)
+
+    def _lora_unit(self, index: int, pair: LoRAPair) -> Unit:
+        """Check rank, re-factor to balanced form (Z unchanged) and hook the tangent blocks."""
+        dtype = compute_dtype(pair.lora_B.weight)
+        A, B = lora_factors(pair, dtype)
+        check_full_rank(pair, A, B)
+        with torch.no_grad():
+            A, B = balance(A, B)
+            pair.lora_B.weight.copy_(A)
+            pair.lora_A.weight.copy_(B.T)
+
+        def blocks(x, h, go):
+            return per_example.tangent_blocks(x, h, go, self._basis(index))
+
+        params = [pair.lora_A.weight, pair.lora_B.weight]
+        return Unit(pair.name, params, blocks, per_example.tangent_sqnorms, dtype)
+
+    def _basis(self, index: int) -> TangentBasis:
+        """The tangent basis at the current Z, fixed for the whole logical step."""
+        if index not in self._bases:
+            self._bases[index] = tangent_basis(*lora_factors(self.pairs[index], self._lora_units[index].compute_dtype))
+        return self._bases[index]
+
+    def _extra_config(self, group: dict) -> dict:
+        return dict(floor_mode=group["floor_mode"], floor_factor=group["floor_factor"],
+                    max_condition=group["max_condition"])
+
+    def _lora_updates(self, cfg: StepConfig) -> list[Update]:
+        updates = []
+        for index, (pair, unit) in enumerate(zip(self.pairs, self._lora_units)):
+            A, B = lora_factors(pair, unit.compute_dtype)
+            Y_sum, W_sum = unit.sums[:2] if unit.sums else (torch.zeros_like(A), torch.zeros_like(B))
+            A_new, B_new = prism_module_step(A, B, Y_sum, W_sum, self._basis(index),
+                                             self.state[pair.lora_B.weight], cfg, self.generator)
+            updates += [Update(pair.lora_B.weight, A_new, pair.name), Update(pair.lora_A.weight, B_new.T, pair.name)]
+        return updates
+
+    def _end_step(self) -> None:
+        super()._end_step()
+        self._bases.clear()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        self._bases.clear()

@@ -1,0 +1,77 @@
+"""Per-example gradient information from what the hooks see, one function per kind of module.
+
+Every function takes the tensors of one forward call of a module on a micro-batch of b
+examples, with the token axes flattened: inputs (b, T, in) and output gradients (b, T, out),
+and returns a tuple of per-example tensors with leading dimension b. No function forms a
+per-example tensor larger than the module's own parameters: for LoRA that is O(b r (m + n)).
+
+This module is the pure-PyTorch reference of the per-sample hot path; fused kernels must
+match it. Everything is computed in the compute dtype of the inputs' caller (fp32 or fp64).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .manifold import TangentBasis
+
+
+def tangent_blocks(x: Tensor, h: Tensor, go: Tensor, basis: TangentBasis) -> tuple[Tensor, Tensor, Tensor]:
+    """Tangent-space blocks of each example's gradient G_i = dL_i/dZ (method.md 3.1).
+
+    With xt_t the input of lora_A (x), h_t = B^T xt_t its output and go_t = s g_t the
+    gradient at lora_B's output (peft's scaling s included):
+
+        p_t = R_B^{-T} h_t = Q_B^T xt_t,   q_t = Q_A^T go_t,
+        Y_i = sum_t go_t p_t^T = G_i Q_B,  W_i = sum_t xt_t q_t^T = G_i^T Q_A,
+        S_i = sum_t q_t p_t^T = Q_A^T G_i Q_B.
+
+    Args:
+        x: (b, T, n) lora_A input (after dropout).
+        h: (b, T, r) lora_A output.
+        go: (b, T, m) gradient of the loss w.r.t. lora_B's output.
+        basis: thin QR factors of the current A (m, r) and B (n, r).
+
+    Returns:
+        Y (b, m, r), W (b, n, r), S (b, r, r).
+    """
+    p = h @ basis.R_B_inv
+    q = go @ basis.Q_A
+    Y = go.transpose(1, 2) @ p
+    W = x.transpose(1, 2) @ q
+    S = q.transpose(1, 2) @ p
+    return Y, W, S
+
+
+def tangent_sqnorms(Y: Tensor, W: Tensor, S: Tensor) -> Tensor:
+    """||P_Z(G_i)||_F^2 = ||Y_i||^2 + ||W_i||^2 - ||S_i||^2, shape (b,), clamped at 0."""
+    return (_sqnorms(Y) + _sqnorms(W) - _sqnorms(S)).clamp_min(0)
+
+
+def lora_factor_grads(x: Tensor, h: Tensor, go: Tensor, lora_B_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-example gradients of peft's factors, as naive DP-LoRA clips them.
+
+    grad lora_B.weight_i = sum_t go_t h_t^T (m, r);
+    grad lora_A.weight_i = sum_t u_t xt_t^T (r, n) with u_t = lora_B.weight^T go_t.
+
+    Returns:
+        (b, m, r) and (b, r, n).
+    """
+    u = go @ lora_B_weight
+    return go.transpose(1, 2) @ h, u.transpose(1, 2) @ x
+
+
+def linear_grads(x: Tensor, go: Tensor, has_bias: bool) -> tuple[Tensor, ...]:
+    """Per-example gradients of an nn.Linear: weight sum_t go_t x_t^T (b, out, in), bias sum_t go_t."""
+    weight = go.transpose(1, 2) @ x
+    return (weight, go.sum(1)) if has_bias else (weight,)
+
+
+def sum_of_squares(*tensors: Tensor) -> Tensor:
+    """Per-example squared Euclidean norm over all given (b, ...) tensors, shape (b,)."""
+    return sum(_sqnorms(t) for t in tensors)
+
+
+def _sqnorms(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1).square().sum(1)

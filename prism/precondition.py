@@ -1,0 +1,58 @@
+"""DP-aware r x r preconditioning of factor-shaped directions (method.md 3.5).
+
+For one side (A with d = m rows, or B with d = n rows) and a lifted direction D (d, r):
+
+    m <- beta1 m + (1 - beta1) D                  (first moment, (d, r))
+    V <- beta2 V + (1 - beta2) D^T D / d          (second moment, (r, r))
+    u  = m_hat floor(V_hat)^{-1/2}                m_hat, V_hat bias-corrected
+
+floor() raises eigenvalues to lambda (the noise floor) and to lambda_max / max_condition.
+Every operation is a spectral function or a right-multiplication, so under an orthogonal
+gauge (D -> D O, m -> m O, V -> O^T V O) the output moves as u -> u O.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def noise_floors(mode: str, factor: float, std: float, basis, m: int, n: int) -> tuple[float, float]:
+    """Eigenvalue floors (lambda_A, lambda_B) for the second moments of the A and B sides.
+
+    The injected noise alone gives E[dA^T dA]/m = std^2 (m - r)/m N^{-1} and
+    E[dB^T dB]/n = std^2 (n - r)/n M^{-1} (M = A^T A, N = B^T B).
+
+    - "scalar": lambda = factor * std^2 on both sides (the published default, factor 0.5).
+    - "geometry": lambda_A = factor std^2 tr(N^{-1})/r (m - r)/m and
+      lambda_B = factor std^2 tr(M^{-1})/r (n - r)/n, the mean noise eigenvalue per side.
+      (method.md writes lambda_B without (n - r)/n; we keep the factor both sides share.)
+    """
+    base = factor * std ** 2
+    if mode == "scalar":
+        return base, base
+    r = basis.R_A.shape[0]
+    eye = torch.eye(r, dtype=basis.R_A.dtype, device=basis.R_A.device)
+    tr_M_inv = torch.linalg.solve_triangular(basis.R_A, eye, upper=True).square().sum().item()
+    tr_N_inv = basis.R_B_inv.square().sum().item()
+    return base * tr_N_inv / r * (m - r) / m, base * tr_M_inv / r * (n - r) / n
+
+
+def update_moments(exp_avg: Tensor, exp_avg_sq: Tensor, direction: Tensor, betas: tuple[float, float]) -> None:
+    """In place: exp_avg <- b1 exp_avg + (1-b1) D; exp_avg_sq <- b2 exp_avg_sq + (1-b2) D^T D / d."""
+    beta1, beta2 = betas
+    exp_avg.lerp_(direction, 1 - beta1)
+    exp_avg_sq.mul_(beta2).add_(direction.T @ direction, alpha=(1 - beta2) / direction.shape[0])
+
+
+def preconditioned(exp_avg: Tensor, exp_avg_sq: Tensor, step: int, betas: tuple[float, float],
+                   floor: float, max_condition: float, eps: float) -> Tensor:
+    """u = m_hat P diag(1 / (sqrt(lambda') + eps)) P^T with V_hat = P diag(lambda) P^T and
+    lambda' = max(lambda, floor, lambda_max / max_condition)."""
+    beta1, beta2 = betas
+    m_hat = exp_avg / (1 - beta1 ** step)
+    V_hat = exp_avg_sq / (1 - beta2 ** step)
+    lam, P = torch.linalg.eigh((V_hat + V_hat.T) / 2)
+    lam = lam.clamp_min(0)
+    lam = torch.maximum(lam, (lam.max() / max_condition).clamp_min(floor))
+    return m_hat @ (P / (lam.sqrt() + eps)) @ P.T
