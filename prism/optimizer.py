@@ -11,7 +11,7 @@ from .functional import StepConfig, prism_module_step
 from .hooks import Unit
 from .init import check_full_rank, lora_factors
 from .layers import LoRAPair
-from .manifold import TangentBasis, balance, tangent_basis
+from .manifold import TangentBasis, balance, procrustes_align, tangent_basis
 
 
 class PRISM(DPLoRAOptimizer):
@@ -85,14 +85,18 @@ class PRISM(DPLoRAOptimizer):
                          floor_mode=floor_mode, floor_factor=floor_factor, max_condition=max_condition)
 
     def _lora_unit(self, index: int, pair: LoRAPair) -> Unit:
-        """Check rank, re-factor to balanced form (Z unchanged) and hook the tangent blocks."""
+        """Check rank, re-factor to balanced form (Z unchanged) and hook the tangent blocks.
+
+        The balanced factors are rotated as close as possible to the given ones, so factors that
+        are already balanced (e.g. when resuming) stay as they are.
+        """
         dtype = compute_dtype(pair.lora_B.weight)
         A, B = lora_factors(pair, dtype)
         check_full_rank(pair, A, B)
         with torch.no_grad():
-            A, B = balance(A, B)
-            pair.lora_B.weight.copy_(A)
-            pair.lora_A.weight.copy_(B.T)
+            A_bal, B_bal = procrustes_align(*balance(A, B), A, B)
+            pair.lora_B.weight.copy_(A_bal)
+            pair.lora_A.weight.copy_(B_bal.T)
 
         def blocks(x, h, go):
             return per_example.tangent_blocks(x, h, go, self._basis(index))
