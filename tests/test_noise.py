@@ -1,0 +1,44 @@
+"""Tangent noise: closed-form energy, isotropic in the tangent space, nothing outside it, seeded."""
+
+import math
+
+import torch
+
+from helpers import assemble, project
+from prism import noise
+from prism.manifold import tangent_basis
+
+
+def test_energy_isotropy_and_support():
+    m, n, r, std, draws = 8, 6, 2, 0.3, 4000
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(m, r, generator=g, dtype=torch.float64) * torch.tensor([5.0, 0.01], dtype=torch.float64)
+    B = torch.randn(n, r, generator=g, dtype=torch.float64)
+    basis = tangent_basis(A, B)
+    samples = torch.stack([assemble(*noise.tangent_noise(basis, std, g), basis) for _ in range(draws)])
+    dim = r * (m + n - r)
+    energy = samples.square().sum((1, 2))
+    expected = noise.noise_energy(std, m, n, r)
+    assert expected == std ** 2 * dim
+    # chi^2 with `dim` degrees of freedom: the mean has relative std sqrt(2 / (dim * draws))
+    assert abs(energy.mean().item() / expected - 1) < 4 * math.sqrt(2 / (dim * draws))
+    # nothing outside the tangent space
+    torch.testing.assert_close(project(samples, A, B), samples)
+    # isotropic: the covariance in an orthonormal basis of the tangent space is std^2 I
+    E = torch.randn(dim, m, n, generator=g, dtype=torch.float64)
+    E = project(E, A, B).reshape(dim, -1)
+    E = torch.linalg.qr(E.T)[0].T  # dim orthonormal tangent directions
+    coords = samples.reshape(draws, -1) @ E.T
+    cov = coords.T @ coords / draws
+    assert (cov.diagonal() / std ** 2 - 1).abs().max() < 0.15
+    assert (cov - torch.diag(cov.diagonal())).abs().max() / std ** 2 < 0.15
+
+
+def test_noise_is_reproducible_from_the_generator():
+    A = torch.randn(8, 2, dtype=torch.float64)
+    basis = tangent_basis(A, torch.randn(6, 2, dtype=torch.float64))
+    first = noise.tangent_noise(basis, 1.0, torch.Generator().manual_seed(7))
+    again = noise.tangent_noise(basis, 1.0, torch.Generator().manual_seed(7))
+    other = noise.tangent_noise(basis, 1.0, torch.Generator().manual_seed(8))
+    for a, b, c in zip(first, again, other):
+        assert torch.equal(a, b) and not torch.equal(a, c)
