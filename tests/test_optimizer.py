@@ -1,0 +1,248 @@
+"""The torch.optim contract and every misuse prism must refuse loudly."""
+
+import copy
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from helpers import lora_layers, lora_Z, make_batch, per_example_losses, select, tiny_model
+from prism import PRISM, NaiveDPLoRA, init_balanced_lora
+
+BASE = dict(lr=0.01, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+
+
+def _micro_step(model, opt, batch, kind="bert"):
+    per_example_losses(kind, model, batch).mean().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(lr=-1.0), "lr"),
+    (dict(noise_multiplier=-0.1), "noise_multiplier"),
+    (dict(max_grad_norm=0.0), "max_grad_norm"),
+    (dict(expected_batch_size=0), "expected_batch_size"),
+    (dict(expected_batch_size=math.inf), "expected_batch_size"),
+    (dict(betas=(0.9, 1.0)), "betas"),
+    (dict(loss_reduction="token_mean"), "loss_reduction"),
+    (dict(floor_mode="matrix"), "floor_mode"),
+    (dict(max_condition=0), "max_condition"),
+    (dict(lr="0.1"), "lr"),
+    (dict(generator=0), "generator"),
+])
+def test_bad_hyperparameters_name_the_argument(bad, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        PRISM(tiny_model("bert"), **{**BASE, **bad})
+
+
+def test_passing_parameters_instead_of_the_model_is_refused():
+    with pytest.raises(TypeError, match="peft model"):
+        PRISM(tiny_model("bert").parameters(), **BASE)
+
+
+def test_model_without_lora_is_refused():
+    with pytest.raises(ValueError, match="get_peft_model"):
+        PRISM(torch.nn.Sequential(torch.nn.Linear(3, 3)), **BASE)
+
+
+@pytest.mark.parametrize("cls", [PRISM, NaiveDPLoRA])
+def test_untrainable_parameters_are_refused_by_name(cls):
+    model = tiny_model("bert")
+    model.base_model.model.bert.embeddings.LayerNorm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match="embeddings.LayerNorm.weight"):
+        cls(model, **BASE)
+
+
+def test_several_active_adapters_are_refused():
+    model = tiny_model("llama")
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="gaussian"))
+    model.base_model.set_adapter(["default", "second"])
+    with pytest.raises(ValueError, match="several LoRA adapters"):
+        PRISM(model, **BASE)
+
+
+def test_dora_is_refused():
+    from transformers import BertConfig, BertModel
+    model = get_peft_model(BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                                intermediate_size=8)),
+                           LoraConfig(r=2, target_modules=["query"], use_dora=True))
+    with pytest.raises(ValueError, match="use_dora=False"):
+        PRISM(model, **BASE)
+
+
+def test_zero_init_names_the_fix_and_init_balanced_lora_fixes_it_without_changing_outputs():
+    model = tiny_model("bert", init=True)  # peft's default: lora_B = 0
+    with pytest.raises(ValueError, match='init_lora_weights="pissa"'):
+        PRISM(model, **BASE)
+    batch = make_batch("bert", b=3)
+    before = per_example_losses("bert", model, batch)
+    init_balanced_lora(model, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(per_example_losses("bert", model, batch), before)
+    assert all((B.weight @ A.weight).norm() > 0.1 for A, B, _ in lora_layers(model))
+    PRISM(model, **BASE)  # accepted now
+    NaiveDPLoRA(tiny_model("bert", init=True), **BASE)  # the naive baseline accepts lora_B = 0
+
+
+def test_rank_deficient_factor_is_refused():
+    model = tiny_model("bert", r=3)
+    with torch.no_grad():
+        lora_A, _, _ = lora_layers(model)[1]
+        lora_A.weight[2] = lora_A.weight[0]
+    with pytest.raises(ValueError, match="rank-deficient"):
+        PRISM(model, **BASE)
+
+
+def test_rank_above_min_dimension_is_refused():
+    model = tiny_model("bert", r=20, hidden=16, init="gaussian")
+    with pytest.raises(ValueError, match="exceeds min"):
+        PRISM(model, **BASE)
+
+
+def test_noise_std_is_sigma_C_over_expected_batch():
+    opt = PRISM(tiny_model("bert"), **{**BASE, "noise_multiplier": 0.8, "max_grad_norm": 2.0, "expected_batch_size": 16})
+    assert opt.noise_std == pytest.approx(0.1)
+    assert "PRISM(lora_modules=4, dense_modules=1" in repr(opt)
+
+
+@pytest.mark.parametrize("cls", [PRISM, NaiveDPLoRA])
+def test_mean_and_sum_reductions_give_the_same_clipped_sums(cls):
+    batch = make_batch("bert", b=4, seed=3)
+    sums = []
+    for reduction in ("mean", "sum"):
+        model = tiny_model("bert")
+        opt = cls(model, **{**BASE, "loss_reduction": reduction, "max_grad_norm": 0.3})
+        losses = per_example_losses("bert", model, batch)
+        (losses.mean() if reduction == "mean" else losses.sum()).backward()
+        sums.append([s for u in opt._lora_units + opt._dense_units for s in u.sums])
+    for a, b in zip(*sums):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_non_finite_example_is_dropped_and_counted():
+    batch = make_batch("bert", b=4, seed=3)
+    sums = []
+    for poisoned in (False, True):
+        model = tiny_model("bert")
+        opt = PRISM(model, **BASE)
+        losses = per_example_losses("bert", model, batch)
+        weights = torch.tensor([1.0, 1.0, float("nan") if poisoned else 0.0, 1.0], dtype=torch.float64)
+        (weights * losses).sum().backward()
+        assert opt.stats.nonfinite == int(poisoned) and opt.stats.examples == 4
+        sums.append([s for u in opt._lora_units + opt._dense_units for s in u.sums])
+        opt.step()
+        assert all(torch.isfinite(z).all() for z in lora_Z(model))
+    for a, b in zip(*sums):
+        torch.testing.assert_close(a, b)
+
+
+def test_backward_twice_through_one_forward_is_refused():
+    model = tiny_model("bert")
+    opt = PRISM(model, **BASE)
+    loss = per_example_losses("bert", model, make_batch("bert", b=2)).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="count twice"):
+        loss.backward()
+    assert opt.stats.examples == 2
+
+
+def test_gradients_without_per_example_information_are_refused():
+    model = tiny_model("bert")
+    opt = PRISM(model, **BASE)
+    opt.remove_hooks()
+    per_example_losses("bert", model, make_batch("bert", b=2)).sum().backward()
+    with pytest.raises(RuntimeError, match="not be private"):
+        opt.step()
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    batch = make_batch("bert", b=6, seed=4)
+    results = []
+    for micro in (6, 2):
+        model = tiny_model("bert")
+        opt = PRISM(model, **{**BASE, "expected_batch_size": 6, "max_grad_norm": 0.2},
+                    generator=torch.Generator().manual_seed(1))
+        for start in range(0, 6, micro):
+            per_example_losses("bert", model, select(batch, slice(start, start + micro))).sum().backward()
+        assert opt.stats.examples == 6 and opt.stats.backward_passes == 6 // micro
+        opt.step()
+        results.append(lora_Z(model))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_zero_grad_discards_the_accumulated_step_and_step_clears_grads():
+    model = tiny_model("bert")
+    opt = PRISM(model, **BASE)
+    per_example_losses("bert", model, make_batch("bert", b=2)).sum().backward()
+    opt.zero_grad()
+    assert opt.stats.examples == 0 and all(u.sums is None for u in opt._lora_units)
+    per_example_losses("bert", model, make_batch("bert", b=2)).sum().backward()
+    opt.step()
+    assert all(p.grad is None for p in opt.param_groups[0]["params"])
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_empty_batches_without_noise_change_nothing(adaptive):
+    model = tiny_model("bert")
+    opt = PRISM(model, **{**BASE, "noise_multiplier": 0.0, "adaptive": adaptive})
+    before = lora_Z(model)
+    opt.step()
+    for a, b in zip(before, lora_Z(model)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("cls", [PRISM, NaiveDPLoRA])
+def test_state_dict_resume_equals_uninterrupted_run(cls):
+    def run(model, opt, steps):
+        for step in steps:
+            _micro_step(model, opt, make_batch("bert", b=4, seed=step))
+
+    model = tiny_model("bert")
+    opt = cls(model, **BASE, generator=torch.Generator().manual_seed(0))
+    run(model, opt, range(3))
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    run(model, opt, range(3, 5))
+
+    resumed = tiny_model("bert", seed=123)  # different weights: everything must come from the checkpoint
+    resumed.load_state_dict(saved_model)
+    resumed_opt = cls(resumed, **BASE, generator=torch.Generator().manual_seed(999))
+    resumed_opt.load_state_dict(saved_opt)
+    assert resumed_opt.steps_taken == 3
+    run(resumed, resumed_opt, range(3, 5))
+    for a, b in zip(lora_Z(model), lora_Z(resumed)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_resume_with_other_privacy_settings_is_refused():
+    opt = PRISM(tiny_model("bert"), **BASE)
+    other = PRISM(tiny_model("bert"), **{**BASE, "noise_multiplier": 0.5})
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_bf16_parameters_keep_fp32_state_through_a_round_trip():
+    model = tiny_model("bert", dtype=torch.bfloat16)
+    opt = PRISM(model, **BASE)
+    for step in range(2):
+        _micro_step(model, opt, make_batch("bert", b=4, seed=step))
+    lora_B = lora_layers(model)[0][1].weight
+    assert lora_B.dtype == torch.bfloat16
+    assert opt.state[lora_B]["exp_avg_A"].dtype == torch.float32
+    again = PRISM(model, **BASE)
+    again.load_state_dict(opt.state_dict())
+    assert again.state[lora_B]["exp_avg_sq_A"].dtype == torch.float32
+    assert all(torch.isfinite(z).all() for z in lora_Z(model))
+
+
+def test_lr_scheduler_drives_the_step():
+    model = tiny_model("bert")
+    opt = PRISM(model, **{**BASE, "noise_multiplier": 0.0})
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0)
+    before = lora_Z(model)
+    _micro_step(model, opt, make_batch("bert", b=4))
+    scheduler.step()
+    _micro_step(model, opt, make_batch("bert", b=4))
+    assert opt.param_groups[0]["lr"] == 0.0
+    for a, b in zip(before, lora_Z(model)):
+        torch.testing.assert_close(a, b)
