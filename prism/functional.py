@@ -30,7 +30,7 @@ class StepConfig:
     eps: float
     weight_decay: float
     floor_mode: str = "scalar"
-    floor_factor: float = 0.5
+    floor_factor: float = 0.0
     max_condition: float = 1e4
 
 
@@ -87,7 +87,9 @@ def _adaptive_direction(A, B, dA, dB, basis, state, cfg: StepConfig) -> tuple[Te
 def dense_step(param: Tensor, grad: Tensor, state: dict, cfg: StepConfig) -> Tensor:
     """Euclidean update of one privatised gradient: AdamW if cfg.adaptive, else SGD.
 
-    With decoupled weight decay: p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps).
+    With decoupled weight decay: p <- p (1 - lr wd) - lr m_hat / (sqrt(max(v_hat, lambda)) + eps),
+    where lambda = floor_factor * std^2 is the DP-aware floor (0 gives plain AdamW): coordinates
+    whose second moment is no larger than the injected noise's do not take full-size steps.
     `param` and `grad` are in the compute dtype; the state ("step", "exp_avg", "exp_avg_sq")
     is created lazily and updated in place. Returns the new parameter value.
     """
@@ -101,5 +103,5 @@ def dense_step(param: Tensor, grad: Tensor, state: dict, cfg: StepConfig) -> Ten
     state["exp_avg"].lerp_(grad, 1 - beta1)
     state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     m_hat = state["exp_avg"] / (1 - beta1 ** state["step"])
-    v_hat = state["exp_avg_sq"] / (1 - beta2 ** state["step"])
+    v_hat = (state["exp_avg_sq"] / (1 - beta2 ** state["step"])).clamp_min(cfg.floor_factor * cfg.noise_std ** 2)
     return new - cfg.lr * m_hat / (v_hat.sqrt() + cfg.eps)

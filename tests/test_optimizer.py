@@ -246,3 +246,17 @@ def test_lr_scheduler_drives_the_step():
     assert opt.param_groups[0]["lr"] == 0.0
     for a, b in zip(before, lora_Z(model)):
         torch.testing.assert_close(a, b)
+
+
+def test_dense_dp_aware_floor_damps_noise_level_coordinates():
+    from prism.functional import StepConfig, dense_step
+    param = torch.zeros(3, dtype=torch.float64)
+    grad = torch.tensor([1e-6, 1e-6, 10.0], dtype=torch.float64)
+    plain = StepConfig(lr=0.1, noise_std=1.0, expected_batch_size=1, adaptive=True, betas=(0.9, 0.999), eps=1e-12,
+                       weight_decay=0.0)
+    floored = StepConfig(**{**plain.__dict__, "floor_factor": 0.5})
+    adamw = dense_step(param, grad, {}, plain)
+    dp_aware = dense_step(param, grad, {}, floored)
+    torch.testing.assert_close(adamw, torch.full((3,), -0.1, dtype=torch.float64))  # Adam: full lr everywhere
+    torch.testing.assert_close(dp_aware[:2], torch.full((2,), -0.1 * 1e-6 / 0.5 ** 0.5, dtype=torch.float64))
+    torch.testing.assert_close(dp_aware[2], torch.tensor(-0.1, dtype=torch.float64))  # signal above the floor
