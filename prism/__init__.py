@@ -1,10 +1,14 @@
 """prism: differentially private LoRA fine-tuning in the tangent space of the rank-r manifold."""
 
+from .accounting import PrivacyAccountant, PrivacyBudgetExceeded, calibrate_noise_multiplier
 from .init import init_balanced_lora
 from .layers import find_trainables
 from .losses import per_example_causal_lm_loss
 from .naive import NaiveDPLoRA
 from .optimizer import PRISM
+from .sampling import NonPoissonSampling, PoissonBatchSampler, micro_batches, poisson_data_loader
 
-__all__ = ["PRISM", "NaiveDPLoRA", "init_balanced_lora", "find_trainables", "per_example_causal_lm_loss"]
+__all__ = ["PRISM", "NaiveDPLoRA", "PrivacyAccountant", "PrivacyBudgetExceeded", "calibrate_noise_multiplier",
+           "PoissonBatchSampler", "poisson_data_loader", "micro_batches", "NonPoissonSampling", "init_balanced_lora",
+           "find_trainables", "per_example_causal_lm_loss"]
 __version__ = "0.1.0"

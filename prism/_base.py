@@ -17,34 +17,46 @@ from torch import Tensor, nn
 from . import _validate, per_example
 from .functional import StepConfig, dense_step
 from .hooks import PerExampleCollector, StepStats, Unit
+from .accounting import PrivacyAccountant, PrivacyBudgetExceeded, max_steps_within
 from .layers import LoRAPair, find_trainables
 from .noise import gaussian
+from .plan import resolve_plan
+from .sampling import SamplingCheck
 
 
 class DPLoRAOptimizer(torch.optim.Optimizer):
     """Base class of prism's private optimizers; see PRISM for the arguments."""
 
-    def __init__(self, model: nn.Module, *, lr: float, noise_multiplier: float, max_grad_norm: float,
-                 expected_batch_size: float, adaptive: bool = True, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, model: nn.Module, *, lr: float, max_grad_norm: float, noise_multiplier: float | None = None,
+                 expected_batch_size: float | None = None, target_epsilon: float | None = None,
+                 delta: float | None = None, sample_rate: float | None = None, dataset_size: int | None = None,
+                 steps: int | None = None, epochs: float | None = None, max_epsilon: float | None = None,
+                 allow_non_poisson: bool = False, adaptive: bool = True, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, loss_reduction: str = "mean",
                  generator: torch.Generator | None = None, **extra_defaults):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be the peft model (an nn.Module), got {type(model).__name__}; prism "
                             "finds the trainable parameters itself, so do not pass model.parameters().")
-        _validate.non_negative(lr=lr, noise_multiplier=noise_multiplier, weight_decay=weight_decay)
-        _validate.positive(max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size, eps=eps)
+        _validate.non_negative(lr=lr, weight_decay=weight_decay)
+        _validate.positive(max_grad_norm=max_grad_norm, eps=eps)
         _validate.in_unit_interval(**{"betas[0]": betas[0], "betas[1]": betas[1]})
         _validate.one_of({"mean", "sum"}, loss_reduction=loss_reduction)
+        self.plan = resolve_plan(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
+                                 expected_batch_size=expected_batch_size, sample_rate=sample_rate,
+                                 dataset_size=dataset_size, steps=steps, epochs=epochs, max_epsilon=max_epsilon)
         self.pairs, self.dense = find_trainables(model)
         params = [p for pair in self.pairs for p in (pair.lora_A.weight, pair.lora_B.weight)]
         params += [p for d in self.dense for p in d.module.parameters() if p.requires_grad]
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adaptive=adaptive,
                         **extra_defaults)
         super().__init__([{"params": params}], defaults)
-        self.noise_multiplier = float(noise_multiplier)
+        self.noise_multiplier = self.plan.noise_multiplier
         self.max_grad_norm = float(max_grad_norm)
-        self.expected_batch_size = float(expected_batch_size)
+        self.expected_batch_size = self.plan.expected_batch_size
         self.loss_reduction = loss_reduction
+        self.accountant = PrivacyAccountant() if self.plan.sample_rate is not None else None
+        self._sampling_check = SamplingCheck(self.plan, allow_non_poisson)
+        self._allowed_steps: int | None = None
         self.generator = _checked_generator(generator, params[0].device)
         self.steps_taken = 0
         self._collector = PerExampleCollector(self.max_grad_norm, loss_reduction)
@@ -95,6 +107,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._collector.finish_backward()
         self._refuse_gradients_without_hooks()
+        self._refuse_exceeding_the_budget()
+        self._sampling_check.observe(self._collector.stats.examples)
         group = self.param_groups[0]
         cfg = StepConfig(lr=group["lr"], noise_std=self.noise_std, expected_batch_size=self.expected_batch_size,
                          adaptive=group["adaptive"], betas=group["betas"], eps=group["eps"],
@@ -104,6 +118,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
             updates += self._dense_updates(unit, cfg)
         apply_updates(updates)
         self.steps_taken += 1
+        if self.accountant is not None:
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.plan.sample_rate)
         self._end_step()
         return loss
 
@@ -128,6 +144,32 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                     "trainable parameters have gradients but prism's per-example hooks saw no example since "
                     "the last step (was the model run through a copy, torch.func, or after remove_hooks()?). "
                     "Refusing a step that would not be private.")
+
+    def get_epsilon(self, delta: float | None = None) -> tuple[float, float, float]:
+        """(lower, estimate, upper) epsilon spent so far at `delta` (default: the optimizer's delta)."""
+        if self.accountant is None:
+            raise RuntimeError("this optimizer cannot account: give sample_rate (or dataset_size) when building it.")
+        delta = self.plan.delta if delta is None else delta
+        if delta is None:
+            raise ValueError("give delta here or when building the optimizer.")
+        return self.accountant.get_epsilon(delta)
+
+    def privacy_spent(self, delta: float | None = None) -> tuple[float, float]:
+        """(epsilon, delta) spent so far; epsilon is the accountant's upper bound."""
+        delta = self.plan.delta if delta is None else delta
+        return self.get_epsilon(delta)[2], delta
+
+    def _refuse_exceeding_the_budget(self) -> None:
+        if self.plan.max_epsilon is None:
+            return
+        if self._allowed_steps is None:
+            self._allowed_steps = self.accountant.steps + max_steps_within(
+                self.plan.max_epsilon, self.plan.delta, self.noise_multiplier, self.plan.sample_rate,
+                prior=tuple(self.accountant.history))
+        if self.accountant.steps + 1 > self._allowed_steps:
+            raise PrivacyBudgetExceeded(
+                f"another step would take epsilon above max_epsilon={self.plan.max_epsilon} at delta="
+                f"{self.plan.delta} (spent: {self.privacy_spent()[0]:.4g} after {self.accountant.steps} steps).")
 
     def _end_step(self) -> None:
         self._collector.reset()
@@ -154,7 +196,9 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         state = super().state_dict()
         state["prism"] = dict(steps_taken=self.steps_taken, generator_state=self.generator.get_state(),
                               noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                              expected_batch_size=self.expected_batch_size)
+                              expected_batch_size=self.expected_batch_size, sample_rate=self.plan.sample_rate,
+                              accountant=None if self.accountant is None else self.accountant.state_dict(),
+                              sampling_check=self._sampling_check.state_dict())
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -167,10 +211,12 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         if "prism" not in state_dict:
             raise ValueError("this state_dict has no 'prism' entry: it was not saved by a prism optimizer.")
         extra = state_dict.pop("prism")
-        for key in ("noise_multiplier", "max_grad_norm", "expected_batch_size"):
-            if extra[key] != getattr(self, key):
+        ours = dict(noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+                    expected_batch_size=self.expected_batch_size, sample_rate=self.plan.sample_rate)
+        for key, value in ours.items():
+            if extra[key] != value:
                 raise ValueError(f"the checkpoint was saved with {key}={extra[key]}, this optimizer has "
-                                 f"{getattr(self, key)}; build the optimizer with the checkpoint's settings.")
+                                 f"{value}; build the optimizer with the checkpoint's settings.")
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
@@ -180,13 +226,17 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                                  for k, v in values.items()}
         self.steps_taken = extra["steps_taken"]
         self.generator.set_state(extra["generator_state"])
+        if self.accountant is not None:
+            self.accountant.load_state_dict(extra["accountant"])
+            self._allowed_steps = None
+        self._sampling_check.load_state_dict(extra["sampling_check"])
 
     def __repr__(self) -> str:
         group = self.param_groups[0]
         return (f"{type(self).__name__}(lora_modules={len(self.pairs)}, dense_modules={len(self.dense)}, "
-                f"lr={group['lr']}, noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "
-                f"expected_batch_size={self.expected_batch_size}, adaptive={group['adaptive']}, "
-                f"loss_reduction={self.loss_reduction!r}, steps_taken={self.steps_taken})")
+                f"lr={group['lr']}, noise_multiplier={self.noise_multiplier:.4g}, max_grad_norm={self.max_grad_norm}, "
+                f"expected_batch_size={self.expected_batch_size}, sample_rate={self.plan.sample_rate}, "
+                f"adaptive={group['adaptive']}, loss_reduction={self.loss_reduction!r}, steps_taken={self.steps_taken})")
 
 
 def compute_dtype(param: Tensor) -> torch.dtype:

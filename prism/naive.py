@@ -22,7 +22,8 @@ class NaiveDPLoRA(DPLoRAOptimizer):
     tau^2 (m ||B||_F^2 + n ||A||_F^2) with tau = sigma C / b, change although Z does not.
     It accepts peft's default init (lora_B = 0).
 
-    Arguments are those of PRISM without the floor options; the same privacy conditions apply.
+    Arguments are those of PRISM without the floor options (the dense AdamW has no floor either);
+    the same privacy conditions and accounting apply.
     """
 
     def _lora_unit(self, index: int, pair: LoRAPair) -> Unit:

@@ -34,7 +34,12 @@ class PRISM(DPLoRAOptimizer):
         \end{aligned}
 
     Dense trainable nn.Linear layers (e.g. a classification head) join the same global clip and
-    get the same noise std; they are updated by AdamW (adaptive) or SGD.
+    get the same noise std; they are updated by AdamW with the same DP-aware second-moment floor
+    (adaptive) or by SGD.
+
+    Every `step()` is recorded by `optimizer.accountant` (also an empty batch's);
+    `optimizer.privacy_spent()` gives (epsilon, delta) and `get_epsilon()` the
+    (lower, estimate, upper) triple.
 
     Formal guarantees: every example's clipped contribution has norm <= max_grad_norm over all
     trained tensors together, and the noise is std * P_Z(Xi) per module (std N(0, I) on dense
@@ -47,9 +52,19 @@ class PRISM(DPLoRAOptimizer):
     Args:
         model: the peft model; hooks are attached to its LoRA layers in place.
         lr (float): learning rate eta.
-        noise_multiplier (float): sigma >= 0; 0 means clipping only (no privacy).
         max_grad_norm (float): clipping bound C > 0 on each example's global tangent norm.
-        expected_batch_size (float): b = q N, the EXPECTED logical batch size (never the realised one).
+        noise_multiplier (float, optional): sigma >= 0; 0 means clipping only (no privacy).
+        target_epsilon (float, optional): instead of noise_multiplier: the smallest sigma whose
+            upper epsilon after `steps` (or `epochs`) is <= target_epsilon at `delta`.
+        expected_batch_size (float, optional): b = q N, the EXPECTED logical batch size (never the
+            realised one). Required unless sample_rate and dataset_size are given.
+        sample_rate (float, optional): the Poisson rate q; or dataset_size (int, optional): N, with
+            q = expected_batch_size / N. Without either the optimizer cannot account.
+        delta (float, optional): delta for accounting (must be < 1/N when N is known).
+        steps / epochs (optional): the planned length, for target_epsilon.
+        max_epsilon (float, optional): raise PrivacyBudgetExceeded before a step that would exceed it.
+        allow_non_poisson (bool, optional): accept accounting for batches that are visibly not
+            Poisson-sampled (the epsilon is then not a guarantee; a warning says so) (default: False).
         adaptive (bool, optional): DP-aware adaptive update (default: True); False is Riemannian DP-SGD.
         betas (tuple, optional): moment coefficients (default: (0.9, 0.999)).
         eps (float, optional): added to the preconditioner's square roots (default: 1e-8).
@@ -70,19 +85,14 @@ class PRISM(DPLoRAOptimizer):
     ICML 2026.
     """
 
-    def __init__(self, model: nn.Module, *, lr: float, noise_multiplier: float, max_grad_norm: float,
-                 expected_batch_size: float, adaptive: bool = True, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, floor_mode: str = "scalar",
-                 floor_factor: float = 0.5, max_condition: float = 1e4, loss_reduction: str = "mean",
-                 generator: torch.Generator | None = None):
+    def __init__(self, model: nn.Module, *, floor_mode: str = "scalar", floor_factor: float = 0.5,
+                 max_condition: float = 1e4, **kwargs):
         _validate.one_of({"scalar", "geometry"}, floor_mode=floor_mode)
         _validate.non_negative(floor_factor=floor_factor)
         _validate.positive(max_condition=max_condition)
         self._bases: dict[int, TangentBasis] = {}
-        super().__init__(model, lr=lr, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                         expected_batch_size=expected_batch_size, adaptive=adaptive, betas=betas, eps=eps,
-                         weight_decay=weight_decay, loss_reduction=loss_reduction, generator=generator,
-                         floor_mode=floor_mode, floor_factor=floor_factor, max_condition=max_condition)
+        super().__init__(model, floor_mode=floor_mode, floor_factor=floor_factor, max_condition=max_condition,
+                         **kwargs)
 
     def _lora_unit(self, index: int, pair: LoRAPair) -> Unit:
         """Check rank, re-factor to balanced form (Z unchanged) and hook the tangent blocks.

@@ -65,9 +65,11 @@ def make_optimizer(method: str, model, args, dataset_size: int):
     if method == "nonprivate":
         return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     cls = prism.PRISM if method == "prism" else prism.NaiveDPLoRA
-    return cls(model, lr=args.lr, noise_multiplier=args.noise_multiplier, max_grad_norm=args.max_grad_norm,
-               expected_batch_size=args.batch_size, loss_reduction="sum",
-               generator=torch.Generator().manual_seed(args.seed))
+    noise = dict(noise_multiplier=args.noise_multiplier) if args.noise_multiplier is not None else dict(
+        target_epsilon=args.epsilon, steps=args.steps)
+    return cls(model, lr=args.lr, max_grad_norm=args.max_grad_norm, expected_batch_size=args.batch_size,
+               dataset_size=dataset_size, delta=args.delta, loss_reduction="sum",
+               generator=torch.Generator().manual_seed(args.seed), **noise)
 
 
 @torch.no_grad()
@@ -93,8 +95,8 @@ def train(args) -> dict:
     print(f"method={args.method} train={len(train_x)} test={len(test_x)} rank={args.rank} steps={args.steps} "
           f"expected_batch={args.batch_size} (q={q:.5f}, Poisson) lr={args.lr}")
     if args.method != "nonprivate":
-        print(f"noise_multiplier={args.noise_multiplier} max_grad_norm={args.max_grad_norm} "
-              f"noise std on the averaged gradient={optimizer.noise_std:.3g}")
+        print(f"noise_multiplier={optimizer.noise_multiplier:.4f} max_grad_norm={args.max_grad_norm} "
+              f"noise std on the averaged gradient={optimizer.noise_std:.3g} delta={args.delta:g}")
     start, running = time.time(), []
     for step in range(1, args.steps + 1):
         batch = (torch.rand(len(train_x), generator=sampler) < q).nonzero().squeeze(1).tolist()
@@ -115,26 +117,34 @@ def train(args) -> dict:
     result = dict(method=args.method, accuracy=accuracy(model, tokenizer, test_x, test_y, args.max_length),
                   seconds=time.time() - start)
     print(f"test accuracy {result['accuracy']:.4f}  ({len(test_x)} sentences, {result['seconds']:.0f}s)")
+    if args.method != "nonprivate":
+        lower, estimate, upper = optimizer.get_epsilon()
+        result.update(epsilon=upper, delta=args.delta, noise_multiplier=optimizer.noise_multiplier)
+        print(f"privacy spent: epsilon {upper:.3f} (upper bound; estimate {estimate:.3f}, lower {lower:.3f}) "
+              f"at delta {args.delta:g}, {optimizer.steps_taken} steps")
     return result
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=METHODS, default="prism")
-    parser.add_argument("--noise-multiplier", type=float, default=1.0, help="sigma (default: 1.0)")
+    parser.add_argument("--epsilon", type=float, default=3.0, help="target epsilon (default: 3)")
+    parser.add_argument("--delta", type=float, default=1e-5, help="delta (default: 1e-5)")
+    parser.add_argument("--noise-multiplier", type=float, default=None,
+                        help="sigma; overrides --epsilon (default: calibrated to --epsilon)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping bound C (default: 1.0)")
-    parser.add_argument("--steps", type=int, default=150, help="private steps (default: 150)")
-    parser.add_argument("--batch-size", type=int, default=128, help="expected logical batch size (default: 128)")
-    parser.add_argument("--micro-batch", type=int, default=64, help="physical micro-batch size (default: 64)")
+    parser.add_argument("--steps", type=int, default=60, help="private steps (default: 60)")
+    parser.add_argument("--batch-size", type=int, default=256, help="expected logical batch size (default: 256)")
+    parser.add_argument("--micro-batch", type=int, default=128, help="physical micro-batch size (default: 128)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: per method)")
-    parser.add_argument("--max-length", type=int, default=48, help="tokens per sentence (default: 48)")
+    parser.add_argument("--max-length", type=int, default=40, help="tokens per sentence (default: 40)")
     parser.add_argument("--test-size", type=int, default=2000, help="held-out sentences (default: 2000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log-every", type=int, default=25)
     args = parser.parse_args(argv)
     if args.lr is None:
-        args.lr = {"prism": 3e-3, "naive": 3e-3, "nonprivate": 1e-3}[args.method]
+        args.lr = {"prism": 5e-3, "naive": 5e-3, "nonprivate": 1e-3}[args.method]
     for name in ("steps", "batch_size", "micro_batch", "rank", "max_length", "test_size"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be > 0")
