@@ -1,0 +1,155 @@
+"""Poisson sampling, micro-batching, and the optimizer's coupling to its accountant."""
+
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import make_batch, per_example_losses, tiny_model
+from prism import (PRISM, NaiveDPLoRA, NonPoissonSampling, PoissonBatchSampler, PrivacyBudgetExceeded,
+                   calibrate_noise_multiplier, micro_batches, poisson_data_loader)
+from prism.accounting import epsilon_for
+
+
+def test_sampler_rate_and_independence():
+    N, q, steps = 400, 0.05, 600
+    sampler = PoissonBatchSampler(N, q, steps, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(steps, N)
+    for t, batch in enumerate(sampler):
+        masks[t, batch] = 1
+    assert len(sampler) == steps and sampler.expected_batch_size == pytest.approx(20)
+    rate = masks.mean().item()
+    assert abs(rate - q) < 4 * (q * (1 - q) / masks.numel()) ** 0.5
+    sizes = masks.sum(1)
+    assert abs(sizes.var().item() / (N * q * (1 - q)) - 1) < 0.2  # Binomial(N, q) sizes
+    both = (masks[1:] * masks[:-1]).mean().item()  # consecutive steps independent: P(i in both) = q^2
+    assert abs(both - q * q) < 4 * (q * q / masks[1:].numel()) ** 0.5
+
+
+def test_sampler_produces_empty_batches_and_epochs():
+    sampler = PoissonBatchSampler(10, 0.01, epochs=1, generator=torch.Generator().manual_seed(0))
+    batches = list(sampler)
+    assert len(batches) == 100 and any(len(b) == 0 for b in batches)
+    with pytest.raises(ValueError, match="sample_rate"):
+        PoissonBatchSampler(10, 0.0, 5)
+
+
+def test_poisson_data_loader_keeps_dataset_and_collate_and_yields_empty_batches():
+    data = TensorDataset(torch.arange(20).float()[:, None], torch.arange(20))
+    calls = []
+
+    def collate(examples):
+        calls.append(len(examples))
+        return {"x": torch.stack([e[0] for e in examples]), "y": torch.stack([e[1] for e in examples])}
+
+    loader = poisson_data_loader(DataLoader(data, batch_size=4, collate_fn=collate), expected_batch_size=1.0,
+                                 steps=200, generator=torch.Generator().manual_seed(0))
+    sizes = []
+    for batch in loader:
+        sizes.append(batch["x"].shape[0])
+        assert batch["x"].shape[1:] == (1,) and batch["y"].shape[0] == sizes[-1]
+        assert list(micro_batches(batch, 1)) == [] if sizes[-1] == 0 else len(list(micro_batches(batch, 1))) == sizes[-1]
+    assert 0 in sizes and max(sizes) > 1 and abs(sum(sizes) / 200 - 1.0) < 0.25
+
+
+def test_micro_batches_split_nested_batches():
+    batch = {"ids": torch.arange(10).reshape(5, 2), "extra": (torch.arange(5), torch.ones(5, 3))}
+    pieces = list(micro_batches(batch, 2))
+    assert [p["ids"].shape[0] for p in pieces] == [2, 2, 1]
+    assert torch.equal(torch.cat([p["extra"][0] for p in pieces]), torch.arange(5))
+    with pytest.raises(ValueError, match="max_size"):
+        list(micro_batches(batch, 0))
+
+
+ACCOUNTED = dict(lr=0.01, max_grad_norm=1.0, expected_batch_size=4, dataset_size=400, delta=1e-5)
+
+
+def _poisson_steps(model, opt, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        size = int(torch.distributions.Binomial(400, 0.01).sample().item()) if step else 0
+        if size:
+            per_example_losses("bert", model, make_batch("bert", b=size, seed=seed * 1000 + step)).sum().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", [PRISM, NaiveDPLoRA])
+def test_optimizer_accounts_every_step_including_empty_ones(cls):
+    model = tiny_model("bert")
+    opt = cls(model, noise_multiplier=1.0, **ACCOUNTED)
+    _poisson_steps(model, opt, 5)
+    assert opt.accountant.steps == opt.steps_taken == 5
+    assert opt.get_epsilon() == epsilon_for(1.0, 0.01, 5, 1e-5)
+    assert opt.privacy_spent() == (epsilon_for(1.0, 0.01, 5, 1e-5)[2], 1e-5)
+
+
+def test_target_epsilon_calibrates_sigma():
+    opt = PRISM(tiny_model("bert"), target_epsilon=2.0, steps=50, **ACCOUNTED)
+    assert opt.noise_multiplier == calibrate_noise_multiplier(2.0, 1e-5, 0.01, 50)
+    assert epsilon_for(opt.noise_multiplier, 0.01, 50, 1e-5)[2] <= 2.0
+
+
+def test_max_epsilon_stops_before_the_step_that_would_exceed_it():
+    allowed = 0
+    while epsilon_for(1.0, 0.01, allowed + 1, 1e-5)[2] <= 0.6:
+        allowed += 1
+    model = tiny_model("bert")
+    with pytest.warns(UserWarning, match="NOT a valid"):  # only empty batches here: not Poisson-looking
+        opt = PRISM(model, noise_multiplier=1.0, max_epsilon=0.6, allow_non_poisson=True, **ACCOUNTED)
+    for _ in range(allowed):
+        opt.step()
+    before = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+    with pytest.raises(PrivacyBudgetExceeded, match="max_epsilon=0.6"):
+        opt.step()
+    assert opt.steps_taken == allowed and opt.privacy_spent()[0] <= 0.6
+    assert all(torch.equal(a, b) for a, b in zip(before, opt.param_groups[0]["params"]))
+
+
+def test_accountant_survives_a_resume():
+    model = tiny_model("bert")
+    opt = PRISM(model, noise_multiplier=1.0, **ACCOUNTED)
+    _poisson_steps(model, opt, 3)
+    resumed = PRISM(model, noise_multiplier=1.0, **ACCOUNTED)
+    resumed.load_state_dict(opt.state_dict())
+    assert resumed.accountant.steps == 3 and resumed.get_epsilon() == opt.get_epsilon()
+    other_rate = PRISM(model, noise_multiplier=1.0, **{**ACCOUNTED, "dataset_size": 800})
+    with pytest.raises(ValueError, match="sample_rate"):
+        other_rate.load_state_dict(opt.state_dict())
+
+
+def test_fixed_size_batches_are_refused_unless_explicitly_allowed():
+    model = tiny_model("bert")
+    opt = PRISM(model, noise_multiplier=1.0, **{**ACCOUNTED, "expected_batch_size": 8})
+    with pytest.raises(NonPoissonSampling, match="PoissonBatchSampler"):
+        for step in range(25):
+            per_example_losses("bert", model, make_batch("bert", b=8, seed=step)).sum().backward()
+            opt.step()
+    with pytest.warns(UserWarning, match="NOT a valid privacy guarantee"):
+        opt = PRISM(model, noise_multiplier=1.0, allow_non_poisson=True, **{**ACCOUNTED, "expected_batch_size": 8})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(25):
+            per_example_losses("bert", model, make_batch("bert", b=8, seed=step)).sum().backward()
+            opt.step()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(noise_multiplier=1.0, delta=0.01), "1/dataset_size"),
+    (dict(noise_multiplier=1.0, sample_rate=0.5), "contradicts"),
+    (dict(noise_multiplier=1.0, target_epsilon=1.0, steps=10), "exactly one of noise_multiplier"),
+    (dict(target_epsilon=1.0), "exactly one of steps or epochs"),
+    (dict(noise_multiplier=1.0, max_epsilon=-1.0), "max_epsilon"),
+    (dict(noise_multiplier=1.0, dataset_size=0), "dataset_size"),
+])
+def test_inconsistent_privacy_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PRISM(tiny_model("bert"), **{**ACCOUNTED, **kwargs})
+
+
+def test_without_a_sampling_rate_there_is_no_epsilon():
+    opt = PRISM(tiny_model("bert"), lr=0.01, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+    with pytest.raises(RuntimeError, match="sample_rate"):
+        opt.privacy_spent(1e-5)
+    with pytest.raises(ValueError, match="expected_batch_size is required"):
+        PRISM(tiny_model("bert"), lr=0.01, noise_multiplier=1.0, max_grad_norm=1.0)
