@@ -2,8 +2,8 @@
 
 A logical step is: any number of forward/backward passes (micro-batches), each clipped per
 example at the end of its backward pass, then one `step()` that adds noise once, divides by
-the EXPECTED batch size and updates. Subclasses define how LoRA pairs are represented
-(`_lora_unit`) and updated (`_update_lora`).
+the EXPECTED batch size, updates and records the step with the accountant. Subclasses define
+how LoRA pairs are represented (`_lora_unit`) and updated (`_lora_updates`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from torch import Tensor, nn
 
 from . import _validate, per_example
+from .accounting import PrivacyAccountant, PrivacyBudgetExceeded, max_steps_within
 from .functional import StepConfig, dense_step
 from .hooks import PerExampleCollector, StepStats, Unit
-from .accounting import PrivacyAccountant, PrivacyBudgetExceeded, max_steps_within
 from .layers import LoRAPair, find_trainables
 from .noise import gaussian
 from .plan import resolve_plan
@@ -113,14 +113,17 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         cfg = StepConfig(lr=group["lr"], noise_std=self.noise_std, expected_batch_size=self.expected_batch_size,
                          adaptive=group["adaptive"], betas=group["betas"], eps=group["eps"],
                          weight_decay=group["weight_decay"], **self._extra_config(group))
-        updates = self._lora_updates(cfg)
-        for unit in self._dense_units:
-            updates += self._dense_updates(unit, cfg)
-        apply_updates(updates)
+        # counted before any noise is drawn: a noisy gradient enters the moments even if its write is refused
         self.steps_taken += 1
         if self.accountant is not None:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.plan.sample_rate)
-        self._end_step()
+        try:
+            updates = self._lora_updates(cfg)
+            for unit in self._dense_units:
+                updates += self._dense_updates(unit, cfg)
+        finally:
+            self._end_step()
+        apply_updates(updates)
         return loss
 
     def _extra_config(self, group: dict) -> dict:

@@ -63,6 +63,8 @@ def prism_module_step(A: Tensor, B: Tensor, Y_sum: Tensor, W_sum: Tensor, basis:
     dA, dB = manifold.horizontal_lift(A, B, *manifold.symmetric_lift(S, U, V, basis))
     if cfg.adaptive:
         dA, dB = _adaptive_direction(A, B, dA, dB, basis, state, cfg)
+    if not bool(torch.isfinite(dA).all() and torch.isfinite(dB).all()):
+        raise FloatingPointError("the privatised direction is not finite")
     A_new, B_new = manifold.retract(A, B, dA, dB, cfg.lr, cfg.weight_decay)
     return manifold.procrustes_align(A_new, B_new, A, B)
 

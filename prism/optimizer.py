@@ -129,8 +129,12 @@ class PRISM(DPLoRAOptimizer):
         for index, (pair, unit) in enumerate(zip(self.pairs, self._lora_units)):
             A, B = lora_factors(pair, unit.compute_dtype)
             Y_sum, W_sum = unit.sums[:2] if unit.sums else (torch.zeros_like(A), torch.zeros_like(B))
-            A_new, B_new = prism_module_step(A, B, Y_sum, W_sum, self._basis(index),
-                                             self.state[pair.lora_B.weight], cfg, self.generator)
+            try:
+                A_new, B_new = prism_module_step(A, B, Y_sum, W_sum, self._basis(index),
+                                                 self.state[pair.lora_B.weight], cfg, self.generator)
+            except (FloatingPointError, torch.linalg.LinAlgError) as exc:
+                raise FloatingPointError(f"the update of {pair.name} is not finite ({exc}); the step was not "
+                                         "applied. Lower the learning rate or check the inputs for inf/NaN.") from exc
             updates += [Update(pair.lora_B.weight, A_new, pair.name), Update(pair.lora_A.weight, B_new.T, pair.name)]
         return updates
 

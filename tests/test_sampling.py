@@ -153,3 +153,13 @@ def test_without_a_sampling_rate_there_is_no_epsilon():
         opt.privacy_spent(1e-5)
     with pytest.raises(ValueError, match="expected_batch_size is required"):
         PRISM(tiny_model("bert"), lr=0.01, noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_a_refused_non_finite_update_changes_nothing_but_is_still_accounted():
+    model = tiny_model("bert")
+    opt = PRISM(model, noise_multiplier=1e300, adaptive=False, **{**ACCOUNTED, "lr": 1e10})
+    before = [p.detach().clone() for p in opt.param_groups[0]["params"]]
+    with pytest.raises(FloatingPointError, match="not finite"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, opt.param_groups[0]["params"]))
+    assert opt.accountant.steps == opt.steps_taken == 1
