@@ -8,7 +8,6 @@ how LoRA pairs are represented (`_lora_unit`) and updated (`_lora_updates`).
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -19,7 +18,7 @@ from .accounting import PrivacyAccountant, PrivacyBudgetExceeded, max_steps_with
 from .functional import StepConfig, dense_step
 from .hooks import PerExampleCollector, StepStats, Unit
 from .layers import LoRAPair, find_trainables
-from .noise import gaussian
+from .noise import entropy_seeded_generator, gaussian
 from .plan import resolve_plan
 from .sampling import SamplingCheck
 
@@ -60,6 +59,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         self.generator = _checked_generator(generator, params[0].device)
         self.steps_taken = 0
         self._collector = PerExampleCollector(self.max_grad_norm, loss_reduction)
+        self._collector.count_forward_passes(model)
         self._lora_units = []
         for index, pair in enumerate(self.pairs):
             unit = self._lora_unit(index, pair)
@@ -105,7 +105,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._collector.finish_backward()
+        self._collector.discard_unfinished()
         self._refuse_gradients_without_hooks()
         self._refuse_exceeding_the_budget()
         self._sampling_check.observe(self._collector.stats.examples)
@@ -267,9 +267,7 @@ def apply_updates(updates: list[Update]) -> None:
 
 def _checked_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
     if generator is None:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(int.from_bytes(os.urandom(8), "little") & (2 ** 63 - 1))
-        return generator
+        return entropy_seeded_generator(device)
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if generator.device.type != device.type:

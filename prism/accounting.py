@@ -271,9 +271,9 @@ def max_steps_within(max_epsilon: float, delta: float, noise_multiplier: float, 
         return -1
     low, high = 0, 1
     while fits(high):
-        low, high = high, 2 * high
-        if high > MAX_STEPS:
+        if high >= MAX_STEPS:
             return MAX_STEPS
+        low, high = high, min(2 * high, MAX_STEPS)
     while high - low > 1:
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)

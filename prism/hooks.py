@@ -10,14 +10,20 @@ sums to the step's accumulators; per-example tensors are then dropped. Gradient 
 over several micro-batches therefore only ever accumulates clipped sums.
 
 Formal guarantees: per backward pass, every example i of the micro-batch contributes
-alpha_i (t_i over all units) with global norm <= max_grad_norm (see clipping.py). A gradient
-that reaches a hooked output twice (backward twice through one forward) raises instead of
-counting an example twice.
+alpha_i (t_i over all units) with global norm <= max_grad_norm (see clipping.py). Refused
+with an error instead of silently breaking that bound:
+- a gradient reaching a hooked output twice (backward twice through one forward pass);
+- one backward pass through two forward passes (their examples would be merged by position);
+- reentrant gradient checkpointing (its nested backward passes would clip each segment alone);
+  non-reentrant checkpointing works.
+Per-example tensors left by a backward pass that failed are discarded, never merged.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
+
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -47,10 +53,20 @@ class Unit:
         self.sqnorms = sqnorms
         self.compute_dtype = compute_dtype
         self.pending: list[Tensor] | None = None
+        self.pending_key: tuple[int, int] | None = None  # (autograd graph task, forward pass)
         self.sums: list[Tensor] | None = None
 
-    def add_pending(self, tensors: tuple[Tensor, ...]) -> None:
-        """Add one forward call's per-example tensors (a module called twice sums its calls)."""
+    def add_pending(self, tensors: tuple[Tensor, ...], key: tuple[int, int]) -> None:
+        """Add one forward call's per-example tensors (a module called twice in one forward pass
+        sums its calls); `key` = (backward graph task, forward pass) they come from."""
+        if self.pending is not None and self.pending_key[0] != key[0]:
+            warnings.warn(f"{self.name}: discarding per-example gradients of a backward pass that did not finish",
+                          RuntimeWarning, stacklevel=2)
+            self.pending = None
+        if self.pending is not None and self.pending_key[1] != key[1]:
+            raise RuntimeError("one backward pass went through two forward passes; prism would merge their examples "
+                               "by position. Call backward once per forward pass (accumulate over micro-batches).")
+        self.pending_key = key
         if self.pending is None:
             self.pending = list(tensors)
         elif self.pending[0].shape[0] != tensors[0].shape[0]:
@@ -67,6 +83,7 @@ class Unit:
 
     def reset(self) -> None:
         self.pending = None
+        self.pending_key = None
         self.sums = None
 
 
@@ -100,7 +117,16 @@ class PerExampleCollector:
         self.units: list[Unit] = []
         self.stats = StepStats()
         self._handles: list = []
-        self._callback_queued = False
+        self._queued_task: int | None = None
+        self._forward_pass = 0
+
+    def count_forward_passes(self, model: nn.Module) -> None:
+        """Number the forward passes of `model` (its root), so examples of different passes never mix."""
+
+        def on_forward(module, args):
+            self._forward_pass += 1
+
+        self._handles.append(model.register_forward_pre_hook(on_forward))
 
     def add_lora_pair(self, lora_A: nn.Linear, lora_B: nn.Linear, unit: Unit) -> None:
         """Hook a LoRA pair; `unit.per_example(x, h, go)` gets lora_A's input x, its output h
@@ -130,34 +156,42 @@ class PerExampleCollector:
 
     def _watch(self, output: Tensor, unit: Unit, *captured: Tensor) -> None:
         captured_box = [captured]
+        forward_pass = self._forward_pass
+        recomputed_in_backward = torch._C._current_graph_task_id() != -1
 
         def on_grad(grad: Tensor):
+            if recomputed_in_backward:
+                raise RuntimeError(
+                    "reentrant gradient checkpointing runs nested backward passes, which would clip each "
+                    "checkpointed segment on its own. Use non-reentrant checkpointing: model."
+                    "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}).")
             if captured_box[0] is None:
                 raise RuntimeError(
                     "a gradient reached the same forward pass twice (backward called twice, e.g. with "
                     "retain_graph=True); each example would count twice. Sum the losses and call "
                     "backward once per forward pass.")
             inputs, captured_box[0] = captured_box[0], None
-            self._on_grad(unit, inputs, grad)
+            self._on_grad(unit, inputs, grad, forward_pass)
 
         output.register_hook(on_grad)
 
-    def _on_grad(self, unit: Unit, inputs: tuple[Tensor, ...], grad: Tensor) -> None:
-        if not self._callback_queued:
-            torch.autograd.Variable._execution_engine.queue_callback(self.finish_backward)
-            self._callback_queued = True
+    def _on_grad(self, unit: Unit, inputs: tuple[Tensor, ...], grad: Tensor, forward_pass: int) -> None:
+        task = torch._C._current_graph_task_id()
+        if self._queued_task != task:
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self.finish_backward(task))
+            self._queued_task = task
         b = grad.shape[0]
         tensors = [t.reshape(b, -1, t.shape[-1]).to(unit.compute_dtype) for t in (*inputs, grad)]
         if self.loss_reduction == "mean":
             tensors[-1] = tensors[-1] * b
         with torch.no_grad():
-            unit.add_pending(unit.per_example(*tensors))
+            unit.add_pending(unit.per_example(*tensors), (task, forward_pass))
 
     @torch.no_grad()
-    def finish_backward(self) -> None:
-        """Clip the finished backward pass's examples by their global norm and accumulate."""
-        self._callback_queued = False
-        active = [u for u in self.units if u.pending is not None]
+    def finish_backward(self, task: int) -> None:
+        """Clip the examples of the finished backward pass `task` by their global norm and accumulate."""
+        self._queued_task = None
+        active = [u for u in self.units if u.pending is not None and u.pending_key[0] == task]
         if not active:
             return
         sizes = {u.pending[0].shape[0] for u in active}
@@ -174,11 +208,20 @@ class PerExampleCollector:
         self.stats.backward_passes += 1
         self.stats.last_norms = sqnorms.sqrt()
 
+    def discard_unfinished(self) -> None:
+        """Drop per-example tensors of backward passes that never finished (e.g. raised midway)."""
+        for u in self.units:
+            if u.pending is not None:
+                warnings.warn(f"{u.name}: discarding per-example gradients of a backward pass that did not finish",
+                              RuntimeWarning, stacklevel=3)
+                u.pending = None
+
     def reset(self) -> None:
         """Forget everything accumulated since the last step."""
         for u in self.units:
             u.reset()
         self.stats = StepStats()
+        self._queued_task = None
 
     def remove(self) -> None:
         """Detach every hook from the model."""

@@ -43,11 +43,12 @@ def tangent_basis(A: Tensor, B: Tensor) -> TangentBasis:
 def split_tangent(Y: Tensor, W: Tensor, basis: TangentBasis) -> tuple[Tensor, Tensor, Tensor]:
     """Blocks (S, U, V) of P_Z(G) from Y = G Q_B (m, r) and W = G^T Q_A (n, r).
 
-    S = Q_A^T Y,  U = Y - Q_A S,  V = W - Q_B S^T.  Linear in (Y, W).
+    S = Q_A^T Y,  U = (I - P_A) Y,  V = (I - P_B) W  (= W - Q_B S^T exactly).  Linear in (Y, W);
+    U and V are orthogonal to Q_A and Q_B whatever rounding Y and W carry.
     """
     S = basis.Q_A.T @ Y
     U = Y - basis.Q_A @ S
-    V = W - basis.Q_B @ S.T
+    V = W - basis.Q_B @ (basis.Q_B.T @ W)
     return S, U, V
 
 

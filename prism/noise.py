@@ -7,10 +7,20 @@ E ||noise||_F^2 = std^2 r (m + n - r), whatever the factors (noise_energy()).
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
 from .manifold import TangentBasis
+
+
+def entropy_seeded_generator(device="cpu") -> torch.Generator:
+    """A generator seeded from the operating system's entropy source: nobody can predict its stream
+    (unless they obtain its state, e.g. from a checkpoint)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int.from_bytes(os.urandom(8), "little") & (2 ** 63 - 1))
+    return generator
 
 
 def gaussian(shape, std: float, generator: torch.Generator, like: Tensor) -> Tensor:

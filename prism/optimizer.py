@@ -111,8 +111,11 @@ class PRISM(DPLoRAOptimizer):
         def blocks(x, h, go):
             return per_example.tangent_blocks(x, h, go, self._basis(index))
 
+        def sqnorms(Y, W):
+            return per_example.tangent_sqnorms(Y, W, self._basis(index))
+
         params = [pair.lora_A.weight, pair.lora_B.weight]
-        return Unit(pair.name, params, blocks, per_example.tangent_sqnorms, dtype)
+        return Unit(pair.name, params, blocks, sqnorms, dtype)
 
     def _basis(self, index: int) -> TangentBasis:
         """The tangent basis at the current Z, fixed for the whole logical step."""
@@ -128,7 +131,7 @@ class PRISM(DPLoRAOptimizer):
         updates = []
         for index, (pair, unit) in enumerate(zip(self.pairs, self._lora_units)):
             A, B = lora_factors(pair, unit.compute_dtype)
-            Y_sum, W_sum = unit.sums[:2] if unit.sums else (torch.zeros_like(A), torch.zeros_like(B))
+            Y_sum, W_sum = unit.sums if unit.sums else (torch.zeros_like(A), torch.zeros_like(B))
             try:
                 A_new, B_new = prism_module_step(A, B, Y_sum, W_sum, self._basis(index),
                                                  self.state[pair.lora_B.weight], cfg, self.generator)

@@ -17,15 +17,16 @@ from torch import Tensor
 from .manifold import TangentBasis
 
 
-def tangent_blocks(x: Tensor, h: Tensor, go: Tensor, basis: TangentBasis) -> tuple[Tensor, Tensor, Tensor]:
+def tangent_blocks(x: Tensor, h: Tensor, go: Tensor, basis: TangentBasis) -> tuple[Tensor, Tensor]:
     """Tangent-space blocks of each example's gradient G_i = dL_i/dZ (method.md 3.1).
 
     With xt_t the input of lora_A (x), h_t = B^T xt_t its output and go_t = s g_t the
     gradient at lora_B's output (peft's scaling s included):
 
         p_t = R_B^{-T} h_t = Q_B^T xt_t,   q_t = Q_A^T go_t,
-        Y_i = sum_t go_t p_t^T = G_i Q_B,  W_i = sum_t xt_t q_t^T = G_i^T Q_A,
-        S_i = sum_t q_t p_t^T = Q_A^T G_i Q_B.
+        Y_i = sum_t go_t p_t^T = G_i Q_B,  W_i = sum_t xt_t q_t^T = G_i^T Q_A.
+
+    P_Z(G_i) is released through manifold.split_tangent(Y_i, W_i) (S_i = Q_A^T Y_i).
 
     Args:
         x: (b, T, n) lora_A input (after dropout).
@@ -34,19 +35,22 @@ def tangent_blocks(x: Tensor, h: Tensor, go: Tensor, basis: TangentBasis) -> tup
         basis: thin QR factors of the current A (m, r) and B (n, r).
 
     Returns:
-        Y (b, m, r), W (b, n, r), S (b, r, r).
+        Y (b, m, r), W (b, n, r).
     """
     p = h @ basis.R_B_inv
     q = go @ basis.Q_A
-    Y = go.transpose(1, 2) @ p
-    W = x.transpose(1, 2) @ q
-    S = q.transpose(1, 2) @ p
-    return Y, W, S
+    return go.transpose(1, 2) @ p, x.transpose(1, 2) @ q
 
 
-def tangent_sqnorms(Y: Tensor, W: Tensor, S: Tensor) -> Tensor:
-    """||P_Z(G_i)||_F^2 = ||Y_i||^2 + ||W_i||^2 - ||S_i||^2, shape (b,), clamped at 0."""
-    return (_sqnorms(Y) + _sqnorms(W) - _sqnorms(S)).clamp_min(0)
+def tangent_sqnorms(Y: Tensor, W: Tensor, basis: TangentBasis) -> Tensor:
+    """Squared norm of what split_tangent releases for each example, shape (b,):
+
+        ||S||^2 + ||U||^2 + ||V||^2 = ||Y||^2 + ||W||^2 - ||Q_B^T W||^2   (= ||P_Z(G_i)||_F^2),
+
+    exact whatever rounding Y and W carry (e.g. h_t computed in bf16), so the clip bounds the
+    released vector itself.
+    """
+    return (_sqnorms(Y) + _sqnorms(W) - _sqnorms(basis.Q_B.T @ W)).clamp_min(0)
 
 
 def lora_factor_grads(x: Tensor, h: Tensor, go: Tensor, lora_B_weight: Tensor) -> tuple[Tensor, Tensor]:

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from . import _validate
 from .accounting import steps_from, validate_mechanism
+from .noise import entropy_seeded_generator
 
 
 class PoissonBatchSampler(Sampler[list[int]]):
@@ -30,7 +31,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
         dataset_size: N > 0.
         sample_rate: q in (0, 1].
         steps / epochs: the number of batches (exactly one; steps = ceil(epochs / q)).
-        generator: source of the sampling randomness (never derived from the data).
+        generator: source of the sampling randomness, never derived from the data and unknown to
+            an adversary (default: seeded from the OS entropy source; a publicly seeded generator
+            reveals which examples were drawn and voids the amplification by subsampling).
     """
 
     def __init__(self, dataset_size: int, sample_rate: float, steps: int | None = None, *,
@@ -41,7 +44,7 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.dataset_size = dataset_size
         self.sample_rate = float(sample_rate)
         self.steps = steps_from(self.sample_rate, steps, epochs)
-        self.generator = generator
+        self.generator = entropy_seeded_generator() if generator is None else generator
 
     @property
     def expected_batch_size(self) -> float:

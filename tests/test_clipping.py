@@ -47,11 +47,11 @@ def test_one_example_moves_the_clipped_sum_by_at_most_C(m, n, r, T, b, C, scale,
         go[0] *= scale  # the example that is added or removed, however extreme
         basis = tangent_basis(A, B)
         modules.append((basis, per_example.tangent_blocks(x, x @ B, go, basis)))
-    sq = sum(per_example.tangent_sqnorms(*blocks) for _, blocks in modules)
+    sq = sum(per_example.tangent_sqnorms(*blocks, basis) for basis, blocks in modules)
     change_sq = 0.0
     for basis, blocks in modules:
-        with_all = [clipped_sum(*clip_factors(sq, C), t) for t in blocks[:2]]
-        without = [clipped_sum(*clip_factors(sq[1:], C), t[1:]) for t in blocks[:2]]
+        with_all = [clipped_sum(*clip_factors(sq, C), t) for t in blocks]
+        without = [clipped_sum(*clip_factors(sq[1:], C), t[1:]) for t in blocks]
         S, U, V = split_tangent(with_all[0] - without[0], with_all[1] - without[1], basis)
         change_sq += S.square().sum() + U.square().sum() + V.square().sum()
     assert change_sq.sqrt() <= C * (1 + 1e-9)

@@ -19,6 +19,8 @@ import time
 import torch
 from torch.nn import functional as F
 
+from prism.noise import entropy_seeded_generator
+
 METHODS = ("prism", "naive", "nonprivate")
 
 
@@ -68,8 +70,7 @@ def make_optimizer(method: str, model, args, dataset_size: int):
     noise = dict(noise_multiplier=args.noise_multiplier) if args.noise_multiplier is not None else dict(
         target_epsilon=args.epsilon, steps=args.steps)
     return cls(model, lr=args.lr, max_grad_norm=args.max_grad_norm, expected_batch_size=args.batch_size,
-               dataset_size=dataset_size, delta=args.delta, loss_reduction="sum",
-               generator=torch.Generator().manual_seed(args.seed), **noise)
+               dataset_size=dataset_size, delta=args.delta, loss_reduction="sum", **noise)
 
 
 @torch.no_grad()
@@ -90,7 +91,7 @@ def train(args) -> dict:
     tokenizer, model = build_model(args.rank, args.method)
     optimizer = make_optimizer(args.method, model, args, len(train_x))
     q = args.batch_size / len(train_x)
-    sampler = torch.Generator().manual_seed(args.seed + 1)
+    sampler = entropy_seeded_generator()  # public seeds would reveal the batches and the noise
     labels = torch.tensor(train_y)
     print(f"method={args.method} train={len(train_x)} test={len(test_x)} rank={args.rank} steps={args.steps} "
           f"expected_batch={args.batch_size} (q={q:.5f}, Poisson) lr={args.lr}")
@@ -140,7 +141,9 @@ def parse_args(argv=None):
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: per method)")
     parser.add_argument("--max-length", type=int, default=40, help="tokens per sentence (default: 40)")
     parser.add_argument("--test-size", type=int, default=2000, help="held-out sentences (default: 2000)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the data split and the head's init; batch sampling and noise always use "
+                             "OS entropy (a public seed would void the privacy)")
     parser.add_argument("--log-every", type=int, default=25)
     args = parser.parse_args(argv)
     if args.lr is None:

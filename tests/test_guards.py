@@ -1,0 +1,114 @@
+"""Misuse that would silently break the per-example bound must raise or be neutralised
+(regressions found in review)."""
+
+import pytest
+import torch
+
+from helpers import assemble, current_factors, make_batch, per_example_losses, select, tiny_model
+from prism import PRISM, PoissonBatchSampler
+from prism import accounting
+from prism.manifold import split_tangent
+
+BASE = dict(lr=0.01, noise_multiplier=0.0, max_grad_norm=1e-3, expected_batch_size=4, loss_reduction="sum")
+
+
+def _released_norms(opt):
+    """Global norm of the clipped sum each unit would release (tangent blocks + dense tensors)."""
+    total = 0.0
+    for k, unit in enumerate(opt._lora_units):
+        _, _, basis = current_factors(opt, k)
+        S, U, V = split_tangent(*(s.double() for s in unit.sums), basis)
+        total += S.square().sum() + U.square().sum() + V.square().sum()
+    for unit in opt._dense_units:
+        total += sum(s.double().square().sum() for s in unit.sums)
+    return total.sqrt().item()
+
+
+def _sums(opt):
+    return [s.clone() for u in opt._lora_units + opt._dense_units for s in u.sums]
+
+
+def test_non_reentrant_checkpointing_is_exact_and_reentrant_is_refused():
+    batch = make_batch("llama", b=3, seed=1)
+    model = tiny_model("llama")
+    opt = PRISM(model, **BASE)
+    per_example_losses("llama", model, batch).sum().backward()
+    reference = _sums(opt)
+
+    model = tiny_model("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = PRISM(model, **BASE)
+    per_example_losses("llama", model, batch).sum().backward()
+    assert opt.stats.examples == 3 and opt.stats.backward_passes == 1
+    for a, b in zip(_sums(opt), reference):
+        torch.testing.assert_close(a, b)
+
+    model = tiny_model("llama")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    opt = PRISM(model, **BASE)
+    model.enable_input_require_grads()
+    with pytest.raises(RuntimeError, match="use_reentrant"):
+        per_example_losses("llama", model, batch).sum().backward()
+
+
+def test_one_backward_through_two_forward_passes_is_refused():
+    model = tiny_model("bert")
+    PRISM(model, **BASE)
+    first = per_example_losses("bert", model, make_batch("bert", b=2, seed=1)).sum()
+    second = per_example_losses("bert", model, make_batch("bert", b=2, seed=2)).sum()
+    with pytest.raises(RuntimeError, match="two forward passes"):
+        (first + second).backward()
+
+
+def test_leftovers_of_a_failed_backward_are_discarded_not_merged():
+    batch = make_batch("bert", b=2, seed=3)
+    model = tiny_model("bert")
+    opt = PRISM(model, **BASE)
+    per_example_losses("bert", model, batch).sum().backward()
+    reference = _sums(opt)
+
+    model = tiny_model("bert")
+    opt = PRISM(model, **BASE)
+    first_layer = model.base_model.model.bert.encoder.layer[0].output
+
+    def fail(module, inputs, output):  # reached after layer 1's LoRA hooks fired, before layer 0's
+        output.register_hook(lambda grad: (_ for _ in ()).throw(MemoryError("simulated OOM")))
+
+    handle = first_layer.register_forward_hook(fail)
+    with pytest.raises(MemoryError):
+        per_example_losses("bert", model, make_batch("bert", b=2, seed=4)).sum().backward()
+    handle.remove()
+    with pytest.warns(RuntimeWarning, match="did not finish"):
+        per_example_losses("bert", model, batch).sum().backward()
+    assert opt.stats.examples == 2
+    for a, b in zip(_sums(opt), reference):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_released_contribution_of_one_example_is_within_C_in_low_precision(dtype):
+    model = tiny_model("llama", dtype=dtype, hidden=32, r=4)  # no dense head: only the tangent blocks count
+    opt = PRISM(model, **BASE)
+    batch = make_batch("llama", b=6, seed=5)
+    for i in range(6):
+        opt.zero_grad()
+        per_example_losses("llama", model, select(batch, slice(i, i + 1))).sum().backward()
+        assert opt.stats.clipped == 1
+        assert _released_norms(opt) <= BASE["max_grad_norm"] * (1 + 1e-6)
+
+
+def test_default_sampler_randomness_is_not_the_global_seed():
+    torch.manual_seed(0)
+    first = list(PoissonBatchSampler(100, 0.1, 5))
+    torch.manual_seed(0)
+    second = list(PoissonBatchSampler(100, 0.1, 5))
+    assert first != second
+
+
+def test_max_steps_within_checks_its_cap(monkeypatch):
+    monkeypatch.setattr(accounting, "MAX_STEPS", 10)
+    steps = accounting.max_steps_within(9.91, 1e-5, 1.0, 0.5)
+    assert accounting.epsilon_for(1.0, 0.5, steps, 1e-5)[2] <= 9.91 < accounting.epsilon_for(1.0, 0.5, steps + 1,
+                                                                                               1e-5)[2]
