@@ -15,6 +15,7 @@ import importlib.util
 import math
 import os
 import time
+import warnings
 
 import torch
 from torch.nn import functional as F
@@ -158,6 +159,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     return train(parse_args(argv))
 
 
