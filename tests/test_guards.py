@@ -28,13 +28,17 @@ def _sums(opt):
     return [s.clone() for u in opt._lora_units + opt._dense_units for s in u.sums]
 
 
+def _reference_sums(kind, batch):
+    """Clipped sums of one plain forward/backward pass on a fresh model."""
+    model = tiny_model(kind)
+    opt = PRISM(model, **BASE)
+    per_example_losses(kind, model, batch).sum().backward()
+    return _sums(opt)
+
+
 def test_non_reentrant_checkpointing_is_exact_and_reentrant_is_refused():
     batch = make_batch("llama", b=3, seed=1)
-    model = tiny_model("llama")
-    opt = PRISM(model, **BASE)
-    per_example_losses("llama", model, batch).sum().backward()
-    reference = _sums(opt)
-
+    reference = _reference_sums("llama", batch)
     model = tiny_model("llama")
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -64,11 +68,7 @@ def test_one_backward_through_two_forward_passes_is_refused():
 
 def test_leftovers_of_a_failed_backward_are_discarded_not_merged():
     batch = make_batch("bert", b=2, seed=3)
-    model = tiny_model("bert")
-    opt = PRISM(model, **BASE)
-    per_example_losses("bert", model, batch).sum().backward()
-    reference = _sums(opt)
-
+    reference = _reference_sums("bert", batch)
     model = tiny_model("bert")
     opt = PRISM(model, **BASE)
     first_layer = model.base_model.model.bert.encoder.layer[0].output
