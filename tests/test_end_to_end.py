@@ -37,3 +37,26 @@ def test_private_fine_tune_learns():
     assert start < 0.6
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10
     assert accuracy() > 0.9
+
+
+def test_the_readme_usage_flow():
+    """Poisson DataLoader + micro-batches + target epsilon, as the README shows it."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import prism
+
+    g = torch.Generator().manual_seed(2)
+    X, y = _token_halves_task(400, 8, g)
+    model = tiny_model("bert", r=2, hidden=16, num_labels=2, dtype=torch.float32)
+    opt = prism.PRISM(model, lr=0.01, max_grad_norm=1.0, target_epsilon=8.0, delta=1e-5,
+                      expected_batch_size=40, dataset_size=len(X), steps=12, loss_reduction="sum")
+    loader = prism.poisson_data_loader(DataLoader(TensorDataset(X, y)), expected_batch_size=40, steps=12)
+    seen = 0
+    for ids, labels in loader:
+        for micro_ids, micro_labels in prism.micro_batches((ids, labels), 16):
+            F.cross_entropy(model(input_ids=micro_ids).logits, micro_labels, reduction="sum").backward()
+            seen += len(micro_ids)
+        opt.step()
+    epsilon, delta = opt.privacy_spent()
+    assert opt.steps_taken == 12 and seen > 0 and delta == 1e-5
+    assert 7.0 < epsilon <= 8.0  # calibrated to the target for exactly these steps
