@@ -6,9 +6,9 @@ from .layers import find_trainables
 from .losses import per_example_causal_lm_loss
 from .naive import NaiveDPLoRA
 from .optimizer import PRISM
-from .sampling import NonPoissonSampling, PoissonBatchSampler, micro_batches, poisson_data_loader
+from .sampling import EmptyBatch, NonPoissonSampling, PoissonBatchSampler, micro_batches, poisson_data_loader
 
 __all__ = ["PRISM", "NaiveDPLoRA", "PrivacyAccountant", "PrivacyBudgetExceeded", "calibrate_noise_multiplier",
-           "PoissonBatchSampler", "poisson_data_loader", "micro_batches", "NonPoissonSampling", "init_balanced_lora",
+           "PoissonBatchSampler", "poisson_data_loader", "micro_batches", "EmptyBatch", "NonPoissonSampling", "init_balanced_lora",
            "find_trainables", "per_example_causal_lm_loss"]
 __version__ = "0.1.0"

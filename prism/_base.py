@@ -49,9 +49,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adaptive=adaptive,
                         **extra_defaults)
         super().__init__([{"params": params}], defaults)
-        self.noise_multiplier = self.plan.noise_multiplier
-        self.max_grad_norm = float(max_grad_norm)
-        self.expected_batch_size = self.plan.expected_batch_size
+        self._max_grad_norm = float(max_grad_norm)
         self.loss_reduction = loss_reduction
         self.accountant = PrivacyAccountant() if self.plan.sample_rate is not None else None
         self._sampling_check = SamplingCheck(self.plan, allow_non_poisson)
@@ -66,6 +64,21 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
             self._collector.add_lora_pair(pair.lora_A, pair.lora_B, unit)
             self._lora_units.append(unit)
         self._dense_units = [self._dense_unit(d.name, d.module) for d in self.dense]
+
+    @property
+    def noise_multiplier(self) -> float:
+        """sigma (read-only: clipping, noise and accounting must agree for the whole run)."""
+        return self.plan.noise_multiplier
+
+    @property
+    def max_grad_norm(self) -> float:
+        """C (read-only)."""
+        return self._max_grad_norm
+
+    @property
+    def expected_batch_size(self) -> float:
+        """b = q N (read-only)."""
+        return self.plan.expected_batch_size
 
     @property
     def noise_std(self) -> float:

@@ -13,7 +13,9 @@ random size (Binomial(N, q), possibly 0). An empty batch must still be followed 
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Mapping
 from typing import Iterator
 
 import torch
@@ -55,7 +57,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            mask = torch.rand(self.dataset_size, generator=self.generator) < self.sample_rate
+            # float64: float32 draws are multiples of 2^-24, which would include examples slightly more often
+            mask = torch.rand(self.dataset_size, generator=self.generator, dtype=torch.float64) < self.sample_rate
             yield mask.nonzero().squeeze(1).tolist()
 
 
@@ -65,7 +68,7 @@ def poisson_data_loader(loader: DataLoader, *, sample_rate: float | None = None,
     """A DataLoader over the same dataset and collate function that draws Poisson batches.
 
     Give the rate q as `sample_rate`, or as `expected_batch_size` / len(dataset). Empty batches
-    come out as zero-length batches (the collated structure of one example, cut to length 0).
+    come out as `EmptyBatch()`: skip the forward pass, still call `optimizer.step()`.
     """
     size = len(loader.dataset)
     if (sample_rate is None) == (expected_batch_size is None):
@@ -78,46 +81,74 @@ def poisson_data_loader(loader: DataLoader, *, sample_rate: float | None = None,
                       num_workers=loader.num_workers, pin_memory=loader.pin_memory)
 
 
+class EmptyBatch:
+    """An empty Poisson batch: length 0, `micro_batches` yields nothing from it, and any attempt to
+    use it as data fails loudly. The step must still happen (`optimizer.step()` adds the noise)."""
+
+    def __len__(self) -> int:
+        return 0
+
+    def __repr__(self) -> str:
+        return "EmptyBatch()"
+
+
 class _EmptySafeCollate:
     def __init__(self, loader: DataLoader):
         self.collate_fn = loader.collate_fn
-        self.dataset = loader.dataset
 
     def __call__(self, examples: list):
-        if examples:
-            return self.collate_fn(examples)
-        return _take(self.collate_fn([self.dataset[0]]), slice(0, 0))
+        return self.collate_fn(examples) if examples else EmptyBatch()
+
+
+def _is_field_container(batch) -> bool:
+    """A list/tuple of fields (tensors or nested structures), as opposed to a list of examples."""
+    return isinstance(batch, (list, tuple)) and len(batch) > 0 and all(
+        torch.is_tensor(v) or isinstance(v, (Mapping, list, tuple)) for v in batch)
 
 
 def batch_size_of(batch) -> int:
-    """Number of examples in a (possibly nested) batch: the leading size of its first tensor."""
+    """Number of examples in a (possibly nested) batch: the leading size of its first tensor (or the
+    length of a list of examples, e.g. raw strings)."""
+    if isinstance(batch, EmptyBatch):
+        return 0
     if torch.is_tensor(batch):
         return batch.shape[0]
-    values = batch.values() if isinstance(batch, dict) else batch
-    for value in values:
-        if torch.is_tensor(value) or isinstance(value, (dict, list, tuple)):
-            return batch_size_of(value)
+    if isinstance(batch, Mapping):
+        return batch_size_of(next(iter(batch.values())))
+    if _is_field_container(batch):
+        return batch_size_of(batch[0])
+    if isinstance(batch, (list, tuple)):
+        return len(batch)
     raise TypeError(f"cannot find the batch dimension of a {type(batch).__name__}")
 
 
 def micro_batches(batch, max_size: int) -> Iterator:
-    """Split a logical batch (tensor, dict, list or tuple of tensors) along dim 0 into pieces of at
-    most `max_size` examples; an empty batch yields nothing."""
+    """Split a logical batch along its example axis into pieces of at most `max_size` examples.
+
+    Tensors are cut on dim 0, lists of examples (e.g. strings) by position; mappings (dict,
+    Hugging Face BatchEncoding), tuples, lists and namedtuples of fields are cut field by field.
+    An `EmptyBatch` yields nothing. Fields whose size disagrees with the batch raise.
+    """
     if not isinstance(max_size, int) or max_size <= 0:
         raise ValueError(f"max_size must be an integer > 0, got {max_size!r}")
     size = batch_size_of(batch)
     for start in range(0, size, max_size):
-        yield _take(batch, slice(start, min(start + max_size, size)))
+        yield _take(batch, slice(start, min(start + max_size, size)), size)
 
 
-def _take(batch, index: slice):
-    if torch.is_tensor(batch):
+def _take(batch, index: slice, size: int):
+    if torch.is_tensor(batch) or (isinstance(batch, (list, tuple)) and not _is_field_container(batch)):
+        if len(batch) != size:
+            raise ValueError(f"a batch field has {len(batch)} entries but the batch has {size} examples; "
+                             "micro_batches needs every field on the example axis")
         return batch[index]
-    if isinstance(batch, dict):
-        return type(batch)({k: _take(v, index) for k, v in batch.items()})
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _take(v, index, size) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(_take(v, index, size) for v in batch))
     if isinstance(batch, (list, tuple)):
-        return type(batch)(_take(v, index) for v in batch)
-    return batch
+        return type(batch)(_take(v, index, size) for v in batch)
+    raise TypeError(f"micro_batches cannot split a {type(batch).__name__} field")
 
 
 
@@ -126,21 +157,26 @@ class NonPoissonSampling(RuntimeError):
 
 
 class SamplingCheck:
-    """Refuses to account for batches that are visibly not Poisson-sampled.
+    """Refuses to account for batches that are visibly not Poisson-sampled at the declared rate.
 
-    Poisson batch sizes are Binomial(N, q) with variance b (1 - q), b = q N. When `WINDOW`
-    consecutive logical batches all have the same size although that variance is >= 1 (which
-    happens with probability < 1e-7 under Poisson sampling), the loader draws fixed-size batches
-    (e.g. DataLoader(batch_size=..., shuffle=True)) and the accountant's epsilon does not apply.
+    Poisson batch sizes are Binomial(N, q): mean b = q N, variance v = b (1 - q). Over the last
+    WINDOW logical batches (checked when v >= 1) two tests, each with a false-alarm probability
+    below about 1e-9 per window, flag
+    - fixed-size batches (e.g. DataLoader(batch_size=..., shuffle=True), short last batches
+      included): one size repeats more often than a Binomial's largest probability
+      (about 1/sqrt(2 pi v)) allows;
+    - a different rate: the mean size is more than 6 standard errors from b.
     With allow_non_poisson=True the check is off and a warning says the epsilon is not a guarantee.
     """
 
-    WINDOW = 20
+    WINDOW = 40
+    ALARM = 1e-9
 
     def __init__(self, plan, allow_non_poisson: bool):
         self.active = plan.sample_rate is not None and not allow_non_poisson
         rate = plan.sample_rate or 0.0
-        self.poisson_variance = plan.expected_batch_size * (1 - rate)
+        self.expected = plan.expected_batch_size
+        self.variance = plan.expected_batch_size * (1 - rate)
         self.sizes: list[int] = []
         if allow_non_poisson and plan.sample_rate is not None:
             warnings.warn("allow_non_poisson=True: the reported epsilon assumes Poisson sampling with rate "
@@ -148,18 +184,32 @@ class SamplingCheck:
                           UserWarning, stacklevel=4)
 
     def observe(self, batch_size: int) -> None:
-        if not self.active:
+        if not self.active or self.variance < 1:
             return
         self.sizes = (self.sizes + [int(batch_size)])[-self.WINDOW:]
-        if len(self.sizes) == self.WINDOW and len(set(self.sizes)) == 1 and self.poisson_variance >= 1:
-            raise NonPoissonSampling(
-                f"the last {self.WINDOW} logical batches all had {self.sizes[0]} examples; Poisson sampling gives "
-                f"sizes with variance {self.poisson_variance:.1f}. The epsilon would be wrong: draw batches with "
-                "prism.PoissonBatchSampler / prism.poisson_data_loader (or pass allow_non_poisson=True to accept "
-                "an epsilon that is not a guarantee).")
+        if len(self.sizes) < self.WINDOW:
+            return
+        repeats = max(self.sizes.count(size) for size in set(self.sizes))
+        mean = sum(self.sizes) / self.WINDOW
+        if _binomial_tail(self.WINDOW, min(1.0, 1 / math.sqrt(2 * math.pi * self.variance)), repeats) < self.ALARM:
+            problem = f"{repeats} of the last {self.WINDOW} logical batches had the same size"
+        elif abs(mean - self.expected) > 6 * math.sqrt(self.variance / self.WINDOW):
+            problem = (f"the last {self.WINDOW} logical batches averaged {mean:.1f} examples, not the expected "
+                       f"{self.expected:.1f}")
+        else:
+            return
+        raise NonPoissonSampling(
+            f"{problem}; Poisson sampling at the declared rate would not produce that. The epsilon would be "
+            "wrong: draw batches with prism.PoissonBatchSampler / prism.poisson_data_loader at the optimizer's "
+            "rate (or pass allow_non_poisson=True to accept an epsilon that is not a guarantee).")
 
     def state_dict(self) -> dict:
         return {"sizes": list(self.sizes)}
 
     def load_state_dict(self, state: dict) -> None:
         self.sizes = list(state["sizes"])
+
+
+def _binomial_tail(n: int, p: float, k: int) -> float:
+    """P(Binomial(n, p) >= k)."""
+    return sum(math.comb(n, j) * p ** j * (1 - p) ** (n - j) for j in range(k, n + 1))

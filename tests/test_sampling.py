@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import make_batch, per_example_losses, tiny_model
-from prism import (PRISM, NaiveDPLoRA, NonPoissonSampling, PoissonBatchSampler, PrivacyBudgetExceeded,
+from prism import (PRISM, EmptyBatch, NaiveDPLoRA, NonPoissonSampling, PoissonBatchSampler, PrivacyBudgetExceeded,
                    calibrate_noise_multiplier, micro_batches, poisson_data_loader)
 from prism.accounting import epsilon_for
 
@@ -47,19 +47,37 @@ def test_poisson_data_loader_keeps_dataset_and_collate_and_yields_empty_batches(
                                  steps=200, generator=torch.Generator().manual_seed(0))
     sizes = []
     for batch in loader:
+        if isinstance(batch, EmptyBatch):
+            sizes.append(0)
+            assert len(batch) == 0 and list(micro_batches(batch, 1)) == []
+            continue
         sizes.append(batch["x"].shape[0])
-        assert batch["x"].shape[1:] == (1,) and batch["y"].shape[0] == sizes[-1]
-        assert list(micro_batches(batch, 1)) == [] if sizes[-1] == 0 else len(list(micro_batches(batch, 1))) == sizes[-1]
+        assert batch["x"].shape[1:] == (1,) and batch["y"].shape[0] == sizes[-1] > 0
+        assert len(list(micro_batches(batch, 1))) == sizes[-1]
     assert 0 in sizes and max(sizes) > 1 and abs(sum(sizes) / 200 - 1.0) < 0.25
+    assert 0 not in calls  # an empty batch never reads an example
 
 
 def test_micro_batches_split_nested_batches():
-    batch = {"ids": torch.arange(10).reshape(5, 2), "extra": (torch.arange(5), torch.ones(5, 3))}
+    from collections import namedtuple
+
+    from transformers import BatchEncoding
+
+    batch = {"ids": torch.arange(10).reshape(5, 2), "extra": (torch.arange(5), torch.ones(5, 3)),
+             "text": list("abcde")}
     pieces = list(micro_batches(batch, 2))
     assert [p["ids"].shape[0] for p in pieces] == [2, 2, 1]
     assert torch.equal(torch.cat([p["extra"][0] for p in pieces]), torch.arange(5))
+    assert [p["text"] for p in pieces] == [["a", "b"], ["c", "d"], ["e"]]
+    encoding = BatchEncoding({"input_ids": torch.ones(5, 3), "attention_mask": torch.ones(5, 3)})
+    assert [type(p).__name__ for p in micro_batches(encoding, 4)] == ["BatchEncoding"] * 2
+    Pair = namedtuple("Pair", "x y")
+    assert [p.y.tolist() for p in micro_batches(Pair(torch.zeros(3, 2), torch.arange(3)), 2)] == [[0, 1], [2]]
+    assert [len(p) for p in micro_batches(["only", "strings", "here"], 2)] == [2, 1]
     with pytest.raises(ValueError, match="max_size"):
         list(micro_batches(batch, 0))
+    with pytest.raises(ValueError, match="example axis"):
+        list(micro_batches({"ids": torch.zeros(4, 2), "labels": torch.zeros(3)}, 2))
 
 
 ACCOUNTED = dict(lr=0.01, max_grad_norm=1.0, expected_batch_size=4, dataset_size=400, delta=1e-5)
@@ -118,20 +136,43 @@ def test_accountant_survives_a_resume():
         other_rate.load_state_dict(opt.state_dict())
 
 
-def test_fixed_size_batches_are_refused_unless_explicitly_allowed():
-    model = tiny_model("bert")
+def _steps_with_sizes(opt, model, sizes):
+    for step, size in enumerate(sizes):
+        if size:
+            per_example_losses("bert", model, make_batch("bert", b=size, seed=step)).sum().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ([8] * 45, "had the same size"),  # fixed-size batches
+    (([8] * 6 + [3]) * 7, "had the same size"),  # shuffled epochs of 50 with a short last batch
+    ([int(s) for s in torch.distributions.Binomial(400, 0.06).sample((45,), )], "averaged"),  # 3x the rate
+])
+def test_non_poisson_batches_are_refused_unless_explicitly_allowed(sizes, message):
+    model = tiny_model("bert", hidden=8)
     opt = PRISM(model, noise_multiplier=1.0, **{**ACCOUNTED, "expected_batch_size": 8})
-    with pytest.raises(NonPoissonSampling, match="PoissonBatchSampler"):
-        for step in range(25):
-            per_example_losses("bert", model, make_batch("bert", b=8, seed=step)).sum().backward()
-            opt.step()
+    with pytest.raises(NonPoissonSampling, match=message):
+        _steps_with_sizes(opt, model, sizes)
     with pytest.warns(UserWarning, match="NOT a valid privacy guarantee"):
         opt = PRISM(model, noise_multiplier=1.0, allow_non_poisson=True, **{**ACCOUNTED, "expected_batch_size": 8})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for step in range(25):
-            per_example_losses("bert", model, make_batch("bert", b=8, seed=step)).sum().backward()
-            opt.step()
+        _steps_with_sizes(opt, model, sizes)
+
+
+def test_poisson_batches_pass_the_check():
+    model = tiny_model("bert", hidden=8)
+    opt = PRISM(model, noise_multiplier=1.0, **{**ACCOUNTED, "expected_batch_size": 8})
+    sampler = PoissonBatchSampler(400, 0.02, 60, generator=torch.Generator().manual_seed(0))
+    _steps_with_sizes(opt, model, [len(batch) for batch in sampler])
+    assert opt.steps_taken == 60
+
+
+def test_privacy_settings_are_read_only():
+    opt = PRISM(tiny_model("bert"), noise_multiplier=1.0, **ACCOUNTED)
+    for name in ("noise_multiplier", "max_grad_norm", "expected_batch_size"):
+        with pytest.raises(AttributeError):
+            setattr(opt, name, 0.5)
 
 
 @pytest.mark.parametrize("kwargs, message", [
