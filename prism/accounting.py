@@ -127,7 +127,7 @@ class PrivacyAccountant:
 
 def _compute(kind: str, value: float, runs: tuple[Run, ...], eps_error: float, prv_cache: dict):
     if not runs:
-        return (0.0, 0.0, 0.0) if kind == "epsilon" else (0.0, 0.0, 0.0)
+        return (0.0, 0.0, 0.0)  # nothing released: epsilon 0, and delta 0 at any epsilon
     if any(run.noise_multiplier == 0 for run in runs):
         return (math.inf, math.inf, math.inf) if kind == "epsilon" else (1.0, 1.0, 1.0)
     mechanisms = [PoissonSubsampledGaussianMechanism(noise_multiplier=run.noise_multiplier,
