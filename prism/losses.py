@@ -6,7 +6,6 @@ Hugging Face's causal-LM loss is a token mean over the WHOLE batch, which couple
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.nn import functional as F
 

@@ -11,7 +11,6 @@ match it. Everything is computed in the compute dtype of the inputs' caller (fp3
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .manifold import TangentBasis

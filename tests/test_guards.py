@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from helpers import assemble, current_factors, make_batch, per_example_losses, select, tiny_model
+from helpers import current_factors, make_batch, per_example_losses, select, tiny_model
 from prism import PRISM, PoissonBatchSampler
 from prism import accounting
 from prism.manifold import split_tangent

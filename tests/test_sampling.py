@@ -84,7 +84,6 @@ ACCOUNTED = dict(lr=0.01, max_grad_norm=1.0, expected_batch_size=4, dataset_size
 
 
 def _poisson_steps(model, opt, steps, seed=0):
-    g = torch.Generator().manual_seed(seed)
     for step in range(steps):
         size = int(torch.distributions.Binomial(400, 0.01).sample().item()) if step else 0
         if size:
