@@ -26,6 +26,8 @@ from .sampling import SamplingCheck
 class DPLoRAOptimizer(torch.optim.Optimizer):
     """Base class of prism's private optimizers; see PRISM for the arguments."""
 
+    _frozen_lora_A = False  # whether LoRA layers with a frozen lora_A (FFA-LoRA) are accepted
+
     def __init__(self, model: nn.Module, *, lr: float, max_grad_norm: float, noise_multiplier: float | None = None,
                  expected_batch_size: float | None = None, target_epsilon: float | None = None,
                  delta: float | None = None, sample_rate: float | None = None, dataset_size: int | None = None,
@@ -43,7 +45,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         self.plan = resolve_plan(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
                                  expected_batch_size=expected_batch_size, sample_rate=sample_rate,
                                  dataset_size=dataset_size, steps=steps, epochs=epochs, max_epsilon=max_epsilon)
-        self.pairs, self.dense = find_trainables(model)
+        self.pairs, self.dense = find_trainables(model, frozen_lora_A=self._frozen_lora_A)
         params = [p for pair in self.pairs for p in (pair.lora_A.weight, pair.lora_B.weight)]
         params += [p for d in self.dense for p in d.module.parameters() if p.requires_grad]
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adaptive=adaptive,

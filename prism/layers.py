@@ -4,7 +4,9 @@ Every trainable parameter must belong to exactly one of:
 - a LoRA pair: lora_A / lora_B (nn.Linear, no bias) of a peft LoRA `Linear` layer of the
   single active adapter; the base layer may be nn.Linear or GPT-2's Conv1D (fan_in_fan_out);
 - a dense nn.Linear whose weight (and bias) are trainable, e.g. a classification head in
-  `modules_to_save`.
+  `modules_to_save`;
+- only with `frozen_lora_A=True` (FFA-LoRA): the lora_B of a LoRA layer whose lora_A is frozen,
+  which is then a bias-free dense nn.Linear (input lora_A's output) trained like a head.
 Anything else (a trainable LayerNorm, embedding, DoRA magnitude, lora_bias) raises, naming the
 parameter, because its per-example gradient would be missing and it would be trained non-privately.
 """
@@ -46,16 +48,24 @@ class DenseLinear:
     module: nn.Linear
 
 
-def find_trainables(model: nn.Module) -> tuple[list[LoRAPair], list[DenseLinear]]:
+def find_trainables(model: nn.Module, *, frozen_lora_A: bool = False
+                    ) -> tuple[list[LoRAPair], list[DenseLinear]]:
     """LoRA pairs and dense linears covering every trainable parameter of `model`.
 
+    Args:
+        frozen_lora_A: accept LoRA layers whose lora_A is frozen (FFA-LoRA); their lora_B is
+            returned as a DenseLinear (default: False, such layers raise).
+
     Raises:
-        ValueError: no LoRA layer, several active adapters, an unsupported LoRA variant, or a
-            trainable parameter that is neither a LoRA factor nor part of a dense nn.Linear.
+        ValueError: no LoRA layer, several active adapters, an unsupported LoRA variant, a
+            frozen lora_A without `frozen_lora_A`, or a trainable parameter that is neither a
+            LoRA factor nor part of a dense nn.Linear.
     """
-    pairs = _find_lora_pairs(model)
+    pairs, frozen_A = _find_lora_pairs(model, frozen_lora_A)
     covered = {id(p) for pair in pairs for p in (pair.lora_A.weight, pair.lora_B.weight)}
-    dense, unsupported = [], []
+    dense = [DenseLinear(f"{pair.name}.lora_B", pair.lora_B) for pair in frozen_A]
+    covered.update(id(pair.lora_B.weight) for pair in frozen_A)
+    unsupported = []
     for name, module in model.named_modules():
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad and id(p) not in covered]
         if not own:
@@ -74,8 +84,9 @@ def find_trainables(model: nn.Module) -> tuple[list[LoRAPair], list[DenseLinear]
     return pairs, dense
 
 
-def _find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
-    pairs, active = [], set()
+def _find_lora_pairs(model: nn.Module, frozen_lora_A: bool) -> tuple[list[LoRAPair], list[LoRAPair]]:
+    """(pairs with both factors trainable, pairs with only lora_B trainable)."""
+    pairs, frozen_A, active = [], [], set()
     for name, layer in model.named_modules():
         if not isinstance(layer, _PeftLoraLayer):
             continue
@@ -83,9 +94,16 @@ def _find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
         active.update(adapters)
         for adapter in adapters:
             pair = _lora_pair(f"{name}[{adapter}]", layer, adapter)
-            if pair is not None:
+            if pair is None:
+                continue
+            if not pair.lora_A.weight.requires_grad:
+                if not frozen_lora_A:
+                    raise ValueError(f"{pair.name}: lora_A and lora_B must both be trainable (this optimizer "
+                                     "does not support freezing one factor; NaiveDPLoRA trains FFA-LoRA).")
+                frozen_A.append(pair)
+            else:
                 pairs.append(pair)
-    if not pairs:
+    if not pairs and not frozen_A:
         raise ValueError(
             "the model has no active, trainable peft LoRA layer: wrap it with peft.get_peft_model(model, "
             "LoraConfig(target_modules=[...])) before building a prism optimizer.")
@@ -93,7 +111,7 @@ def _find_lora_pairs(model: nn.Module) -> list[LoRAPair]:
         raise ValueError(
             f"several LoRA adapters are active ({sorted(active)}); prism trains exactly one: call "
             "model.set_adapter(name) first.")
-    return pairs
+    return pairs, frozen_A
 
 
 def _lora_pair(name: str, layer, adapter: str) -> LoRAPair | None:
@@ -112,9 +130,9 @@ def _lora_pair(name: str, layer, adapter: str) -> LoRAPair | None:
         raise ValueError(f"{name}: lora_bias=True is not supported; set lora_bias=False in LoraConfig.")
     if not (lora_A.weight.requires_grad or lora_B.weight.requires_grad):
         return None
-    if not (lora_A.weight.requires_grad and lora_B.weight.requires_grad):
-        raise ValueError(f"{name}: lora_A and lora_B must both be trainable (prism does not support "
-                         "freezing one factor).")
+    if not lora_B.weight.requires_grad:
+        raise ValueError(f"{name}: lora_B is frozen but lora_A is trained; freeze neither (or freeze lora_A: "
+                         "FFA-LoRA, with NaiveDPLoRA).")
     return LoRAPair(name, layer, lora_A, lora_B, float(layer.scaling[adapter]))
 
 

@@ -20,11 +20,14 @@ class NaiveDPLoRA(DPLoRAOptimizer):
     It is gauge-dependent (method.md section 2): under (A, B) -> (c A, B / c) the clipped norm
     ||gA||^2 / c^2 + c^2 ||gB||^2 and the first-order noise energy in Z,
     tau^2 (m ||B||_F^2 + n ||A||_F^2) with tau = sigma C / b, change although Z does not.
-    It accepts peft's default init (lora_B = 0).
+    It accepts peft's default init (lora_B = 0), and LoRA layers whose lora_A is frozen: that is
+    FFA-LoRA (DP training of lora_B only, each lora_B a bias-free dense layer in the global clip).
 
     Arguments are those of PRISM without the floor options (the dense AdamW has no floor either);
     the same privacy conditions and accounting apply.
     """
+
+    _frozen_lora_A = True
 
     def _lora_unit(self, index: int, pair: LoRAPair) -> Unit:
         dtype = compute_dtype(pair.lora_B.weight)
