@@ -157,7 +157,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
 
     def _refuse_gradients_without_hooks(self) -> None:
         for unit in self._lora_units + self._dense_units:
-            if unit.sums is None and any(p.grad is not None for p in unit.params):
+            if unit.sums is None and (unit.gradient_arrived or any(p.grad is not None for p in unit.params)):
                 raise RuntimeError(
                     "trainable parameters have gradients but prism's per-example hooks saw no example since "
                     "the last step (was the model run through a copy, torch.func, or after remove_hooks()?). "
@@ -177,14 +177,28 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         delta = self.plan.delta if delta is None else delta
         return self.get_epsilon(delta)[2], delta
 
-    def _refuse_exceeding_the_budget(self) -> None:
+    def watch_loss(self, loss: Tensor) -> None:
+        """Make per-example gradients immune to any constant factor applied to `loss` later.
+
+        Training loops often rescale the loss before backward (Hugging Face Trainer divides by the
+        gradient-accumulation steps, a GradScaler multiplies). Call this on the loss you computed
+        (sum or mean of per-example losses, as `loss_reduction` says) before handing it on: the
+        factor is measured during backward and divided out before clipping.
+        """
+        self._collector.watch_loss(loss)
+
+    def budget_allows_another_step(self) -> bool:
+        """False when one more step would take epsilon above `max_epsilon` (always True without it)."""
         if self.plan.max_epsilon is None:
-            return
+            return True
         if self._allowed_steps is None:
             self._allowed_steps = self.accountant.steps + max_steps_within(
                 self.plan.max_epsilon, self.plan.delta, self.noise_multiplier, self.plan.sample_rate,
                 prior=tuple(self.accountant.history))
-        if self.accountant.steps + 1 > self._allowed_steps:
+        return self.accountant.steps + 1 <= self._allowed_steps
+
+    def _refuse_exceeding_the_budget(self) -> None:
+        if not self.budget_allows_another_step():
             raise PrivacyBudgetExceeded(
                 f"another step would take epsilon above max_epsilon={self.plan.max_epsilon} at delta="
                 f"{self.plan.delta} (spent: {self.privacy_spent()[0]:.4g} after {self.accountant.steps} steps).")

@@ -17,6 +17,15 @@ with an error instead of silently breaking that bound:
 - reentrant gradient checkpointing (its nested backward passes would clip each segment alone);
   non-reentrant checkpointing works.
 Per-example tensors left by a backward pass that failed are discarded, never merged.
+
+The non-private gradient autograd accumulates in each trained parameter's `.grad` is dropped
+as soon as it lands (a post-accumulate hook), so nothing downstream (gradient-norm logging,
+a trainer's own clipping) can read or publish it; the hook only notes that it arrived.
+
+A constant factor c applied to the loss after the per-example losses were summed (a trainer's
+division by the gradient-accumulation steps, a loss scaler) reaches every per-example gradient.
+`watch_loss(loss)` measures c as the gradient arriving at `loss` and divides it out, so each
+example's gradient is exactly that of its own loss whatever the training loop does to the sum.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ class Unit:
         self.pending: list[Tensor] | None = None
         self.pending_key: tuple[int, int] | None = None  # (autograd graph task, forward pass)
         self.sums: list[Tensor] | None = None
+        self.gradient_arrived = False  # a non-private .grad landed (and was dropped) since the last reset
 
     def add_pending(self, tensors: tuple[Tensor, ...], key: tuple[int, int]) -> None:
         """Add one forward call's per-example tensors (a module called twice in one forward pass
@@ -85,6 +95,7 @@ class Unit:
         self.pending = None
         self.pending_key = None
         self.sums = None
+        self.gradient_arrived = False
 
 
 class StepStats:
@@ -119,6 +130,7 @@ class PerExampleCollector:
         self._handles: list = []
         self._queued_task: int | None = None
         self._forward_pass = 0
+        self._loss_scales: dict[int, Tensor] = {}
 
     def count_forward_passes(self, model: nn.Module) -> None:
         """Number the forward passes of `model` (its root), so examples of different passes never mix."""
@@ -141,7 +153,7 @@ class PerExampleCollector:
             if output.requires_grad:
                 self._watch(output, unit, pending_inputs.pop(), inputs[0])
 
-        self.units.append(unit)
+        self._add_unit(unit)
         self._handles += [lora_A.register_forward_hook(on_lora_A), lora_B.register_forward_hook(on_lora_B)]
 
     def add_linear(self, module: nn.Linear, unit: Unit) -> None:
@@ -151,8 +163,33 @@ class PerExampleCollector:
             if output.requires_grad:
                 self._watch(output, unit, inputs[0])
 
-        self.units.append(unit)
+        self._add_unit(unit)
         self._handles.append(module.register_forward_hook(on_forward))
+
+    def _add_unit(self, unit: Unit) -> None:
+        """Register the unit and drop the non-private gradient of its parameters as it lands."""
+
+        def drop_gradient(param: Tensor) -> None:
+            unit.gradient_arrived = True
+            param.grad = None
+
+        self.units.append(unit)
+        self._handles += [p.register_post_accumulate_grad_hook(drop_gradient) for p in unit.params]
+
+    def watch_loss(self, loss: Tensor) -> None:
+        """Divide out any constant factor the training loop applies to `loss` before backward."""
+        if not loss.requires_grad:
+            return
+        if loss.dim() != 0:
+            raise ValueError(f"watch_loss needs the scalar loss, got shape {tuple(loss.shape)}")
+
+        def on_loss_grad(grad: Tensor) -> None:
+            if not bool(torch.isfinite(grad)) or float(grad) == 0:
+                raise RuntimeError(f"the loss's gradient was scaled by {float(grad)}; prism cannot recover each "
+                                   "example's gradient. Do not scale the loss by zero or a non-finite factor.")
+            self._loss_scales[torch._C._current_graph_task_id()] = grad.detach()
+
+        loss.register_hook(on_loss_grad)
 
     def _watch(self, output: Tensor, unit: Unit, *captured: Tensor) -> None:
         captured_box = [captured]
@@ -184,6 +221,8 @@ class PerExampleCollector:
         tensors = [t.reshape(b, -1, t.shape[-1]).to(unit.compute_dtype) for t in (*inputs, grad)]
         if self.loss_reduction == "mean":
             tensors[-1] = tensors[-1] * b
+        if task in self._loss_scales:
+            tensors[-1] = tensors[-1] / self._loss_scales[task].to(tensors[-1].dtype)
         with torch.no_grad():
             unit.add_pending(unit.per_example(*tensors), (task, forward_pass))
 
@@ -191,6 +230,7 @@ class PerExampleCollector:
     def finish_backward(self, task: int) -> None:
         """Clip the examples of the finished backward pass `task` by their global norm and accumulate."""
         self._queued_task = None
+        self._loss_scales.pop(task, None)
         active = [u for u in self.units if u.pending is not None and u.pending_key[0] == task]
         if not active:
             return
@@ -222,6 +262,7 @@ class PerExampleCollector:
             u.reset()
         self.stats = StepStats()
         self._queued_task = None
+        self._loss_scales.clear()
 
     def remove(self) -> None:
         """Detach every hook from the model."""

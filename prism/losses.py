@@ -1,7 +1,9 @@
 """Per-example losses: each example's loss must depend on that example alone.
 
-Hugging Face's causal-LM loss is a token mean over the WHOLE batch, which couples examples
-(each example's gradient is scaled by the batch's total token count). Use these instead.
+Hugging Face's losses are means over the WHOLE batch (for causal LM, over all its tokens),
+which couples examples: each example's gradient is scaled by the batch's total token count.
+These return one loss per example, shape (b,); sum them (loss_reduction="sum") or average them
+over the micro-batch ("mean").
 """
 
 from __future__ import annotations
@@ -10,19 +12,47 @@ from torch import Tensor
 from torch.nn import functional as F
 
 
-def per_example_causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean next-token cross-entropy of each example over its own non-ignored tokens.
+def per_example_token_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100,
+                           label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy of each example over its own labelled tokens (token classification).
+
+    Args:
+        logits: (b, T, classes). labels: (b, T), `ignore_index` on padding and unlabelled tokens.
+        label_smoothing: as in torch.nn.functional.cross_entropy.
+
+    Returns:
+        (b,) losses; an example without any labelled token has loss 0 (and zero gradient).
+    """
+    token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=ignore_index,
+                                 reduction="none", label_smoothing=label_smoothing)
+    return token_loss.sum(1) / (labels != ignore_index).sum(1).clamp_min(1)
+
+
+def per_example_causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100,
+                               label_smoothing: float = 0.0) -> Tensor:
+    """Mean next-token cross-entropy of each example over its own non-ignored tokens: token t's
+    logits predict label t+1 (labels are aligned with the inputs, as Hugging Face's are).
 
     Args:
         logits: (b, T, vocab). labels: (b, T), with `ignore_index` on padding and prompt tokens.
-
-    Returns:
-        (b,) losses; an example without any counted token has loss 0 (and zero gradient).
-        Sum them (loss_reduction="sum") or average them over the micro-batch ("mean").
+        label_smoothing: as in torch.nn.functional.cross_entropy.
     """
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:]
-    token_loss = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels, ignore_index=ignore_index,
-                                 reduction="none")
-    counts = (shift_labels != ignore_index).sum(1)
-    return token_loss.sum(1) / counts.clamp_min(1)
+    return per_example_token_loss(logits[:, :-1], labels[:, 1:], ignore_index, label_smoothing)
+
+
+def per_example_sequence_loss(logits: Tensor, labels: Tensor, problem_type: str | None = None,
+                              label_smoothing: float = 0.0) -> Tensor:
+    """(b,) losses of sequence classification, by the model config's problem_type (None: inferred
+    as Hugging Face does: regression for one output, else single-label classification).
+
+    regression: mean squared error over the outputs; multi_label_classification: mean binary
+    cross-entropy over the labels; single_label_classification: cross-entropy.
+    """
+    b = labels.shape[0]
+    if problem_type is None:
+        problem_type = "regression" if logits.shape[-1] == 1 else "single_label_classification"
+    if problem_type == "regression":
+        return (logits.float().reshape(b, -1) - labels.float().reshape(b, -1)).square().mean(1)
+    if problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(1)
+    return F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)

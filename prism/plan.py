@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from . import _validate
-from .accounting import calibrate_noise_multiplier, validate_delta, validate_mechanism
+from .accounting import calibrate_noise_multiplier, steps_from, validate_delta, validate_mechanism
 
 
 @dataclass(frozen=True)
@@ -14,7 +14,8 @@ class PrivacyPlan:
     """Resolved privacy settings of an optimizer.
 
     sample_rate is None when the caller gave neither it nor the dataset size: the optimizer
-    then trains privately but cannot account (privacy_spent() raises).
+    then trains privately but cannot account (privacy_spent() raises). steps is the planned
+    number of steps (from steps or epochs; None when neither was given).
     """
 
     noise_multiplier: float
@@ -22,6 +23,7 @@ class PrivacyPlan:
     sample_rate: float | None
     delta: float | None
     max_epsilon: float | None
+    steps: int | None = None
 
 
 def resolve_plan(*, noise_multiplier=None, target_epsilon=None, delta=None, expected_batch_size=None,
@@ -65,5 +67,10 @@ def resolve_plan(*, noise_multiplier=None, target_epsilon=None, delta=None, expe
         _validate.positive(max_epsilon=max_epsilon)
         if sample_rate is None or delta is None:
             raise ValueError("max_epsilon needs delta and the sampling rate (sample_rate, or dataset_size).")
+    planned_steps = None
+    if steps is not None or epochs is not None:
+        if sample_rate is None and epochs is not None:
+            raise ValueError("epochs needs the sampling rate (sample_rate, or dataset_size); or give steps.")
+        planned_steps = steps_from(sample_rate if sample_rate is not None else 1.0, steps, epochs)
     return PrivacyPlan(float(noise_multiplier), float(expected_batch_size),
-                       None if sample_rate is None else float(sample_rate), delta, max_epsilon)
+                       None if sample_rate is None else float(sample_rate), delta, max_epsilon, planned_steps)

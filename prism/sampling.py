@@ -57,9 +57,14 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            # float64: float32 draws are multiples of 2^-24, which would include examples slightly more often
-            mask = torch.rand(self.dataset_size, generator=self.generator, dtype=torch.float64) < self.sample_rate
-            yield mask.nonzero().squeeze(1).tolist()
+            yield poisson_indices(self.dataset_size, self.sample_rate, self.generator)
+
+
+def poisson_indices(dataset_size: int, sample_rate: float, generator: torch.Generator) -> list[int]:
+    """One Poisson draw: every index in range(dataset_size) independently with probability q."""
+    # float64: float32 draws are multiples of 2^-24, which would include examples slightly more often
+    mask = torch.rand(dataset_size, generator=generator, dtype=torch.float64) < sample_rate
+    return mask.nonzero().squeeze(1).tolist()
 
 
 def poisson_data_loader(loader: DataLoader, *, sample_rate: float | None = None,

@@ -1,0 +1,312 @@
+"""Hugging Face Trainer integration: an existing Trainer loop becomes private with one call.
+
+    opt = prism.PRISM(model, lr=5e-3, max_grad_norm=1.0, target_epsilon=3.0, delta=1e-5,
+                      expected_batch_size=256, dataset_size=len(train_set), steps=60)
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
+                      optimizers=(opt, None))
+    prism.hf.make_private(trainer)
+    trainer.train()
+
+No Trainer subclass and no model wrapper: `make_private` sets two of the Trainer's documented
+override points on this one instance (`get_train_dataloader`, `compute_loss`) and adds a callback.
+
+- Sampling: each logical step draws a Poisson batch (every example independently with the
+  optimizer's rate q = expected_batch_size / N) and splits it into `gradient_accumulation_steps`
+  micro-batches; the optimizer steps once per logical batch. A micro-batch left empty by the draw
+  runs no forward pass (its loss is a constant 0), and the step still adds its noise.
+- Loss: each example's loss depends on that example alone (seq. classification, token
+  classification and causal LM built in; padding and label -100 excluded). The Trainer's
+  token-mean over the whole batch, `num_items_in_batch` and its division by the accumulation
+  steps are neutralised: the per-example losses are summed (or averaged, per the optimizer's
+  `loss_reduction`) and any factor the Trainer applies afterwards is divided out
+  (`optimizer.watch_loss`).
+- Trainer's own `max_grad_norm` clipping is switched off (prism clips per example) and its
+  `grad_norm` log entry dropped: the non-private gradient is never kept or logged.
+- Logs: `epsilon` (the accountant's upper bound at the optimizer's delta) at every logging step
+  and in the final metrics. The logged training loss is NOT private (it is computed from the
+  private batch without noise); do not publish it.
+- Budget: with the optimizer's `max_epsilon`, training stops before a step that would exceed it.
+  With `target_epsilon` and `steps`, the Trainer runs exactly those steps (more is refused).
+- Checkpoints: the optimizer's state (accountant, noise generator, steps) is saved in the
+  Trainer's optimizer.pt; `resume_from_checkpoint` continues epsilon and, with a seeded sampler,
+  the exact batch sequence (Poisson draws are keyed by the step index, so no data is skipped).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import warnings
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
+from transformers import TrainerCallback
+from transformers.models.auto import modeling_auto
+
+from ._base import DPLoRAOptimizer
+from .losses import per_example_causal_lm_loss, per_example_sequence_loss, per_example_token_loss
+from .noise import entropy_seeded_generator
+from .sampling import poisson_indices
+
+logger = logging.getLogger(__name__)
+
+EMPTY_MICRO_BATCH = "prism_empty_micro_batch"
+
+PerExampleLoss = Callable[[object, Tensor], Tensor]
+
+
+def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
+                 sampling_seed: int | None = None) -> "PrivacyCallback":
+    """Make `trainer` train privately with the prism optimizer it was given.
+
+    Args:
+        trainer: a `transformers.Trainer` built with `optimizers=(prism_optimizer, scheduler_or_None)`.
+        per_example_loss: `(model outputs, labels) -> (b,)` losses; default: chosen from the
+            model's task (sequence classification, token classification, causal LM).
+        sampling_seed: seed of the Poisson draws, for reproducible runs only. Default: OS entropy.
+            A seed known to an adversary reveals which examples each step used and voids the
+            privacy amplification by subsampling.
+
+    Returns:
+        The callback added to the trainer (its `optimizer` and `sampler` attributes).
+    """
+    optimizer = _prism_optimizer(trainer)
+    _check_model(trainer.model, optimizer)
+    dataset_size = _check_dataset(trainer, optimizer)
+    _adjust_arguments(trainer.args, optimizer)
+    loss_fn = per_example_loss or default_per_example_loss(trainer.model, trainer.args.label_smoothing_factor)
+    sampler = PoissonMicroBatchSampler(dataset_size, optimizer.plan.sample_rate,
+                                       trainer.args.gradient_accumulation_steps, seed=sampling_seed)
+    trainer.get_train_dataloader = functools.partial(poisson_train_dataloader, trainer, sampler)
+    trainer.compute_loss = functools.partial(per_example_compute_loss, optimizer, loss_fn)
+    # the Trainer then divides each micro-batch's loss by the accumulation steps (watch_loss undoes
+    # it for the gradients), so the logged loss is the mean per-example loss
+    trainer.loss_is_scaled_for_ga = False
+    callback = PrivacyCallback(optimizer, sampler)
+    trainer.callback_handler.callbacks.insert(0, callback)  # first, so reporters see the epsilon it adds
+    return callback
+
+
+def _prism_optimizer(trainer) -> DPLoRAOptimizer:
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate may have wrapped it
+    if not isinstance(optimizer, DPLoRAOptimizer):
+        raise TypeError("make_private needs a prism optimizer: build the Trainer with "
+                        "optimizers=(prism.PRISM(model, ...), None); got "
+                        f"{type(optimizer).__name__ if optimizer is not None else 'no optimizer'}.")
+    if optimizer.accountant is None or optimizer.plan.delta is None:
+        raise ValueError("the optimizer cannot account: build it with dataset_size=len(train_dataset) (or "
+                         "sample_rate) and delta, so the Trainer can report epsilon.")
+    return optimizer
+
+
+def _check_model(model: nn.Module, optimizer: DPLoRAOptimizer) -> None:
+    modules = {id(m) for m in model.modules()}
+    hooked = [pair.lora_A for pair in optimizer.pairs] + [d.module for d in optimizer.dense]
+    if not all(id(m) in modules for m in hooked):
+        raise ValueError("the optimizer was built on a different model than the Trainer's; build it with "
+                         "prism.PRISM(trainer_model, ...).")
+
+
+def _check_dataset(trainer, optimizer: DPLoRAOptimizer) -> int:
+    dataset = trainer.train_dataset
+    if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        raise ValueError("Poisson sampling needs a train_dataset with a length and random access (a map-style "
+                         "dataset); streaming / IterableDataset cannot be sampled privately.")
+    size = len(dataset)
+    implied = optimizer.expected_batch_size / optimizer.plan.sample_rate
+    if not math.isclose(implied, size, rel_tol=1e-9):
+        raise ValueError(f"the optimizer was built for a dataset of {implied:.0f} examples but train_dataset has "
+                         f"{size}; build it with dataset_size=len(train_dataset).")
+    return size
+
+
+def _adjust_arguments(args, optimizer: DPLoRAOptimizer) -> None:
+    if args.world_size > 1 or args.n_gpu > 1:
+        raise NotImplementedError("prism.hf supports one process on one device for now; distributed training "
+                                  "would sample and noise per process. Run on a single device.")
+    if args.fp16:
+        raise ValueError("fp16 with a gradient scaler is not supported (the scaler needs the non-private "
+                         "gradients prism drops); use bf16=True, or fp32.")
+    if args.max_grad_norm and args.max_grad_norm > 0:
+        warnings.warn(f"TrainingArguments.max_grad_norm={args.max_grad_norm} is ignored: prism clips each "
+                      f"example's gradient to the optimizer's max_grad_norm={optimizer.max_grad_norm}. Set "
+                      "max_grad_norm=0 to silence this warning.", UserWarning, stacklevel=3)
+        args.max_grad_norm = 0.0
+    # Poisson draws are keyed by the step index, so a resumed run must not replay and skip batches.
+    args.ignore_data_skip = True
+    planned = optimizer.plan.steps
+    if planned is None:
+        return
+    if args.max_steps is None or args.max_steps <= 0:
+        logger.info("prism: max_steps set to %d, the steps the optimizer was calibrated for", planned)
+        args.max_steps = planned
+    elif args.max_steps > planned:
+        raise ValueError(f"TrainingArguments.max_steps={args.max_steps} exceeds the {planned} steps the optimizer's "
+                         f"noise was calibrated for; set max_steps <= {planned} or rebuild the optimizer with "
+                         f"steps={args.max_steps}.")
+
+
+class PoissonMicroBatchSampler(Sampler[list[int]]):
+    """Index lists for the Trainer: per logical step one Poisson draw, split into k micro-batches.
+
+    The draw of logical step t includes each of the N indices independently with probability q;
+    its indices are split in order into k chunks of near-equal size (chunks may be empty). One
+    "epoch" is ceil(1/q) logical steps, N examples in expectation.
+
+    Args:
+        dataset_size: N.
+        sample_rate: q.
+        micro_batches: k, the Trainer's gradient_accumulation_steps.
+        seed: None (default) draws from an OS-entropy-seeded generator. An integer keys each
+            step's draw on (seed, t), so a resumed run draws exactly what an uninterrupted one would.
+    """
+
+    def __init__(self, dataset_size: int, sample_rate: float, micro_batches: int, *, seed: int | None = None):
+        self.dataset_size = dataset_size
+        self.sample_rate = sample_rate
+        self.micro_batches = micro_batches
+        self.seed = seed
+        self.steps_per_epoch = math.ceil(1 / sample_rate)
+        self.next_step = 0
+        self._entropy = entropy_seeded_generator() if seed is None else None
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch * self.micro_batches
+
+    def __iter__(self):
+        for _ in range(self.steps_per_epoch):
+            indices = poisson_indices(self.dataset_size, self.sample_rate, self._generator(self.next_step))
+            self.next_step += 1
+            yield from split_evenly(indices, self.micro_batches)
+
+    def _generator(self, step: int) -> torch.Generator:
+        if self.seed is None:
+            return self._entropy
+        key = np.random.SeedSequence([self.seed, step]).generate_state(1, np.uint64)[0]
+        return torch.Generator().manual_seed(int(key) >> 1)
+
+
+def split_evenly(items: list, parts: int) -> list[list]:
+    """`items` in order, cut into `parts` chunks whose sizes differ by at most one (some may be empty)."""
+    size, extra = divmod(len(items), parts)
+    bounds = np.cumsum([0] + [size + (i < extra) for i in range(parts)])
+    return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
+
+class _MicroBatchCollate:
+    """The Trainer's collator, except that an empty micro-batch becomes a marker read by no model."""
+
+    def __init__(self, collate_fn: Callable, main_input_name: str):
+        self.collate_fn = collate_fn
+        self.main_input_name = main_input_name
+
+    def __call__(self, examples: list):
+        if examples:
+            return self.collate_fn(examples)
+        return {EMPTY_MICRO_BATCH: torch.ones(()), self.main_input_name: torch.zeros(0, dtype=torch.long)}
+
+
+def poisson_train_dataloader(trainer, sampler: PoissonMicroBatchSampler) -> DataLoader:
+    """The Trainer's training DataLoader with Poisson micro-batches (installed by make_private)."""
+    dataset, collate = trainer.train_dataset, trainer.data_collator
+    # the Trainer's own handling of columns the model does not accept (private helpers of Trainer)
+    if hasattr(dataset, "column_names") and hasattr(trainer, "_remove_unused_columns"):
+        dataset = trainer._remove_unused_columns(dataset, description="training")
+    elif hasattr(trainer, "_get_collator_with_removed_columns"):
+        collate = trainer._get_collator_with_removed_columns(collate, description="training")
+    main_input = getattr(trainer.model, "main_input_name", "input_ids")
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=_MicroBatchCollate(collate, main_input),
+                      num_workers=trainer.args.dataloader_num_workers, pin_memory=trainer.args.dataloader_pin_memory)
+
+
+def per_example_compute_loss(optimizer: DPLoRAOptimizer, loss_fn: PerExampleLoss, model: nn.Module, inputs: dict,
+                             return_outputs: bool = False, num_items_in_batch=None):
+    """Trainer.compute_loss with per-example losses reduced as the optimizer's loss_reduction says.
+
+    `num_items_in_batch` is ignored on purpose: a normaliser counted over the whole batch would
+    couple the examples.
+    """
+    if EMPTY_MICRO_BATCH in inputs:
+        loss = torch.zeros((), device=inputs[EMPTY_MICRO_BATCH].device, requires_grad=True)
+        return (loss, None) if return_outputs else loss
+    inputs = dict(inputs)
+    labels = inputs.pop("labels", None)
+    if labels is None:
+        raise ValueError("prism needs the labels in every batch (a 'labels' field) to form per-example losses.")
+    outputs = model(**inputs)
+    losses = loss_fn(outputs, labels)
+    batch = labels.shape[0]
+    if losses.shape != (batch,):
+        raise ValueError(f"the per-example loss must have shape ({batch},), one loss per example; got "
+                         f"{tuple(losses.shape)}.")
+    loss = losses.sum() if optimizer.loss_reduction == "sum" else losses.mean()
+    optimizer.watch_loss(loss)
+    return (loss, outputs) if return_outputs else loss
+
+
+def default_per_example_loss(model: nn.Module, label_smoothing: float = 0.0) -> PerExampleLoss:
+    """The per-example loss for the model's task, read from peft's task_type or the model class."""
+    task = _task_of(model)
+    if task == "CAUSAL_LM":
+        return lambda outputs, labels: per_example_causal_lm_loss(outputs.logits, labels,
+                                                                  label_smoothing=label_smoothing)
+    if task == "TOKEN_CLS":
+        return lambda outputs, labels: per_example_token_loss(outputs.logits, labels,
+                                                              label_smoothing=label_smoothing)
+    if task == "SEQ_CLS":
+        problem_type = model.config.problem_type
+        return lambda outputs, labels: per_example_sequence_loss(outputs.logits, labels, problem_type,
+                                                                 label_smoothing)
+    raise ValueError(f"prism cannot tell the task of {type(model).__name__}; pass make_private(trainer, "
+                     "per_example_loss=fn) with fn(outputs, labels) -> (batch,) losses.")
+
+
+def _task_of(model: nn.Module) -> str | None:
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    task = getattr(config, "task_type", None)
+    if task is not None:
+        return str(getattr(task, "value", task))
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for task, classes in (("CAUSAL_LM", modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
+                          ("SEQ_CLS", modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
+                          ("TOKEN_CLS", modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES)):
+        if type(base).__name__ in set(classes.values()):
+            return task
+    return None
+
+
+class PrivacyCallback(TrainerCallback):
+    """Keeps the Trainer and the privacy bookkeeping in step (added by make_private)."""
+
+    def __init__(self, optimizer: DPLoRAOptimizer, sampler: PoissonMicroBatchSampler):
+        self.optimizer = optimizer
+        self.sampler = sampler
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._check_in_step(state, "at the start of training (after loading any checkpoint)")
+        self.sampler.next_step = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._check_in_step(state, "after a step")
+        if not self.optimizer.budget_allows_another_step():
+            logger.warning("prism: stopping, another step would exceed max_epsilon=%s", self.optimizer.plan.max_epsilon)
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        extra = {"epsilon": self.optimizer.privacy_spent()[0]}
+        for entry in [logs] + ([state.log_history[-1]] if state.log_history else []):
+            entry.pop("grad_norm", None)
+            entry.update(extra)
+
+    def _check_in_step(self, state, when: str) -> None:
+        if self.optimizer.steps_taken != state.global_step:
+            raise RuntimeError(
+                f"the optimizer has taken {self.optimizer.steps_taken} private steps but the Trainer is at step "
+                f"{state.global_step} {when}; the accountant would not match the training. Resume from a "
+                "checkpoint saved with its optimizer state (do not set save_only_model=True).")
