@@ -1,5 +1,6 @@
 """prism: differentially private LoRA fine-tuning in the tangent space of the rank-r manifold."""
 
+from . import audit
 from .accounting import PrivacyAccountant, PrivacyBudgetExceeded, calibrate_noise_multiplier
 from .init import init_balanced_lora
 from .layers import find_trainables
@@ -10,5 +11,5 @@ from .sampling import EmptyBatch, NonPoissonSampling, PoissonBatchSampler, micro
 
 __all__ = ["PRISM", "NaiveDPLoRA", "PrivacyAccountant", "PrivacyBudgetExceeded", "calibrate_noise_multiplier",
            "PoissonBatchSampler", "poisson_data_loader", "micro_batches", "EmptyBatch", "NonPoissonSampling", "init_balanced_lora",
-           "find_trainables", "per_example_causal_lm_loss"]
+           "find_trainables", "per_example_causal_lm_loss", "audit"]
 __version__ = "0.1.0"

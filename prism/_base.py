@@ -18,7 +18,7 @@ from .accounting import PrivacyAccountant, PrivacyBudgetExceeded, max_steps_with
 from .functional import StepConfig, dense_step
 from .hooks import PerExampleCollector, StepStats, Unit
 from .layers import LoRAPair, find_trainables
-from .noise import entropy_seeded_generator, gaussian
+from .noise import entropy_seeded_generator, fill_from_os_entropy, gaussian
 from .plan import resolve_plan
 from .sampling import SamplingCheck
 
@@ -34,7 +34,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                  steps: int | None = None, epochs: float | None = None, max_epsilon: float | None = None,
                  allow_non_poisson: bool = False, adaptive: bool = True, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, loss_reduction: str = "mean",
-                 generator: torch.Generator | None = None, **extra_defaults):
+                 generator: torch.Generator | str | None = None, **extra_defaults):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be the peft model (an nn.Module), got {type(model).__name__}; prism "
                             "finds the trainable parameters itself, so do not pass model.parameters().")
@@ -56,6 +56,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         self.accountant = PrivacyAccountant() if self.plan.sample_rate is not None else None
         self._sampling_check = SamplingCheck(self.plan, allow_non_poisson)
         self._allowed_steps: int | None = None
+        self.secure_noise = isinstance(generator, str) and generator == "secure"
         self.generator = _checked_generator(generator, params[0].device)
         self.steps_taken = 0
         self._collector = PerExampleCollector(self.max_grad_norm, loss_reduction)
@@ -132,6 +133,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         self.steps_taken += 1
         if self.accountant is not None:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.plan.sample_rate)
+        if self.secure_noise:
+            fill_from_os_entropy(self.generator)  # a fresh state, recorded nowhere, for this step's noise
         try:
             updates = self._lora_updates(cfg)
             for unit in self._dense_units:
@@ -223,10 +226,13 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         settings and the noise generator's state (so a resumed run continues the same noise stream).
 
         The generator state lets whoever holds the checkpoint reproduce the noise: keep checkpoints
-        as confidential as the training data; release only the trained adapter.
+        as confidential as the training data; release only the trained adapter. With
+        generator="secure" no state is saved (None): a resumed run draws fresh noise, so it is
+        not bit-for-bit the uninterrupted run, and the checkpoint reveals no noise.
         """
         state = super().state_dict()
-        state["prism"] = dict(steps_taken=self.steps_taken, generator_state=self.generator.get_state(),
+        generator_state = None if self.secure_noise else self.generator.get_state()
+        state["prism"] = dict(steps_taken=self.steps_taken, generator_state=generator_state,
                               noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
                               expected_batch_size=self.expected_batch_size, sample_rate=self.plan.sample_rate,
                               accountant=None if self.accountant is None else self.accountant.state_dict(),
@@ -249,6 +255,9 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
             if extra[key] != value:
                 raise ValueError(f"the checkpoint was saved with {key}={extra[key]}, this optimizer has "
                                  f"{value}; build the optimizer with the checkpoint's settings.")
+        if extra["generator_state"] is None and not self.secure_noise:
+            raise ValueError("the checkpoint was saved with generator='secure' and holds no noise state; build the "
+                             "optimizer with generator='secure' to resume it.")
         saved_state = state_dict["state"]
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
@@ -257,7 +266,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
             self.state[param] = {k: v.to(param.device, copy=True) if torch.is_tensor(v) else v
                                  for k, v in values.items()}
         self.steps_taken = extra["steps_taken"]
-        self.generator.set_state(extra["generator_state"])
+        if not self.secure_noise:
+            self.generator.set_state(extra["generator_state"])
         if self.accountant is not None:
             self.accountant.load_state_dict(extra["accountant"])
             self._allowed_steps = None
@@ -294,8 +304,10 @@ def apply_updates(updates: list[Update]) -> None:
         update.param.copy_(update.value.to(update.param.dtype))
 
 
-def _checked_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
-    if generator is None:
+def _checked_generator(generator: torch.Generator | str | None, device: torch.device) -> torch.Generator:
+    if isinstance(generator, str) and generator != "secure":
+        raise ValueError(f"generator must be a torch.Generator, None or 'secure', got {generator!r}")
+    if generator is None or isinstance(generator, str):
         return entropy_seeded_generator(device)
     if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")

@@ -3,6 +3,25 @@
 The tangent noise equals std * P_Z(Xi) with Xi ~ N(0, I_{m x n}), sampled in O((m + n) r^2)
 from r(m + n) + r^2 normals instead of m n. Its expected energy is
 E ||noise||_F^2 = std^2 r (m + n - r), whatever the factors (noise_energy()).
+
+Where the randomness comes from (the optimizers' `generator` argument):
+- default: a torch.Generator whose whole state is drawn from os.urandom once
+  (entropy_seeded_generator). checkpoints save its state, so a resumed run is bit-for-bit the
+  uninterrupted one, and whoever holds a checkpoint can replay all later noise.
+- "secure": the whole state is refilled from os.urandom (the OS CSPRNG) before every step's noise
+  and never saved. What this protects against: guessing the seed (CPU generators are MT19937 and
+  `manual_seed` keeps 32 bits, so a seeded stream is one of 2^32, few enough for an adversary who
+  knows the other examples to try against the released model); replaying the noise from a
+  leaked checkpoint; carrying knowledge of one step's stream (e.g. MT19937's state, which 624
+  consecutive outputs reveal) over to any other step. What it does NOT protect against: within a
+  step the stream is still MT19937 (CPU) or Philox (CUDA), not a cryptographic generator;
+  floating-point attacks: torch.randn's float32 Gaussians take values on an irregular grid, and,
+  as Mironov (CCS 2012) showed for the textbook Laplace sampler, the low-order bits of a released
+  noisy value can then depend on the value before noise. prism releases only the result of further
+  float arithmetic (division, moments, retraction), which is not known to remove this; no snapping
+  or discrete Gaussian sampler is implemented. Nor timing side channels or a compromised host.
+  The price: a resumed run draws fresh noise (same distribution, same privacy, not bit-for-bit
+  the uninterrupted run). Seeded torch.Generators stay available for reproducible tests.
 """
 
 from __future__ import annotations
@@ -16,10 +35,39 @@ from .manifold import TangentBasis
 
 
 def entropy_seeded_generator(device="cpu") -> torch.Generator:
-    """A generator seeded from the operating system's entropy source: nobody can predict its stream
-    (unless they obtain its state, e.g. from a checkpoint)."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int.from_bytes(os.urandom(8), "little") & (2 ** 63 - 1))
+    """A generator whose whole state comes from the operating system's entropy source (see
+    fill_from_os_entropy): nobody can predict its stream unless they obtain its state, e.g. from
+    a checkpoint."""
+    return fill_from_os_entropy(torch.Generator(device=device))
+
+
+_MT_WORDS = 624  # MT19937's state: 624 32-bit words
+_MT_OFFSET = 24  # bytes before them in torch's CPU state: initial seed (u64), left (i32), seeded (i32), next (u64)
+
+
+def fill_from_os_entropy(generator: torch.Generator) -> torch.Generator:
+    """Replace the generator's whole state by fresh bytes from os.urandom (a CSPRNG); returns it.
+
+    CPU generators are MT19937, and `manual_seed` keeps only 32 bits of any seed (2^32 candidate
+    streams, few enough to try them all). Here all 624 state words (19,968 bits) are drawn
+    instead. Other devices use Philox, whose key is the full 64-bit seed: it gets 64 fresh bits.
+    The stream is still not cryptographic: whoever learns enough of its outputs or its state can
+    predict the rest until the next refill.
+
+    Raises:
+        RuntimeError: torch's CPU generator state does not have the layout this relies on.
+    """
+    if generator.device.type != "cpu":
+        generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
+        return generator
+    generator.manual_seed(1)  # a valid state to overwrite: MT19937 words 1, 1812433254, ..., no cached normal
+    state = generator.get_state()
+    words = state[_MT_OFFSET:_MT_OFFSET + 8 * _MT_WORDS].view(_MT_WORDS, 8)  # little-endian u64, high half 0
+    if state.numel() != 5056 or words[:2, :4].contiguous().view(torch.int32).flatten().tolist() != [1, 1812433254]:
+        raise RuntimeError(f"torch {torch.__version__} stores the CPU generator state in a layout prism does not "
+                           "know; fill_from_os_entropy cannot refill it.")
+    words[:, :4] = torch.frombuffer(bytearray(os.urandom(4 * _MT_WORDS)), dtype=torch.uint8).view(_MT_WORDS, 4)
+    generator.set_state(state)
     return generator
 
 

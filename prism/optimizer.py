@@ -74,8 +74,9 @@ class PRISM(DPLoRAOptimizer):
         max_condition (float, optional): condition-number clamp of the second moments (default: 1e4).
         loss_reduction (str, optional): "mean" if the loss is the mean of per-example losses over
             the micro-batch, "sum" if it is their sum (default: "mean").
-        generator (torch.Generator, optional): source of all noise, on the parameters' device
-            (default: a generator seeded from os.urandom).
+        generator (torch.Generator or "secure", optional): source of all noise, on the parameters'
+            device (default: a generator whose state is drawn from os.urandom once). "secure" refills
+            the whole state from os.urandom before every step and never saves it (see noise.py).
 
     Raises:
         ValueError: bad hyperparameters, no LoRA layer, several active adapters, trainable
