@@ -1,0 +1,213 @@
+"""Step time and peak memory of non-private LoRA, PRISM, NaiveDPLoRA and Opacus (hooks, ghost).
+
+    python benchmarks/speed.py            # MiniLM (T=64) and a random-init Llama (8 layers, hidden 1024, T=256)
+    python benchmarks/speed.py --quick    # CI: tiny random models, a few steps
+
+Each (model, method) runs in its own fresh subprocess, so its peak resident memory
+(getrusage's high-water mark) is its own: we report the peak and the peak minus the resident
+memory just before the first step (model, optimizer and data built). The step time is the median
+of `--steps` timed steps (forward, backward, optimizer step) after 2 warm-up steps on one fixed
+batch; ratios are to non-private LoRA (AdamW) of the same invocation. Private methods use
+noise multiplier 1 and C = 1 (the cost does not depend on them). Results: results/speed/<model>.json
+(one file per model, resumable) and results/speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch.nn import functional as F
+
+import common
+
+SPEED_METHODS = ("nonprivate", "prism", "naive", "opacus_hooks", "opacus_ghost")
+MODELS = {  # name: (batch, sequence length, LoRA rank, LoRA targets)
+    "minilm": (32, 64, 8, ["query", "value"]),
+    "llama": (4, 256, 16, ["q_proj", "v_proj"]),
+}
+QUICK_MODELS = {"tiny_llama": (2, 32, 4, ["q_proj", "v_proj"])}
+
+
+def build_model(name: str, full_rank: bool):
+    """A peft sequence classifier (2 labels, head trained) of the named model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    _, seq, rank, targets = {**MODELS, **QUICK_MODELS}[name]
+    torch.manual_seed(0)
+    if name == "minilm":
+        import tasks
+
+        return tasks.minilm(full_rank, rank)[1]
+    if name == "llama":
+        base = LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+            num_key_value_heads=16, max_position_embeddings=seq, num_labels=2, pad_token_id=0))
+    else:
+        base = LlamaForSequenceClassification(LlamaConfig(
+            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, max_position_embeddings=seq, num_labels=2, pad_token_id=0))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets, task_type="SEQ_CLS",
+                        init_lora_weights="pissa_niter_4" if full_rank else True)
+    return get_peft_model(base, config)
+
+
+def make_stepper(method: str, model, batch: int):
+    """A function doing one training step (forward, backward, optimizer step) on (ids, labels)."""
+    import prism
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if method == "nonprivate":
+        opt, criterion = torch.optim.AdamW(trainable, lr=1e-4), lambda logits, y: F.cross_entropy(logits, y)
+    elif method in ("prism", "naive"):
+        cls = prism.PRISM if method == "prism" else prism.NaiveDPLoRA
+        opt = cls(model, lr=1e-4, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
+                  loss_reduction="sum")
+        criterion = lambda logits, y: F.cross_entropy(logits, y, reduction="sum")  # noqa: E731
+    else:
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        loader = DataLoader(TensorDataset(torch.arange(100 * batch)), batch_size=batch)
+        made = PrivacyEngine(accountant="prv").make_private(
+            module=model, optimizer=torch.optim.AdamW(trainable, lr=1e-4), data_loader=loader,
+            criterion=torch.nn.CrossEntropyLoss(), noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False,
+            grad_sample_mode=method.removeprefix("opacus_"))
+        model, opt = made[0], made[1]
+        criterion = made[2] if method == "opacus_ghost" else (lambda logits, y: F.cross_entropy(logits, y))
+
+    def step(ids, labels):
+        criterion(model(input_ids=ids).logits, labels).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return step
+
+
+def worker(model_name: str, method: str, steps: int) -> dict:
+    """Measure one method in this (fresh) process."""
+    common.quiet()
+    batch, seq, _, _ = {**MODELS, **QUICK_MODELS}[model_name]
+    model = build_model(model_name, full_rank=method == "prism")
+    model.train()
+    vocab = model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab, (batch, seq), generator=generator)
+    labels = torch.randint(0, 2, (batch,), generator=generator)
+    step = make_stepper(method, model, batch)
+    rss_before = _rss_mb()
+    times = []
+    for i in range(steps + 2):
+        start = time.perf_counter()
+        step(ids, labels)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return dict(method=method, median_step_s=statistics.median(times), step_times_s=times,
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_before_steps_mb=rss_before,
+                load_average=os.getloadavg())
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def measure_model(model_name: str, methods, steps: int) -> dict:
+    batch, seq, rank, targets = {**MODELS, **QUICK_MODELS}[model_name]
+    runs = {}
+    for method in methods:
+        command = [sys.executable, __file__, "--worker", model_name, method, "--steps", str(steps)]
+        out = subprocess.run(command, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"{model_name}/{method} failed:\n{out.stderr[-3000:]}")
+        runs[method] = json.loads(out.stdout.strip().splitlines()[-1])
+        r = runs[method]
+        print(f"  {model_name:10s} {method:13s} median step {r['median_step_s']:.3f}s  peak RSS "
+              f"{r['peak_rss_mb']:.0f} MB (+{r['peak_rss_mb'] - r['rss_before_steps_mb']:.0f} MB in training)",
+              flush=True)
+    base = runs["nonprivate"]
+    for r in runs.values():
+        r["time_ratio"] = r["median_step_s"] / base["median_step_s"]
+        r["peak_ratio"] = r["peak_rss_mb"] / base["peak_rss_mb"]
+        r["training_memory_ratio"] = ((r["peak_rss_mb"] - r["rss_before_steps_mb"])
+                                      / max(base["peak_rss_mb"] - base["rss_before_steps_mb"], 1e-9))
+    return dict(model=model_name, batch=batch, seq=seq, rank=rank, targets=targets, steps=steps, runs=runs)
+
+
+def table(summary: dict) -> str:
+    lines = ["| model | method | median step (s) | x non-private | peak RSS (MB) | x non-private | "
+             "training memory (MB) | x non-private |", "|---" * 8 + "|"]
+    for name, result in summary.items():
+        for method, r in result["runs"].items():
+            lines.append(f"| {name} (b={result['batch']}, T={result['seq']}, r={result['rank']}) | {method} | "
+                         f"{r['median_step_s']:.3f} | {r['time_ratio']:.2f} | {r['peak_rss_mb']:.0f} | "
+                         f"{r['peak_ratio']:.2f} | {r['peak_rss_mb'] - r['rss_before_steps_mb']:.0f} | "
+                         f"{r['training_memory_ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path) -> None:
+    plt = common.maybe_pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    names = list(summary)
+    methods = list(next(iter(summary.values()))["runs"])
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        xs = [j + i * width for j in range(len(names))]
+        axes[0].bar(xs, [summary[n]["runs"][method]["time_ratio"] for n in names], width, label=method)
+        axes[1].bar(xs, [summary[n]["runs"][method]["training_memory_ratio"] for n in names], width, label=method)
+    for ax, label in zip(axes, ("step time / non-private", "training memory / non-private")):
+        ax.axhline(1.1, color="k", linestyle=":", linewidth=1)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main(argv=None) -> dict:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(MODELS)}")
+    p.add_argument("--methods", nargs="+", choices=SPEED_METHODS, default=list(SPEED_METHODS))
+    p.add_argument("--steps", type=int, default=None, help="timed steps after 2 warm-up steps (default: 10)")
+    p.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.steps)))
+        return {}
+    common.quiet()
+    from methods import opacus_available
+
+    if not opacus_available():
+        print("opacus is not installed (pip install 'prism-dp[bench]'): skipping the Opacus baselines")
+        args.methods = [m for m in args.methods if not m.startswith("opacus")]
+    if "nonprivate" not in args.methods:
+        args.methods.insert(0, "nonprivate")
+    models = args.models or list(QUICK_MODELS if args.quick else MODELS)
+    steps = args.steps or (3 if args.quick else 10)
+    folder = common.out_dir(args)
+    jobs = [(folder / "speed" / f"{name}.json", lambda name=name: measure_model(name, args.methods, steps))
+            for name in models]
+    summary = {r["model"]: r for r in common.run_queue(jobs, "speed")}
+    common.write_json(folder / "speed.json", summary)
+    print(table(summary))
+    plot(summary, folder / "speed.png")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

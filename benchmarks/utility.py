@@ -1,0 +1,174 @@
+"""Privacy-utility: test accuracy of PRISM, naive DP-LoRA, Opacus, FFA-LoRA and non-private LoRA.
+
+    python benchmarks/utility.py            # full sweep, resumable: rerun to continue
+    python benchmarks/utility.py --quick    # CI: a few steps per method, no claims
+
+Stage 1 tunes the learning rate of every method on the validation split, at epsilon 3 (non-private:
+without noise) and seed 0, over the same grid for all. Stage 2 runs each method at its tuned rate
+for every epsilon and seed (the tuning run is the epsilon-3, seed-0 run). Each run writes
+results/utility/<task>/<method>_eps<epsilon>_seed<seed>_lr<lr>.json; the summary (mean +- std of
+the test accuracy over seeds) goes to results/utility.json and results/utility.png.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import common
+import methods
+import tasks
+
+LR_GRID = (1e-3, 3e-3, 1e-2)
+EPSILONS = (1.0, 3.0, 8.0)
+TUNE_EPSILON = 3.0
+SEEDS = (0, 1, 2)
+
+
+def tag(epsilon: float | None) -> str:
+    return "inf" if epsilon is None else f"{epsilon:g}"
+
+
+def run_path(folder: Path, task: str, method: str, epsilon: float | None, seed: int, lr: float) -> Path:
+    return folder / "utility" / task / f"{method}_eps{tag(epsilon)}_seed{seed}_lr{lr:g}.json"
+
+
+def epsilons_of(method: str, epsilons) -> list[float | None]:
+    return [None] if method == "nonprivate" else list(epsilons)
+
+
+def job(task, method, epsilon, seed, lr, split, setup):
+    def fn():
+        result = methods.train(method, split, setup, epsilon=epsilon, seed=seed, lr=lr)
+        result.update(task=task)
+        return result
+    return fn
+
+
+def center_first(grid) -> list[float]:
+    """The grid from its middle outwards: an unfinished tuning stage still compares all methods at one rate."""
+    grid = sorted(grid)
+    middle = (len(grid) - 1) / 2
+    return sorted(grid, key=lambda lr: (abs(grid.index(lr) - middle), -lr))
+
+
+def tuned_lr(folder: Path, task: str, method: str, grid) -> float | None:
+    """The grid rate with the best validation accuracy, or None while a tuning run is missing."""
+    epsilon = None if method == "nonprivate" else TUNE_EPSILON
+    paths = {lr: run_path(folder, task, method, epsilon, 0, lr) for lr in grid}
+    if not all(p.exists() for p in paths.values()):
+        return None
+    return max(grid, key=lambda lr: common.read_json(paths[lr])["val_accuracy"])
+
+
+def sweep(args, folder: Path, setup: methods.Setup) -> None:
+    for task in args.tasks:
+        split = tasks.load_task(task, setup.batch_size, limit=64 if args.quick else None)
+        print(f"{task}: {len(split.train_x)} train / {len(split.val_x)} validation / {len(split.test_x)} test")
+        tune = [(run_path(folder, task, m, None if m == "nonprivate" else TUNE_EPSILON, 0, lr),
+                 job(task, m, None if m == "nonprivate" else TUNE_EPSILON, 0, lr, split, setup))
+                for lr in center_first(args.lr_grid) for m in args.methods]
+        common.run_queue(tune, f"{task} learning-rate tuning")
+        final = []
+        for seed in args.seeds:
+            for epsilon in sorted(args.epsilons, key=lambda e: (e != TUNE_EPSILON, e)):
+                for m in args.methods:
+                    lr = tuned_lr(folder, task, m, args.lr_grid)
+                    if lr is not None and (m != "nonprivate" or epsilon == TUNE_EPSILON):
+                        e = None if m == "nonprivate" else epsilon
+                        final.append((run_path(folder, task, m, e, seed, lr), job(task, m, e, seed, lr, split, setup)))
+        common.run_queue(final, f"{task} test runs")
+
+
+def summarize(args, folder: Path) -> dict:
+    """results/utility.json: tuning table and mean +- std test accuracy per (task, method, epsilon)."""
+    summary = dict(lr_grid=list(args.lr_grid), tuning={}, test_accuracy={})
+    for task in args.tasks:
+        summary["tuning"][task], summary["test_accuracy"][task] = {}, {}
+        for m in args.methods:
+            eps = None if m == "nonprivate" else TUNE_EPSILON
+            summary["tuning"][task][m] = {f"{lr:g}": common.read_json(p)["val_accuracy"]
+                                          for lr in args.lr_grid if (p := run_path(folder, task, m, eps, 0, lr)).exists()}
+            lr = tuned_lr(folder, task, m, args.lr_grid)
+            if lr is None:
+                continue
+            rows = summary["test_accuracy"][task][m] = {}
+            for epsilon in epsilons_of(m, args.epsilons):
+                runs = [common.read_json(p) for seed in args.seeds
+                        if (p := run_path(folder, task, m, epsilon, seed, lr)).exists()]
+                if runs:
+                    acc = [r["test_accuracy"] for r in runs]
+                    rows[tag(epsilon)] = dict(lr=lr, mean=statistics.mean(acc), std=statistics.pstdev(acc),
+                                              seeds=[r["seed"] for r in runs], test_accuracy=acc,
+                                              epsilon_spent=[r.get("epsilon") for r in runs])
+    common.write_json(folder / "utility.json", summary)
+    return summary
+
+
+def table(summary: dict, epsilons) -> str:
+    """Markdown: one row per (task, method), mean +- std test accuracy (%) and the number of seeds."""
+    columns = [tag(e) for e in epsilons]
+    lines = ["| task | method | " + " | ".join(f"eps {c}" for c in columns) + " | non-private |",
+             "|---" * (len(columns) + 3) + "|"]
+    for task, by_method in summary["test_accuracy"].items():
+        for m, rows in by_method.items():
+            cells = [_cell(rows.get(c)) for c in columns] if m != "nonprivate" else ["" for _ in columns]
+            cells.append(_cell(rows.get("inf")) if m == "nonprivate" else "")
+            lines.append(f"| {task} | {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _cell(row) -> str:
+    if row is None:
+        return "pending"
+    return f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f} (n={len(row['seeds'])})"
+
+
+def plot(summary: dict, path: Path) -> None:
+    plt = common.maybe_pyplot()
+    if plt is None:
+        return
+    names = list(summary["test_accuracy"])
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, task in zip(axes[0], names):
+        for m, rows in summary["test_accuracy"][task].items():
+            if m == "nonprivate" and "inf" in rows:
+                ax.axhline(100 * rows["inf"]["mean"], color="k", linestyle="--", label="non-private")
+                continue
+            points = sorted((float(e), r) for e, r in rows.items())
+            if points:
+                ax.errorbar([e for e, _ in points], [100 * r["mean"] for _, r in points],
+                            yerr=[100 * r["std"] for _, r in points], marker="o", capsize=3, label=m)
+        ax.set(xscale="log", xlabel="epsilon (delta = 1e-5)", ylabel="test accuracy (%)", title=task)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main(argv=None) -> dict:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", choices=tasks.TASKS, default=list(tasks.TASKS))
+    p.add_argument("--methods", nargs="+", choices=methods.METHODS, default=list(methods.METHODS))
+    p.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    p.add_argument("--lr-grid", nargs="+", type=float, default=list(LR_GRID))
+    p.add_argument("--summary-only", action="store_true", help="only rebuild the summary, table and plot")
+    args = p.parse_args(argv)
+    common.quiet()
+    if args.quick:
+        args.epsilons, args.seeds, args.lr_grid = [TUNE_EPSILON], [0], [3e-3]
+    if "opacus" in args.methods and not methods.opacus_available():
+        print("opacus is not installed (pip install 'prism-dp[bench]'): skipping the Opacus baseline")
+        args.methods = [m for m in args.methods if m != "opacus"]
+    folder = common.out_dir(args)
+    if not args.summary_only:
+        sweep(args, folder, methods.QUICK if args.quick else methods.Setup())
+    summary = summarize(args, folder)
+    print(table(summary, args.epsilons))
+    plot(summary, folder / "utility.png")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
