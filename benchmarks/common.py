@@ -22,7 +22,8 @@ from typing import Callable
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+# PRISM_BENCH_RESULTS: write elsewhere, e.g. into the main checkout while running a clean worktree of a commit
+RESULTS = Path(os.environ.get("PRISM_BENCH_RESULTS", ROOT / "benchmarks" / "results"))
 
 
 def quiet() -> None:
@@ -70,7 +71,8 @@ def _commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "prism", "benchmarks"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "prism", "benchmarks",
+                                ":(exclude)benchmarks/results"],
                                cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
