@@ -27,6 +27,9 @@ override points on this one instance (`get_train_dataloader`, `compute_loss`) an
   private batch without noise); do not publish it.
 - Budget: with the optimizer's `max_epsilon`, training stops before a step that would exceed it.
   With `target_epsilon` and `steps`, the Trainer runs exactly those steps (more is refused).
+- Export: with a PiSSA-style init (part of W0 moved into the adapter) the initial adapter is
+  kept in output_dir/prism_initial_adapter and `save_adapter_for_base(trainer, dir)` writes an
+  adapter for the original base model (prism.export).
 - Checkpoints: the optimizer's state (accountant, noise generator, steps) is saved in the
   Trainer's optimizer.pt; `resume_from_checkpoint` continues epsilon and, with a seeded sampler,
   the exact batch sequence (Poisson draws are keyed by the step index, so no data is skipped).
@@ -37,6 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import warnings
 from typing import Callable
 
@@ -47,6 +51,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import TrainerCallback
 from transformers.models.auto import modeling_auto
 
+from . import export
 from ._base import DPLoRAOptimizer
 from .losses import per_example_causal_lm_loss, per_example_sequence_loss, per_example_token_loss
 from .noise import entropy_seeded_generator
@@ -55,6 +60,7 @@ from .sampling import poisson_indices
 logger = logging.getLogger(__name__)
 
 EMPTY_MICRO_BATCH = "prism_empty_micro_batch"
+INITIAL_ADAPTER = "prism_initial_adapter"
 
 PerExampleLoss = Callable[[object, Tensor], Tensor]
 
@@ -87,8 +93,20 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
     # it for the gradients), so the logged loss is the mean per-example loss
     trainer.loss_is_scaled_for_ga = False
     callback = PrivacyCallback(optimizer, sampler)
+    if export.mutates_base(trainer.model):
+        callback.initial_adapter_dir = os.path.join(trainer.args.output_dir, INITIAL_ADAPTER)
+        export.keep_initial_adapter(trainer.model, callback.initial_adapter_dir)
     trainer.callback_handler.callbacks.insert(0, callback)  # first, so reporters see the epsilon it adds
     return callback
+
+
+def save_adapter_for_base(trainer, save_directory: str) -> None:
+    """Save the trained adapter for the ORIGINAL base model (see prism.export); with a PiSSA-style
+    init it uses the initial adapter make_private kept in output_dir/prism_initial_adapter."""
+    callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, PrivacyCallback)), None)
+    if callback is None:
+        raise ValueError("this trainer was not made private with prism.hf.make_private.")
+    export.save_adapter_for_base(trainer.model, save_directory, callback.initial_adapter_dir)
 
 
 def _prism_optimizer(trainer) -> DPLoRAOptimizer:
@@ -207,7 +225,9 @@ class _MicroBatchCollate:
     def __call__(self, examples: list):
         if examples:
             return self.collate_fn(examples)
-        return {EMPTY_MICRO_BATCH: torch.ones(()), self.main_input_name: torch.zeros(0, dtype=torch.long)}
+        # the Trainer reads these two fields (to count tokens and labels) before compute_loss sees the marker
+        return {EMPTY_MICRO_BATCH: torch.ones(()), self.main_input_name: torch.zeros(0, dtype=torch.long),
+                "labels": torch.zeros(0, dtype=torch.long)}
 
 
 def poisson_train_dataloader(trainer, sampler: PoissonMicroBatchSampler) -> DataLoader:
@@ -266,7 +286,8 @@ def default_per_example_loss(model: nn.Module, label_smoothing: float = 0.0) -> 
 
 
 def _task_of(model: nn.Module) -> str | None:
-    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    configs, active = getattr(model, "peft_config", None), getattr(model, "active_adapter", None)
+    config = configs.get(active) if isinstance(configs, dict) and isinstance(active, str) else None
     task = getattr(config, "task_type", None)
     if task is not None:
         return str(getattr(task, "value", task))
@@ -285,6 +306,7 @@ class PrivacyCallback(TrainerCallback):
     def __init__(self, optimizer: DPLoRAOptimizer, sampler: PoissonMicroBatchSampler):
         self.optimizer = optimizer
         self.sampler = sampler
+        self.initial_adapter_dir: str | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._check_in_step(state, "at the start of training (after loading any checkpoint)")

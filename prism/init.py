@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .export import MUTATED_BASE_FLAG
 from .layers import LoRAPair, find_trainables
 
 RANK_TOLERANCE = 1e-6
@@ -46,7 +47,8 @@ def init_balanced_lora(model: nn.Module, scale: float = 3 ** -0.5, *, compensate
 
     The default c = 1/sqrt(3) gives the factors the singular values of peft's default lora_A.
     With `compensate_base`, the base weight absorbs -scaling * A B^T so the model's output is
-    unchanged (as PiSSA/OLoRA do); the saved adapter is then relative to the modified base.
+    unchanged (as PiSSA/OLoRA do); the saved adapter is then relative to the modified base:
+    export it with prism.export.save_adapter_for_base.
     Only public randomness is used: no privacy cost.
     """
     pairs, _ = find_trainables(model)
@@ -60,6 +62,8 @@ def init_balanced_lora(model: nn.Module, scale: float = 3 ** -0.5, *, compensate
             _subtract_from_base(pair, pair.scaling * (A @ B.T))
         weight.copy_(A.to(weight.dtype))
         pair.lora_A.weight.copy_(B.T.to(pair.lora_A.weight.dtype))
+    if compensate_base:
+        setattr(model, MUTATED_BASE_FLAG, True)
 
 
 def _subtract_from_base(pair: LoRAPair, delta: Tensor) -> None:

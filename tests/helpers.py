@@ -25,10 +25,9 @@ VOCAB = 40
 KINDS = ("bert", "llama", "gpt2")
 
 
-def tiny_model(kind: str, *, r: int = 2, init="pissa", seed: int = 0, dtype=torch.float64, hidden: int = 16,
-               num_labels: int = 3):
-    """A tiny random-init peft model: "bert" (sequence classification, head in modules_to_save),
-    "llama" (causal LM) or "gpt2" (causal LM, Conv1D with fan_in_fan_out). No dropout anywhere."""
+def tiny_base(kind: str, *, seed: int = 0, hidden: int = 16, num_labels: int = 3):
+    """A tiny random-init transformers model and the LoRA targets for it: "bert" (sequence
+    classification), "llama" (causal LM) or "gpt2" (causal LM, Conv1D). No dropout anywhere."""
     torch.manual_seed(seed)
     if kind == "bert":
         base = BertForSequenceClassification(BertConfig(
@@ -48,6 +47,13 @@ def tiny_model(kind: str, *, r: int = 2, init="pissa", seed: int = 0, dtype=torc
         lora = dict(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
     else:
         raise ValueError(kind)
+    return base, lora
+
+
+def tiny_model(kind: str, *, r: int = 2, init="pissa", seed: int = 0, dtype=torch.float64, hidden: int = 16,
+               num_labels: int = 3):
+    """tiny_base(kind) with LoRA of rank r on its attention (and MLP) projections."""
+    base, lora = tiny_base(kind, seed=seed, hidden=hidden, num_labels=num_labels)
     model = get_peft_model(base, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, init_lora_weights=init, **lora))
     return model.to(dtype)
 

@@ -1,0 +1,279 @@
+"""The Hugging Face Trainer integration: a vanilla Trainer made private with prism.hf.make_private."""
+
+import os
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+import prism
+import prism.hf
+from helpers import lora_layers, make_batch, select, tiny_base, tiny_model
+from prism import NaiveDPLoRA, NonPoissonSampling, PRISM
+
+pytestmark = pytest.mark.filterwarnings("ignore:TrainingArguments.max_grad_norm")
+
+
+class TensorDataset(torch.utils.data.Dataset):
+    """Examples as dicts of tensors, cut from one batch dict."""
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def __len__(self):
+        return len(self.batch["labels"])
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+def collate(examples):
+    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def token_halves(n, seed):
+    """Learnable: class 0 draws tokens from 1..23, class 1 from 17..39."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    ids = torch.randint(1, 24, (n, 8), generator=g) + 16 * labels[:, None]
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+
+
+def trainer_for(model, opt, data, tmp_path, callbacks=None, **args):
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                    logging_steps=2, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    settings.update(args)
+    return Trainer(model=model, args=TrainingArguments(**settings), train_dataset=TensorDataset(data),
+                   data_collator=collate, optimizers=(opt, None), callbacks=callbacks)
+
+
+def private_settings(n, **extra):
+    return {**dict(lr=0.03, max_grad_norm=1.0, delta=1e-5, dataset_size=n), **extra}
+
+
+def test_trainer_learns_and_logs_epsilon(tmp_path):
+    train, test = token_halves(2048, 0), token_halves(256, 1)
+    model = tiny_model("bert", r=4, hidden=32, num_labels=2, dtype=torch.float32)
+    opt = PRISM(model, **private_settings(2048, target_epsilon=8.0, expected_batch_size=128, steps=40, lr=0.05))
+    trainer = trainer_for(model, opt, train, tmp_path, logging_steps=10, lr_scheduler_type="constant")
+    prism.hf.make_private(trainer)
+    assert trainer.args.max_steps == 40 and trainer.args.max_grad_norm == 0
+    metrics = trainer.train().metrics
+    assert trainer.state.global_step == opt.steps_taken == 40
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 4 and all("epsilon" in e and "grad_norm" not in e for e in logs)
+    assert [e["epsilon"] for e in logs] == sorted(e["epsilon"] for e in logs)
+    assert metrics["epsilon"] == pytest.approx(opt.privacy_spent()[0]) and 7.5 < metrics["epsilon"] <= 8.0
+    assert logs[-1]["loss"] < 0.7 * logs[0]["loss"]
+    with torch.no_grad():
+        accuracy = (model(input_ids=test["input_ids"]).logits.argmax(-1) == test["labels"]).float().mean()
+    assert accuracy > 0.85
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("cls", [PRISM, NaiveDPLoRA])
+def test_causal_lm_through_the_trainer(kind, cls, tmp_path):
+    data = make_batch(kind, 256, seed=3)
+    model = tiny_model(kind, dtype=torch.float32, init="pissa" if cls is PRISM else True)
+    opt = cls(model, **private_settings(256, noise_multiplier=0.3, expected_batch_size=32, steps=12, lr=0.05))
+    trainer = trainer_for(model, opt, data, tmp_path, logging_steps=5)
+    prism.hf.make_private(trainer)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logs[-1]["loss"] < logs[0]["loss"]
+    assert all(e["epsilon"] > 0 for e in logs) and opt.steps_taken == 12
+
+
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_per_example_loss_ignores_padding_and_other_examples(kind):
+    """The loss make_private installs is the mean of each example's own loss, whatever the padding."""
+    model = tiny_model(kind)
+    opt = PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+    loss_fn = prism.hf.default_per_example_loss(model)
+    batch = make_batch(kind, 4, T=9, seed=5)
+    loss = prism.hf.per_example_compute_loss(opt, loss_fn, model, batch)
+    alone = []
+    for i in range(4):
+        length = int(batch["attention_mask"][i].sum())
+        example = {k: v[i:i + 1, :length] if v.dim() == 2 else v[i:i + 1] for k, v in batch.items()}
+        alone.append(prism.hf.per_example_compute_loss(opt, loss_fn, model, example))
+    assert torch.allclose(loss, torch.stack(alone).mean(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_gradient_of_one_example_is_independent_of_its_micro_batch(kind):
+    """g(j with others) - g(others) = g(j alone), with other lengths, paddings and a trainer-style
+    loss scale (1/3) that watch_loss must divide out."""
+    batch = make_batch(kind, 5, T=9, seed=8)
+    others = make_batch(kind, 3, T=6, seed=9)
+
+    def clipped_sums(examples):
+        model = tiny_model(kind)
+        opt = PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1e6, expected_batch_size=4)
+        loss_fn = prism.hf.default_per_example_loss(model)
+        if examples is not None:
+            (prism.hf.per_example_compute_loss(opt, loss_fn, model, examples) / 3).backward()
+        return [s for unit in opt._collector.units for s in (unit.sums or [])]
+
+    j = select(batch, slice(0, 1))
+    pad = torch.zeros(1, 9 - 6, dtype=torch.long)
+    padded_others = {k: torch.cat([v, pad.expand(3, -1) if k != "labels" else torch.full((3, 3), -100)], 1)
+                     if v.dim() == 2 else v for k, v in others.items()}
+    together = {k: torch.cat([j[k], padded_others[k]]) for k in j}
+    with_others, without_j, j_alone = clipped_sums(together), clipped_sums(others), clipped_sums(j)
+    for a, b, c in zip(with_others, without_j, j_alone):
+        assert torch.allclose(a - b, c, atol=1e-6 * c.abs().max())  # fp64; GPT-2's attention mask costs digits
+
+
+def test_watch_loss_divides_out_a_loss_scale():
+    batch = make_batch("bert", 4, seed=2)
+    norms = []
+    for scale in (1.0, 1 / 3, 512.0):
+        model = tiny_model("bert")
+        opt = PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+        loss = prism.hf.per_example_compute_loss(opt, prism.hf.default_per_example_loss(model), model, batch)
+        (loss * scale).backward()
+        norms.append(opt.stats.last_norms)
+        assert all(p.grad is None for p in opt.param_groups[0]["params"])  # the non-private gradient is dropped
+    assert torch.allclose(norms[0], norms[1]) and torch.allclose(norms[0], norms[2])
+
+
+class StopAt(TrainerCallback):
+    """Simulates a run killed right after the checkpoint of step `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def _train_with_checkpoints(output_dir, stop_at=None, resume_from=None):
+    model = tiny_model("bert", dtype=torch.float32)
+    opt = PRISM(model, **private_settings(120, noise_multiplier=1.0, expected_batch_size=12, steps=6),
+                generator=torch.Generator().manual_seed(7))
+    trainer = trainer_for(model, opt, make_batch("bert", 120, seed=4), output_dir, save_strategy="steps",
+                          save_steps=3, callbacks=[StopAt(stop_at)] if stop_at else None)
+    prism.hf.make_private(trainer, sampling_seed=11)
+    trainer.train(resume_from_checkpoint=resume_from)
+    return model, opt
+
+
+def test_resume_continues_epsilon_and_the_exact_next_steps(tmp_path):
+    full_model, full_opt = _train_with_checkpoints(tmp_path / "full")
+    _train_with_checkpoints(tmp_path / "cut", stop_at=3)
+    model, opt = _train_with_checkpoints(tmp_path / "cut", resume_from=str(tmp_path / "cut" / "checkpoint-3"))
+    assert opt.steps_taken == 6 and opt.accountant.steps == 6
+    assert opt.get_epsilon() == full_opt.get_epsilon()
+    for a, b in zip(model.state_dict().values(), full_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_saved_adapter_reproduces_the_model_on_the_original_base(tmp_path):
+    """PiSSA moves part of W0 into the adapter; the export gives a plain LoRA for the original base."""
+    model = tiny_model("bert", dtype=torch.float32)
+    opt = PRISM(model, **private_settings(64, noise_multiplier=1.0, expected_batch_size=16, steps=4, lr=0.1))
+    trainer = trainer_for(model, opt, make_batch("bert", 64, seed=6), tmp_path / "run")
+    prism.hf.make_private(trainer)
+    trainer.train()
+    prism.hf.save_adapter_for_base(trainer, tmp_path / "adapter")
+    base, _ = tiny_base("bert")
+    batch = make_batch("bert", 6, seed=1)
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with torch.no_grad():
+        before = base.eval()(**inputs).logits
+        reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+        expected, got = model.eval()(**inputs).logits, reloaded(**inputs).logits
+    assert not torch.allclose(expected, before, atol=1e-3)  # it trained
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_a_stale_initial_adapter_is_refused(tmp_path):
+    for seed in (0, 1):
+        model = tiny_model("bert", dtype=torch.float32, seed=seed)
+        opt = PRISM(model, **private_settings(64, noise_multiplier=1.0, expected_batch_size=16, steps=4))
+        trainer = trainer_for(model, opt, make_batch("bert", 64, seed=6), tmp_path)
+        if seed == 1:
+            with pytest.raises(ValueError, match="different initialisation"):
+                prism.hf.make_private(trainer)
+        else:
+            prism.hf.make_private(trainer)
+
+
+def test_empty_micro_batches_still_step_and_account(tmp_path):
+    model = tiny_model("bert", dtype=torch.float32)
+    opt = PRISM(model, **private_settings(200, noise_multiplier=1.0, expected_batch_size=2, steps=10))
+    trainer = trainer_for(model, opt, make_batch("bert", 200, seed=2), tmp_path, gradient_accumulation_steps=4)
+    callback = prism.hf.make_private(trainer, sampling_seed=0)
+    trainer.train()
+    assert opt.steps_taken == opt.accountant.steps == 10
+    draws = [len(chunk) for chunk in prism.hf.PoissonMicroBatchSampler(200, 0.01, 4, seed=0)]
+    assert 0 in draws and callback.sampler.micro_batches == 4
+
+
+def test_split_evenly():
+    assert prism.hf.split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert prism.hf.split_evenly([1], 3) == [[1], [], []]
+
+
+def test_seeded_sampler_draws_are_keyed_by_step():
+    a = prism.hf.PoissonMicroBatchSampler(500, 0.1, 1, seed=3)
+    first = list(a)
+    b = prism.hf.PoissonMicroBatchSampler(500, 0.1, 1, seed=3)
+    b.next_step = 4
+    assert list(b)[:3] == first[4:7]
+    sizes = torch.tensor([len(x) for x in first], dtype=torch.float)
+    assert len(set(sizes.tolist())) > 1 and abs(sizes.mean().item() - 50) < 10
+
+
+def test_max_epsilon_stops_training(tmp_path):
+    model = tiny_model("bert", dtype=torch.float32)
+    opt = PRISM(model, **private_settings(200, noise_multiplier=1.5, expected_batch_size=20, max_epsilon=1.5))
+    trainer = trainer_for(model, opt, make_batch("bert", 200, seed=2), tmp_path, max_steps=200)
+    prism.hf.make_private(trainer)
+    trainer.train()
+    assert 0 < trainer.state.global_step < 200
+    assert opt.privacy_spent()[0] <= 1.5 and not opt.budget_allows_another_step()
+
+
+def test_a_trainer_without_poisson_sampling_is_refused(tmp_path):
+    """Trainer's own shuffled fixed-size batches are not Poisson: the optimizer refuses to go on."""
+    model = tiny_model("bert", dtype=torch.float32)
+    opt = PRISM(model, **private_settings(400, noise_multiplier=1.0, expected_batch_size=8))
+    trainer = trainer_for(model, opt, make_batch("bert", 400, seed=2), tmp_path, gradient_accumulation_steps=1,
+                          max_steps=45, logging_steps=100)
+    with pytest.raises(NonPoissonSampling):
+        trainer.train()
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(optimizer=lambda model: torch.optim.AdamW(model.parameters())), TypeError, "prism optimizer"),
+    (dict(opt_args=dict(dataset_size=150)), ValueError, "dataset_size=len"),
+    (dict(args=dict(max_steps=50)), ValueError, "calibrated for"),
+    (dict(opt_args=dict(dataset_size=None, sample_rate=None)), ValueError, "cannot account"),
+])
+def test_make_private_refuses_bad_setups(change, error, match, tmp_path):
+    model = tiny_model("bert", dtype=torch.float32)
+    opt_args = {**private_settings(100, noise_multiplier=1.0, expected_batch_size=10, steps=20),
+                **change.get("opt_args", {})}
+    opt = change.get("optimizer", lambda model: PRISM(model, **opt_args))(model)
+    trainer = trainer_for(model, opt, make_batch("bert", 100, seed=2), tmp_path, **change.get("args", {}))
+    with pytest.raises(error, match=match):
+        prism.hf.make_private(trainer)
+
+
+def test_an_unknown_task_needs_a_loss():
+    model = lora_layers(tiny_model("bert"))[0][2]  # a bare LoRA layer: no task to infer
+    with pytest.raises(ValueError, match="per_example_loss"):
+        prism.hf.default_per_example_loss(model)
+
+
+def test_checkpoint_optimizer_state_loads_with_weights_only(tmp_path):
+    model = tiny_model("bert", dtype=torch.float32)
+    opt = PRISM(model, **private_settings(100, noise_multiplier=1.0, expected_batch_size=10))
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    state = torch.load(os.fspath(tmp_path / "optimizer.pt"), weights_only=True)
+    assert state["prism"]["steps_taken"] == 1
