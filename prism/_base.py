@@ -142,7 +142,26 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         finally:
             self._end_step()
         apply_updates(updates)
+        self._keep_master_weights(updates)
         return loss
+
+    def value_of(self, param: Tensor, dtype: torch.dtype) -> Tensor:
+        """The parameter's current value in `dtype`: its fp32 master copy for bf16/fp16 parameters
+        (updates smaller than their rounding step still accumulate), else the parameter itself.
+
+        A master copy that no longer rounds to the parameter (someone wrote to the parameter,
+        e.g. loaded other weights) is dropped and the parameter's value is used.
+        """
+        master = self.state[param].get(MASTER) if param in self.state else None
+        if master is not None and not torch.equal(master.to(param.dtype), param.detach()):
+            del self.state[param][MASTER]
+            master = None
+        return (param.detach() if master is None else master).to(dtype)
+
+    def _keep_master_weights(self, updates: list[Update]) -> None:
+        for update in updates:
+            if update.param.dtype in LOW_PRECISION:
+                self.state[update.param][MASTER] = update.value.to(torch.float32)
 
     def _extra_config(self, group: dict) -> dict:
         return {}
@@ -151,7 +170,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         """DP-SGD / DP-AdamW on each parameter: (clipped sum) / b + N(0, std^2 I)."""
         updates = []
         for index, param in enumerate(unit.params):
-            value = param.detach().to(unit.compute_dtype)
+            value = self.value_of(param, unit.compute_dtype)
             grad = unit.sums[index] / cfg.expected_batch_size if unit.sums else torch.zeros_like(value)
             if cfg.noise_std > 0:
                 grad = grad + gaussian(tuple(value.shape), cfg.noise_std, self.generator, value)
@@ -284,6 +303,10 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
 def compute_dtype(param: Tensor) -> torch.dtype:
     """fp32 for fp32/bf16/fp16 parameters, fp64 for fp64 ones."""
     return torch.promote_types(param.dtype, torch.float32)
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+MASTER = "fp32_master"
 
 
 class Update(NamedTuple):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import _validate, per_example
 from ._base import DPLoRAOptimizer, Update, compute_dtype
@@ -121,8 +121,13 @@ class PRISM(DPLoRAOptimizer):
     def _basis(self, index: int) -> TangentBasis:
         """The tangent basis at the current Z, fixed for the whole logical step."""
         if index not in self._bases:
-            self._bases[index] = tangent_basis(*lora_factors(self.pairs[index], self._lora_units[index].compute_dtype))
+            self._bases[index] = tangent_basis(*self._factors(index))
         return self._bases[index]
+
+    def _factors(self, index: int) -> tuple[Tensor, Tensor]:
+        """(A, B) = (lora_B.weight, lora_A.weight^T) in the compute dtype (fp32 masters for bf16)."""
+        pair, dtype = self.pairs[index], self._lora_units[index].compute_dtype
+        return self.value_of(pair.lora_B.weight, dtype), self.value_of(pair.lora_A.weight, dtype).T
 
     def _extra_config(self, group: dict) -> dict:
         return dict(floor_mode=group["floor_mode"], floor_factor=group["floor_factor"],
@@ -131,7 +136,7 @@ class PRISM(DPLoRAOptimizer):
     def _lora_updates(self, cfg: StepConfig) -> list[Update]:
         updates = []
         for index, (pair, unit) in enumerate(zip(self.pairs, self._lora_units)):
-            A, B = lora_factors(pair, unit.compute_dtype)
+            A, B = self._factors(index)
             Y_sum, W_sum = unit.sums if unit.sums else (torch.zeros_like(A), torch.zeros_like(B))
             try:
                 A_new, B_new = prism_module_step(A, B, Y_sum, W_sum, self._basis(index),
