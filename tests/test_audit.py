@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from canaries import audit_task, per_example_loss
+from helpers import make_batch, per_example_losses, tiny_model
 from prism import PRISM, NaiveDPLoRA
-from prism.audit import audit, best_bound, count_correct, epsilon_lower_bound, guess, p_value
+from prism.audit import audit, best_bound, canary_losses, count_correct, epsilon_lower_bound, guess, p_value
 
 
 @pytest.mark.parametrize("r", [10, 100, 1000])
@@ -136,3 +137,21 @@ def test_audit_stays_below_the_reported_epsilon_and_catches_too_little_noise(one
     assert honest.epsilon_reported == broken.epsilon_reported < 2.0
     assert honest.epsilon_lower <= honest.epsilon_reported
     assert broken.epsilon_lower > 1.5 * broken.epsilon_reported
+
+
+def test_audit_runs_on_a_peft_transformer_with_dict_batches(one_thread):
+    model = tiny_model("bert", r=2, hidden=16, dtype=torch.float32)
+    data, canaries = make_batch("bert", 60, seed=1), make_batch("bert", 40, seed=2)
+    optimizer = NaiveDPLoRA(model, lr=0.05, noise_multiplier=0.0, max_grad_norm=1.0, sample_rate=0.5,
+                            expected_batch_size=40.0, loss_reduction="mean")
+    def loss_fn(model, batch):
+        return per_example_losses("bert", model, batch)
+
+    before = canary_losses(model, canaries, loss_fn)
+    result = audit(model, optimizer, canaries, loss_fn, steps=15, data=data, choices=[(5, 5), (10, 10)],
+                   micro_batch_size=16, generator=torch.Generator().manual_seed(0))
+    assert optimizer.steps_taken == 15 and result.canaries == 40 and 0 < result.included.sum() < 40
+    torch.testing.assert_close(result.scores, before - canary_losses(model, canaries, loss_fn))
+    assert count_correct(guess(result.scores, result.k_in, result.k_out), result.included) == (result.correct,
+                                                                                               result.guesses)
+    assert result.epsilon_reported is None  # delta 0: nothing to compare with
