@@ -30,9 +30,8 @@ What a result shows, and what it does not:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from collections.abc import Mapping
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
