@@ -67,6 +67,10 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
             self._collector.add_lora_pair(pair.lora_A, pair.lora_B, unit)
             self._lora_units.append(unit)
         self._dense_units = [self._dense_unit(d.name, d.module) for d in self.dense]
+        self._owners = [(module, name, getattr(module, name)) for module in
+                        [m for pair in self.pairs for m in (pair.lora_A, pair.lora_B)] + [d.module for d in self.dense]
+                        for name in ("weight", "bias")
+                        if getattr(module, name, None) is not None and getattr(module, name).requires_grad]
 
     @property
     def noise_multiplier(self) -> float:
@@ -123,6 +127,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                 loss = closure()
         self._collector.discard_unfinished()
         self._refuse_gradients_without_hooks()
+        self._refuse_replaced_parameters()
         self._refuse_exceeding_the_budget()
         self._sampling_check.observe(self._collector.stats.examples)
         group = self.param_groups[0]
@@ -165,6 +170,28 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
 
     def _extra_config(self, group: dict) -> dict:
         return {}
+
+    def restore_parameters(self) -> int:
+        """Put back trained parameters that a loader replaced by new Parameter objects (peft's
+        load_adapter does so for bf16 adapters, casting them to fp32): the new value is copied into
+        the optimizer's parameter, which is registered on its module again, so hooks, optimizer
+        state and fp32 masters stay attached. Returns how many were put back."""
+        restored = 0
+        for module, name, param in self._owners:
+            current = getattr(module, name)
+            if current is not param:
+                with torch.no_grad():
+                    param.copy_(current.detach().to(param.dtype))
+                setattr(module, name, param)
+                restored += 1
+        return restored
+
+    def _refuse_replaced_parameters(self) -> None:
+        for module, name, param in self._owners:
+            if getattr(module, name) is not param:
+                raise RuntimeError(f"a trained parameter ({type(module).__name__}.{name}) was replaced by a new "
+                                   "Parameter since the optimizer was built (e.g. by peft's load_adapter); its "
+                                   "hooks and state would be lost. Call optimizer.restore_parameters() after loading.")
 
     def _dense_updates(self, unit: Unit, cfg: StepConfig) -> list[Update]:
         """DP-SGD / DP-AdamW on each parameter: (clipped sum) / b + N(0, std^2 I)."""
@@ -291,6 +318,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
             self.accountant.load_state_dict(extra["accountant"])
             self._allowed_steps = None
         self._sampling_check.load_state_dict(extra["sampling_check"])
+        self._collector.reset()  # clipped sums of an interrupted step must not join the loaded run
 
     def __repr__(self) -> str:
         group = self.param_groups[0]

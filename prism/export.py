@@ -26,14 +26,15 @@ import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-BASE_MUTATING_INITS = ("pissa", "olora", "corda")
+BASE_PRESERVING_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
 MUTATED_BASE_FLAG = "prism_mutated_base"  # set on the model by init_balanced_lora(compensate_base=True)
 
 
 def mutates_base(model) -> bool:
-    """True if the active adapter's init moved part of the base weights into the adapter."""
+    """True if the active adapter's init may have changed the base weights (PiSSA, OLoRA, CorDA,
+    LoRA-GA, LoftQ, ...: anything but the inits known to leave them alone), or init_balanced_lora did."""
     init = getattr(_active_config(model), "init_lora_weights", True)
-    return getattr(model, MUTATED_BASE_FLAG, False) or (isinstance(init, str) and init.startswith(BASE_MUTATING_INITS))
+    return getattr(model, MUTATED_BASE_FLAG, False) or not any(init is k or init == k for k in BASE_PRESERVING_INITS)
 
 
 def keep_initial_adapter(model, directory: str) -> None:
@@ -54,9 +55,12 @@ def keep_initial_adapter(model, directory: str) -> None:
         if "lora_A" not in name:
             continue
         name_B = name.replace("lora_A", "lora_B")
+        if name not in saved or name_B not in saved:
+            raise ValueError(f"{directory} holds the initial adapter of another model (no {name}). Remove it for a "
+                             "new run.")
         Z_now = current[name_B].detach().cpu().double() @ lora_A.detach().cpu().double()
         Z_saved = saved[name_B].double() @ saved[name].double()
-        if name not in saved or not torch.allclose(Z_now, Z_saved, rtol=1e-4, atol=1e-6 * Z_now.abs().max()):
+        if not torch.allclose(Z_now, Z_saved, rtol=1e-4, atol=1e-6 * Z_now.abs().max()):
             raise ValueError(f"{directory} holds the initial adapter of a different initialisation ({name} differs). "
                              "Remove it for a new run; to resume, initialise the model exactly as the first run did.")
 

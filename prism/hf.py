@@ -53,6 +53,7 @@ from transformers.models.auto import modeling_auto
 
 from . import export
 from ._base import DPLoRAOptimizer
+from .accounting import PrivacyBudgetExceeded
 from .losses import per_example_causal_lm_loss, per_example_sequence_loss, per_example_token_loss
 from .noise import entropy_seeded_generator
 from .sampling import poisson_indices
@@ -61,6 +62,9 @@ logger = logging.getLogger(__name__)
 
 EMPTY_MICRO_BATCH = "prism_empty_micro_batch"
 INITIAL_ADAPTER = "prism_initial_adapter"
+EXAMPLE_COUNT = "prism_examples"
+# Trainer log entries computed from the private batches without noise (batch sizes, token counts)
+UNNOISED_LOG_KEYS = ("grad_norm", "total_flos", "num_input_tokens_seen", "train_tokens_per_second")
 
 PerExampleLoss = Callable[[object, Tensor], Tensor]
 
@@ -86,6 +90,17 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
     _check_model(trainer.model, optimizer)
     dataset_size = _check_dataset(trainer, optimizer)
     _adjust_arguments(trainer.args, optimizer)
+    from transformers import Trainer
+
+    if type(trainer).training_step is not Trainer.training_step:
+        raise ValueError(f"{type(trainer).__name__} overrides training_step; prism cannot check that each example's "
+                         "gradient comes from its own loss. Use transformers.Trainer (or a subclass that keeps it).")
+    if type(trainer).compute_loss is not Trainer.compute_loss or trainer.compute_loss_func is not None:
+        warnings.warn("the trainer's own compute_loss / compute_loss_func is replaced by prism's per-example loss; "
+                      "pass per_example_loss=... to make_private for a custom loss.", UserWarning, stacklevel=2)
+    if per_example_loss is not None and trainer.args.label_smoothing_factor:
+        warnings.warn("label_smoothing_factor is not applied to a custom per_example_loss; apply it there.",
+                      UserWarning, stacklevel=2)
     loss_fn = per_example_loss or default_per_example_loss(trainer.model, trainer.args.label_smoothing_factor)
     sampler = PoissonMicroBatchSampler(dataset_size, optimizer.plan.sample_rate,
                                        trainer.args.gradient_accumulation_steps, seed=sampling_seed)
@@ -94,6 +109,7 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
     # the Trainer then divides each micro-batch's loss by the accumulation steps (watch_loss undoes
     # it for the gradients), so the logged loss is the mean per-example loss
     trainer.loss_is_scaled_for_ga = False
+    trainer.floating_point_ops = lambda inputs: 0  # FLOP counts would reveal each Poisson batch's size
     callback = PrivacyCallback(optimizer, sampler)
     if export.mutates_base(trainer.model):
         callback.initial_adapter_dir = os.path.join(trainer.args.output_dir, INITIAL_ADAPTER)
@@ -148,6 +164,28 @@ def _adjust_arguments(args, optimizer: DPLoRAOptimizer) -> None:
     if args.world_size > 1 or args.n_gpu > 1:
         raise NotImplementedError("prism.hf supports one process on one device for now; distributed training "
                                   "would sample and noise per process. Run on a single device.")
+    refused = {
+        "include_num_input_tokens_seen": (args.include_num_input_tokens_seen not in (False, None, "no"),
+                                          "it logs the token count of each private batch without noise"),
+        "neftune_noise_alpha": (args.neftune_noise_alpha is not None,
+                                "its noise scale depends on the longest sequence of the micro-batch, coupling examples"),
+        "auto_find_batch_size": (bool(args.auto_find_batch_size),
+                                 "its retries would rerun part of a private step; set gradient_accumulation_steps"),
+        "hub_strategy": (bool(args.push_to_hub) and str(getattr(args.hub_strategy, "value", args.hub_strategy))
+                         in ("checkpoint", "all_checkpoints") and not optimizer.secure_noise,
+                         "it uploads checkpoints, whose optimizer.pt holds the noise generator state "
+                         "(use generator='secure' or hub_strategy='end')"),
+        "gradient_checkpointing_kwargs": (bool(args.gradient_checkpointing) and (args.gradient_checkpointing_kwargs
+                                          or {}).get("use_reentrant") is True,
+                                          "reentrant checkpointing clips each segment on its own; use "
+                                          "{'use_reentrant': False}"),
+    }
+    for name, (bad, why) in refused.items():
+        if bad:
+            raise ValueError(f"TrainingArguments.{name} is not supported with prism: {why}.")
+    if args.push_to_hub:
+        warnings.warn("push_to_hub also publishes the training-loss table in the model card; the logged loss is "
+                      "not private.", UserWarning, stacklevel=3)
     if args.fp16:
         raise ValueError("fp16 with a gradient scaler is not supported (the scaler needs the non-private "
                          "gradients prism drops); use bf16=True, or fp32.")
@@ -156,6 +194,12 @@ def _adjust_arguments(args, optimizer: DPLoRAOptimizer) -> None:
                       f"example's gradient to the optimizer's max_grad_norm={optimizer.max_grad_norm}. Set "
                       "max_grad_norm=0 to silence this warning.", UserWarning, stacklevel=3)
         args.max_grad_norm = 0.0
+    micro_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    if not 0.5 <= micro_batch / optimizer.expected_batch_size <= 2:
+        warnings.warn(f"per_device_train_batch_size is ignored: each step draws a Poisson batch of about "
+                      f"{optimizer.expected_batch_size:.0f} examples (the optimizer's expected_batch_size), split into "
+                      f"{args.gradient_accumulation_steps} micro-batches per process; raise "
+                      "gradient_accumulation_steps if they do not fit in memory.", UserWarning, stacklevel=3)
     # Poisson draws are keyed by the step index, so a resumed run must not replay and skip batches.
     args.ignore_data_skip = True
     planned = optimizer.plan.steps
@@ -226,7 +270,9 @@ class _MicroBatchCollate:
 
     def __call__(self, examples: list):
         if examples:
-            return self.collate_fn(examples)
+            batch = self.collate_fn(examples)
+            batch[EXAMPLE_COUNT] = torch.tensor(len(examples))  # checked against the rows compute_loss sees
+            return batch
         # the Trainer reads these two fields (to count tokens and labels) before compute_loss sees the marker
         return {EMPTY_MICRO_BATCH: torch.ones(()), self.main_input_name: torch.zeros(0, dtype=torch.long),
                 "labels": torch.zeros(0, dtype=torch.long)}
@@ -257,8 +303,13 @@ def per_example_compute_loss(optimizer: DPLoRAOptimizer, loss_fn: PerExampleLoss
         return (loss, None) if return_outputs else loss
     inputs = dict(inputs)
     labels = inputs.pop("labels", None)
+    examples = inputs.pop(EXAMPLE_COUNT, None)
     if labels is None:
         raise ValueError("prism needs the labels in every batch (a 'labels' field) to form per-example losses.")
+    if examples is not None and labels.shape[0] != int(examples):
+        raise ValueError(f"the collator turned {int(examples)} examples into {labels.shape[0]} rows (padding-free "
+                         "packing such as DataCollatorWithFlattening?); prism clips per row, so it needs one row "
+                         "per example. Use a padding collator (e.g. DataCollatorWithPadding).")
     outputs = model(**inputs)
     losses = loss_fn(outputs, labels)
     batch = labels.shape[0]
@@ -311,8 +362,29 @@ class PrivacyCallback(TrainerCallback):
         self.initial_adapter_dir: str | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        restored = self.optimizer.restore_parameters()
+        if restored:
+            logger.info("prism: %d parameters replaced while loading the checkpoint were put back", restored)
         self._check_in_step(state, "at the start of training (after loading any checkpoint)")
+        planned = self.optimizer.plan.steps
+        if planned is not None and state.max_steps > planned:
+            raise ValueError(f"the Trainer will run {state.max_steps} steps but the optimizer's noise was calibrated "
+                             f"for {planned}; set max_steps <= {planned}.")
+        if not self.optimizer.budget_allows_another_step():
+            raise PrivacyBudgetExceeded(f"the privacy budget max_epsilon={self.optimizer.plan.max_epsilon} is spent "
+                                        f"({self.optimizer.privacy_spent()[0]:.4g}); training cannot continue.")
+        self._drop_unfinished_step()
         self.sampler.next_step = state.global_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._drop_unfinished_step()
+
+    def _drop_unfinished_step(self) -> None:
+        """Clipped sums of a logical step that never reached optimizer.step() (an exception, an
+        early stop between micro-batches) must not join the next step: its examples may be drawn again."""
+        if self.optimizer.stats.backward_passes:
+            warnings.warn("prism: discarding the clipped gradients of an unfinished step", RuntimeWarning, stacklevel=2)
+            self.optimizer.zero_grad()
 
     def on_step_end(self, args, state, control, **kwargs):
         self._check_in_step(state, "after a step")
@@ -325,7 +397,8 @@ class PrivacyCallback(TrainerCallback):
             return
         extra = {"epsilon": self.optimizer.privacy_spent()[0]}
         for entry in [logs] + ([state.log_history[-1]] if state.log_history else []):
-            entry.pop("grad_norm", None)
+            for key in UNNOISED_LOG_KEYS:
+                entry.pop(key, None)
             entry.update(extra)
 
     def _check_in_step(self, state, when: str) -> None:
@@ -333,4 +406,5 @@ class PrivacyCallback(TrainerCallback):
             raise RuntimeError(
                 f"the optimizer has taken {self.optimizer.steps_taken} private steps but the Trainer is at step "
                 f"{state.global_step} {when}; the accountant would not match the training. Resume from a "
-                "checkpoint saved with its optimizer state (do not set save_only_model=True).")
+                "checkpoint saved with its optimizer state (do not set save_only_model=True), and build a new "
+                "optimizer and trainer for each new training run.")

@@ -143,15 +143,18 @@ class PerExampleCollector:
     def add_lora_pair(self, lora_A: nn.Linear, lora_B: nn.Linear, unit: Unit) -> None:
         """Hook a LoRA pair; `unit.per_example(x, h, go)` gets lora_A's input x, its output h
         and the gradient go at lora_B's output."""
-        pending_inputs: list[Tensor] = []
-
         def on_lora_A(module, inputs, output):
-            if output.requires_grad:
-                pending_inputs.append(inputs[0])
+            # kept on lora_A's output (lora_B's input), so it lives exactly as long as that tensor:
+            # a recomputation that stops before lora_B (non-reentrant checkpointing) leaves nothing behind
+            output._prism_lora_input = inputs[0]
 
         def on_lora_B(module, inputs, output):
             if output.requires_grad:
-                self._watch(output, unit, pending_inputs.pop(), inputs[0])
+                x = getattr(inputs[0], "_prism_lora_input", None)
+                if x is None:
+                    raise RuntimeError(f"{unit.name}: lora_B was called on something other than lora_A's output; "
+                                       "prism supports peft's standard LoRA forward only.")
+                self._watch(output, unit, x, inputs[0])
 
         self._add_unit(unit)
         self._handles += [lora_A.register_forward_hook(on_lora_A), lora_B.register_forward_hook(on_lora_B)]

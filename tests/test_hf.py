@@ -62,7 +62,8 @@ def test_trainer_learns_and_logs_epsilon(tmp_path):
     metrics = trainer.train().metrics
     assert trainer.state.global_step == opt.steps_taken == 40
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logs) == 4 and all("epsilon" in e and "grad_norm" not in e for e in logs)
+    assert len(logs) == 4 and all("epsilon" in e for e in logs)
+    assert not any(key in e for e in trainer.state.log_history for key in prism.hf.UNNOISED_LOG_KEYS)
     assert [e["epsilon"] for e in logs] == sorted(e["epsilon"] for e in logs)
     assert metrics["epsilon"] == pytest.approx(opt.privacy_spent()[0]) and 7.5 < metrics["epsilon"] <= 8.0
     assert logs[-1]["loss"] < 0.7 * logs[0]["loss"]
@@ -253,6 +254,11 @@ def test_a_trainer_without_poisson_sampling_is_refused(tmp_path):
     (dict(opt_args=dict(dataset_size=150)), ValueError, "dataset_size=len"),
     (dict(args=dict(max_steps=50)), ValueError, "calibrated for"),
     (dict(opt_args=dict(dataset_size=None, sample_rate=None)), ValueError, "cannot account"),
+    (dict(args=dict(include_num_input_tokens_seen=True)), ValueError, "token count"),
+    (dict(args=dict(neftune_noise_alpha=5.0)), ValueError, "neftune"),
+    (dict(args=dict(auto_find_batch_size=True)), ValueError, "auto_find_batch_size"),
+    (dict(args=dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})),
+     ValueError, "use_reentrant"),
 ])
 def test_make_private_refuses_bad_setups(change, error, match, tmp_path):
     model = tiny_model("bert", dtype=torch.float32)
@@ -292,3 +298,52 @@ def test_main_job_runs_through_the_trainer(method, tmp_path, capsys):
     assert os.path.exists(tmp_path / "adapter" / "adapter_model.safetensors")
     if method == "prism":
         assert result["epsilon"] <= 8.0 and "privacy spent: epsilon" in printed
+
+
+def test_a_collator_that_packs_examples_into_one_row_is_refused():
+    model = tiny_model("bert")
+    opt = PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+
+    def packing(examples):  # several examples in one row, as padding-free collators do
+        return {"input_ids": torch.cat([e["input_ids"] for e in examples])[None], "labels": examples[0]["labels"][None]}
+
+    examples = [TensorDataset(make_batch("bert", 3))[i] for i in range(3)]
+    batch = prism.hf._MicroBatchCollate(packing, "input_ids")(examples)
+    with pytest.raises(ValueError, match="one row per example"):
+        prism.hf.per_example_compute_loss(opt, prism.hf.default_per_example_loss(model), model, batch)
+
+
+def test_clipped_sums_of_an_unfinished_step_are_dropped():
+    model = tiny_model("bert")
+    opt = PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+    callback = prism.hf.PrivacyCallback(opt, prism.hf.PoissonMicroBatchSampler(100, 0.04, 1, seed=0))
+    loss = prism.hf.per_example_compute_loss(opt, prism.hf.default_per_example_loss(model), model,
+                                             make_batch("bert", 3))
+    loss.backward()  # ...and the step never comes (an exception, an early stop)
+    with pytest.warns(RuntimeWarning, match="unfinished step"):
+        callback.on_step_begin(None, None, None)
+    assert opt.stats.backward_passes == 0 and all(u.sums is None for u in opt._collector.units)
+
+
+def test_replaced_parameters_are_refused_then_restored():
+    """peft's load_adapter swaps bf16 adapter Parameters for new fp32 ones when a Trainer resumes."""
+    model = tiny_model("bert", dtype=torch.bfloat16)
+    opt = PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+    lora_A = lora_layers(model)[0][0]
+    old = lora_A.weight
+    loaded = old.detach().float() + 1
+    lora_A.weight = torch.nn.Parameter(loaded)
+    with pytest.raises(RuntimeError, match="restore_parameters"):
+        opt.step()
+    assert opt.restore_parameters() == 1
+    assert lora_A.weight is old and torch.equal(old, loaded.to(torch.bfloat16))
+    opt.step()
+
+
+@pytest.mark.parametrize("init, mutates", [(True, False), ("gaussian", False), ("pissa", True),
+                                           ("pissa_niter_4", True), ("olora", True)])
+def test_which_inits_need_the_initial_adapter_to_export(init, mutates):
+    from prism.export import mutates_base
+    model = tiny_model("bert", init=init if init != "olora" else "gaussian")
+    model.peft_config["default"].init_lora_weights = init
+    assert mutates_base(model) is mutates
