@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import _validate, per_example
+from . import _validate, distributed, per_example
 from .accounting import PrivacyAccountant, PrivacyBudgetExceeded, max_steps_within
 from .functional import StepConfig, dense_step
 from .hooks import PerExampleCollector, StepStats, Unit
@@ -38,6 +38,11 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be the peft model (an nn.Module), got {type(model).__name__}; prism "
                             "finds the trainable parameters itself, so do not pass model.parameters().")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise TypeError("pass the model itself (ddp_model.module), not a DistributedDataParallel wrapper: under "
+                            "torch.distributed prism sums the clipped per-example gradients over ranks itself, while "
+                            "DDP would all-reduce the non-private gradients and hang when a rank's Poisson share is "
+                            "empty (see prism.distributed).")
         _validate.non_negative(lr=lr, weight_decay=weight_decay)
         _validate.positive(max_grad_norm=max_grad_norm, eps=eps)
         _validate.in_unit_interval(**{"betas[0]": betas[0], "betas[1]": betas[1]})
@@ -71,6 +76,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                         [m for pair in self.pairs for m in (pair.lora_A, pair.lora_B)] + [d.module for d in self.dense]
                         for name in ("weight", "bias")
                         if getattr(module, name, None) is not None and getattr(module, name).requires_grad]
+        self._ranks = distributed.world()[0]
+        self._replicas = distributed.Replicas(model, params, self.generator) if self._ranks > 1 else None
 
     @property
     def noise_multiplier(self) -> float:
@@ -129,6 +136,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         self._refuse_gradients_without_hooks()
         self._refuse_replaced_parameters()
         self._refuse_exceeding_the_budget()
+        self._sum_over_ranks()
         self._sampling_check.observe(self._collector.stats.examples)
         group = self.param_groups[0]
         cfg = StepConfig(lr=group["lr"], noise_std=self.noise_std, expected_batch_size=self.expected_batch_size,
@@ -140,6 +148,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.plan.sample_rate)
         if self.secure_noise:
             fill_from_os_entropy(self.generator)  # a fresh state, recorded nowhere, for this step's noise
+            distributed.broadcast_generator(self.generator)  # rank 0's, under torch.distributed
         try:
             updates = self._lora_updates(cfg)
             for unit in self._dense_units:
@@ -203,6 +212,27 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                 grad = grad + gaussian(tuple(value.shape), cfg.noise_std, self.generator, value)
             updates.append(Update(param, dense_step(value, grad, self.state[param], cfg), unit.name))
         return updates
+
+    def _sum_over_ranks(self) -> None:
+        """Under torch.distributed (W > 1 ranks): check that the replicas are identical, then replace
+        every unit's clipped sums (zeros where this rank saw no example) and the step's counts by
+        their sums over ranks, so the rest of the step sees the global batch (prism.distributed)."""
+        distributed.check_same_world(self._ranks, "this optimizer")
+        if self._replicas is None:
+            return
+        self._replicas.check_identical([p for g in self.param_groups for p in g["params"]], self.generator)
+        units = self._lora_units + self._dense_units
+        for unit in units:
+            if unit.sums is None:
+                unit.sums = self._zero_sums(unit)
+        stats = self._collector.stats
+        counts = torch.tensor([stats.examples, stats.clipped, stats.nonfinite, stats.backward_passes])
+        self._replicas.sum_over_ranks([t for unit in units for t in unit.sums] + [counts])
+        stats.examples, stats.clipped, stats.nonfinite, stats.backward_passes = counts.tolist()
+
+    def _zero_sums(self, unit: Unit) -> list[Tensor]:
+        """Clipped sums of a unit that saw no example: zeros shaped like its parameters."""
+        return [torch.zeros(p.shape, dtype=unit.compute_dtype, device=p.device) for p in unit.params]
 
     def _refuse_gradients_without_hooks(self) -> None:
         for unit in self._lora_units + self._dense_units:

@@ -33,6 +33,12 @@ override points on this one instance (`get_train_dataloader`, `compute_loss`) an
 - Checkpoints: the optimizer's state (accountant, noise generator, steps) is saved in the
   Trainer's optimizer.pt; `resume_from_checkpoint` continues epsilon and, with a seeded sampler,
   the exact batch sequence (Poisson draws are keyed by the step index, so no data is skipped).
+- Distributed (`torchrun --nproc_per_node W`, one process per device): build the optimizer after
+  TrainingArguments (which starts torch.distributed) with the GLOBAL expected batch size. Every
+  rank draws the same Poisson batch (rank 0's seed or generator state) and trains on its share,
+  split into its micro-batches; the optimizer sums the clipped sums over ranks and adds the same
+  noise on every rank (prism.distributed). The model is not wrapped in DistributedDataParallel
+  (accelerate only applies autocast to it). DeepSpeed, FSDP and DataParallel are refused.
 """
 
 from __future__ import annotations
@@ -51,12 +57,12 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import TrainerCallback
 from transformers.models.auto import modeling_auto
 
-from . import export
+from . import distributed, export
 from ._base import DPLoRAOptimizer
 from .accounting import PrivacyBudgetExceeded
 from .losses import per_example_causal_lm_loss, per_example_sequence_loss, per_example_token_loss
 from .noise import entropy_seeded_generator
-from .sampling import poisson_indices
+from .sampling import poisson_indices, split_evenly
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +96,12 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
     _check_model(trainer.model, optimizer)
     dataset_size = _check_dataset(trainer, optimizer)
     _adjust_arguments(trainer.args, optimizer)
+    if trainer.args.world_size > 1:
+        # Accelerate would wrap the model in DistributedDataParallel, whose gradient all-reduce
+        # hangs when ranks run different numbers of micro-batches; prism reduces the clipped sums
+        # itself. Preparing it now for evaluation only (autocast, compile) makes the Trainer's
+        # own prepare() leave it unwrapped.
+        trainer.accelerator.prepare_model(trainer.model, evaluation_mode=True)
     from transformers import Trainer
 
     if type(trainer).training_step is not Trainer.training_step:
@@ -113,7 +125,8 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
     callback = PrivacyCallback(optimizer, sampler)
     if export.mutates_base(trainer.model):
         callback.initial_adapter_dir = os.path.join(trainer.args.output_dir, INITIAL_ADAPTER)
-        export.keep_initial_adapter(trainer.model, callback.initial_adapter_dir)
+        if trainer.args.should_save:  # one writer per output directory
+            export.keep_initial_adapter(trainer.model, callback.initial_adapter_dir)
     trainer.callback_handler.callbacks.insert(0, callback)  # first, so reporters see the epsilon it adds
     return callback
 
@@ -161,9 +174,12 @@ def _check_dataset(trainer, optimizer: DPLoRAOptimizer) -> int:
 
 
 def _adjust_arguments(args, optimizer: DPLoRAOptimizer) -> None:
-    if args.world_size > 1 or args.n_gpu > 1:
-        raise NotImplementedError("prism.hf supports one process on one device for now; distributed training "
-                                  "would sample and noise per process. Run on a single device.")
+    if args.n_gpu > 1:
+        raise NotImplementedError("DataParallel (several GPUs in one process) is not supported; launch one process "
+                                  "per GPU with torchrun (prism sums the clipped gradients over processes).")
+    if args.world_size > 1 and (args.deepspeed or args.fsdp):
+        raise NotImplementedError("DeepSpeed and FSDP shard what prism keeps replicated; use plain data parallel "
+                                  "(torchrun without --deepspeed / --fsdp).")
     refused = {
         "include_num_input_tokens_seen": (args.include_num_input_tokens_seen not in (False, None, "no"),
                                           "it logs the token count of each private batch without noise"),
@@ -221,6 +237,10 @@ class PoissonMicroBatchSampler(Sampler[list[int]]):
     its indices are split in order into k chunks of near-equal size (chunks may be empty). One
     "epoch" is ceil(1/q) logical steps, N examples in expectation.
 
+    Under torch.distributed with W ranks (build it on every rank): every rank draws the same batch
+    (rank 0's seed, or rank 0's entropy-seeded generator state, broadcast here), keeps its share
+    (chunk `rank` of the draw cut in order into W chunks) and splits that into the k micro-batches.
+
     Args:
         dataset_size: N.
         sample_rate: q.
@@ -233,32 +253,27 @@ class PoissonMicroBatchSampler(Sampler[list[int]]):
         self.dataset_size = dataset_size
         self.sample_rate = sample_rate
         self.micro_batches = micro_batches
-        self.seed = seed
+        self.ranks, self.rank = distributed.world()
+        self.seed = distributed.broadcast_object(seed)
         self.steps_per_epoch = math.ceil(1 / sample_rate)
         self.next_step = 0
-        self._entropy = entropy_seeded_generator() if seed is None else None
+        self._entropy = distributed.broadcast_generator(entropy_seeded_generator()) if self.seed is None else None
 
     def __len__(self) -> int:
         return self.steps_per_epoch * self.micro_batches
 
     def __iter__(self):
         for _ in range(self.steps_per_epoch):
+            distributed.check_same_world(self.ranks, "the Trainer's Poisson sampler")
             indices = poisson_indices(self.dataset_size, self.sample_rate, self._generator(self.next_step))
             self.next_step += 1
-            yield from split_evenly(indices, self.micro_batches)
+            yield from split_evenly(split_evenly(indices, self.ranks)[self.rank], self.micro_batches)
 
     def _generator(self, step: int) -> torch.Generator:
         if self.seed is None:
             return self._entropy
         key = np.random.SeedSequence([self.seed, step]).generate_state(1, np.uint64)[0]
         return torch.Generator().manual_seed(int(key) >> 1)
-
-
-def split_evenly(items: list, parts: int) -> list[list]:
-    """`items` in order, cut into `parts` chunks whose sizes differ by at most one (some may be empty)."""
-    size, extra = divmod(len(items), parts)
-    bounds = np.cumsum([0] + [size + (i < extra) for i in range(parts)])
-    return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
 
 
 class _MicroBatchCollate:

@@ -129,6 +129,12 @@ class PRISM(DPLoRAOptimizer):
         pair, dtype = self.pairs[index], self._lora_units[index].compute_dtype
         return self.value_of(pair.lora_B.weight, dtype), self.value_of(pair.lora_A.weight, dtype).T
 
+    def _zero_sums(self, unit: Unit) -> list[Tensor]:
+        """(Y, W) sums of a LoRA unit that saw no example: zeros shaped like (A, B)."""
+        if unit not in self._lora_units:
+            return super()._zero_sums(unit)
+        return [torch.zeros_like(f) for f in self._factors(self._lora_units.index(unit))]
+
     def _extra_config(self, group: dict) -> dict:
         return dict(floor_mode=group["floor_mode"], floor_factor=group["floor_factor"],
                     max_condition=group["max_condition"])

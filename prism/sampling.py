@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from . import _validate
+from . import _validate, distributed
 from .accounting import steps_from, validate_mechanism
 from .noise import entropy_seeded_generator
 
@@ -36,6 +36,11 @@ class PoissonBatchSampler(Sampler[list[int]]):
         generator: source of the sampling randomness, never derived from the data and unknown to
             an adversary (default: seeded from the OS entropy source; a publicly seeded generator
             reveals which examples were drawn and voids the amplification by subsampling).
+
+    Under torch.distributed with W ranks (build it on every rank, after init_process_group), every
+    rank draws the same batch, from rank 0's generator state (broadcast here, into `generator`),
+    and yields only its share: chunk `rank` of the draw cut in order into W near-equal chunks
+    (split_evenly). The shares are disjoint and together are the draw; a share may be empty.
     """
 
     def __init__(self, dataset_size: int, sample_rate: float, steps: int | None = None, *,
@@ -47,6 +52,8 @@ class PoissonBatchSampler(Sampler[list[int]]):
         self.sample_rate = float(sample_rate)
         self.steps = steps_from(self.sample_rate, steps, epochs)
         self.generator = entropy_seeded_generator() if generator is None else generator
+        self.ranks, self.rank = distributed.world()
+        distributed.broadcast_generator(self.generator)
 
     @property
     def expected_batch_size(self) -> float:
@@ -57,7 +64,9 @@ class PoissonBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.steps):
-            yield poisson_indices(self.dataset_size, self.sample_rate, self.generator)
+            distributed.check_same_world(self.ranks, "this PoissonBatchSampler")
+            draw = poisson_indices(self.dataset_size, self.sample_rate, self.generator)
+            yield split_evenly(draw, self.ranks)[self.rank]
 
 
 def poisson_indices(dataset_size: int, sample_rate: float, generator: torch.Generator) -> list[int]:
@@ -67,13 +76,24 @@ def poisson_indices(dataset_size: int, sample_rate: float, generator: torch.Gene
     return mask.nonzero().squeeze(1).tolist()
 
 
+def split_evenly(items: list, parts: int) -> list[list]:
+    """`items` in order, cut into `parts` chunks whose sizes differ by at most one (some may be empty)."""
+    size, extra = divmod(len(items), parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + size + (i < extra))
+    return [items[bounds[i]:bounds[i + 1]] for i in range(parts)]
+
+
 def poisson_data_loader(loader: DataLoader, *, sample_rate: float | None = None,
                         expected_batch_size: float | None = None, steps: int | None = None,
                         epochs: float | None = None, generator: torch.Generator | None = None) -> DataLoader:
     """A DataLoader over the same dataset and collate function that draws Poisson batches.
 
-    Give the rate q as `sample_rate`, or as `expected_batch_size` / len(dataset). Empty batches
-    come out as `EmptyBatch()`: skip the forward pass, still call `optimizer.step()`.
+    Give the rate q as `sample_rate`, or as `expected_batch_size` / len(dataset) (under
+    torch.distributed: the GLOBAL rate and expected size; each rank gets its share of every draw,
+    see PoissonBatchSampler). Empty batches come out as `EmptyBatch()`: skip the forward pass,
+    still call `optimizer.step()`.
     """
     size = len(loader.dataset)
     if (sample_rate is None) == (expected_batch_size is None):

@@ -1,0 +1,147 @@
+"""Data-parallel training over torch.distributed: a replicated adapter, clipped sums summed over ranks.
+
+Every one of the W processes (ranks) holds the whole model and an identical prism optimizer.
+For each logical step:
+
+- the Poisson draw D (every example independently with probability q) is made once, from
+  randomness every rank shares (rank 0's generator state or seed, broadcast when the sampler is
+  built), and cut by position into W disjoint shares D_0, ..., D_{W-1} (sampling.split_evenly):
+  every drawn example is used by exactly one rank;
+- rank k clips its own examples as usual; at `step()` the clipped sums of every module and the
+  example counts are summed over ranks (all_reduce, SUM):
+  sum_k sum_{i in D_k} alpha_i g_i = sum_{i in D} alpha_i g_i;
+- the noise std N(0, I) is drawn once per step from generators in the same state on every rank
+  (rank 0's state, broadcast when the optimizer is built; with generator="secure", rank 0 refills
+  it from os.urandom and broadcasts it every step), so all ranks add the same noise;
+- every rank computes the same update from the same numbers: the replicas stay identical, which
+  every step verifies (`Replicas.check_identical`, bit patterns of the trainable parameters and
+  the generator state compared across ranks).
+
+Formal guarantees: the parameters every rank holds after a step are those of one process taking
+the same step on the global batch D (up to the summation order of floating-point sums): the same
+sensitivity C, the same noise std = sigma C / b with b = q N the GLOBAL expected batch size, and
+the same global rate q the accountant composes. What travels between ranks (clipped sums before
+noise, counts, generator states) stays inside the training job, as gradients do in any DDP run.
+
+A model wrapped in torch's DistributedDataParallel must not be used: its reducer all-reduces the
+non-private gradients and expects every rank to run the same number of backward passes, which
+Poisson shares (possibly empty) do not. prism does the reduction itself.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+_BITS = {1: torch.int8, 2: torch.int16}  # other element sizes are read as int32 words
+
+
+def world() -> tuple[int, int]:
+    """(number of ranks, this rank); (1, 0) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (`obj` itself without torch.distributed)."""
+    if world()[0] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_generator(generator: torch.Generator) -> torch.Generator:
+    """Give `generator` rank 0's state on every rank; returns it."""
+    if world()[0] > 1:
+        generator.set_state(broadcast_object(generator.get_state()))
+    return generator
+
+
+def check_same_world(ranks: int, what: str) -> None:
+    """Raise if the number of ranks differs from `ranks`, the number when `what` was built."""
+    now = world()[0]
+    if now != ranks:
+        raise RuntimeError(
+            f"{what} was built with {ranks} process(es) but torch.distributed now has {now}; every rank must "
+            "draw and reduce together. Build it after torch.distributed.init_process_group (with the Trainer: "
+            "after creating TrainingArguments, which starts it under torchrun).")
+
+
+def fingerprint(tensors: Iterable[Tensor]) -> Tensor:
+    """(k,) int64, per tensor the sum of its bit pattern read as integers (mod 2^64).
+
+    Equal tensors give equal values whatever the order of summation, and any change of a single
+    element changes the value; a cheap test that replicas hold identical tensors.
+    """
+    sums = []
+    for t in tensors:
+        flat = t.detach().contiguous().reshape(-1)
+        sums.append(flat.view(_BITS.get(flat.element_size(), torch.int32)).sum(dtype=torch.int64))
+    if not sums:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.stack([s.to(sums[0].device) for s in sums])
+
+
+def _collective_device() -> torch.device:
+    """Where tensors must be for collectives: the current GPU under NCCL, else the CPU."""
+    if "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Replicas:
+    """The ranks' copies of one optimizer: what they share when built and reduce at every step.
+
+    Built (on every rank at once) when torch.distributed runs W > 1 processes: gives every rank
+    rank 0's trainable parameters and generator state, and checks that all other weights of the
+    model are already identical.
+
+    Raises:
+        ValueError: the model's other weights (frozen base, buffers) differ between ranks.
+    """
+
+    def __init__(self, model: torch.nn.Module, params: Sequence[Tensor], generator: torch.Generator):
+        with torch.no_grad():
+            for p in params:
+                self._broadcast(p)
+        broadcast_generator(generator)
+        if not self._identical(fingerprint([*model.parameters(), *model.buffers()])):
+            raise ValueError("the model's frozen weights or buffers differ between ranks; load the same base model "
+                             "on every rank (seed any random initialisation identically, e.g. transformers.set_seed "
+                             "before building the model).")
+
+    def _broadcast(self, tensor: Tensor) -> None:
+        device = _collective_device()
+        buffer = tensor.detach().to(device)
+        dist.broadcast(buffer, src=0)
+        tensor.copy_(buffer)
+
+    def _identical(self, values: Tensor) -> bool:
+        values = values.to(_collective_device())
+        both = torch.cat([values, -values])
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+        high, low = both.cpu().chunk(2)
+        return torch.equal(high, -low)
+
+    def sum_over_ranks(self, tensors: Sequence[Tensor]) -> None:
+        """Replace every tensor by its sum over ranks, in place (one all_reduce per dtype)."""
+        device = _collective_device()
+        for dtype in dict.fromkeys(t.dtype for t in tensors):  # the same order on every rank
+            group = [t for t in tensors if t.dtype == dtype]
+            flat = torch.cat([t.reshape(-1).to(device) for t in group])
+            dist.all_reduce(flat)
+            for t, part in zip(group, flat.split([t.numel() for t in group])):
+                t.copy_(part.view_as(t))
+
+    def check_identical(self, params: Sequence[Tensor], generator: torch.Generator) -> None:
+        """Raise unless every rank holds bit-identical `params` and generator state."""
+        values = torch.cat([fingerprint(params).cpu(), fingerprint([generator.get_state()])])
+        if not self._identical(values):
+            raise RuntimeError("the replicas differ between ranks (trainable parameters or noise generator): "
+                               "something changed them on some ranks only, e.g. loading a checkpoint or "
+                               "writing to the parameters on one rank. Every rank must run the same steps.")
