@@ -116,8 +116,13 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{name}: a dense nn.Linear with a trainable bias but a frozen weight is not "
                              "supported; train both or neither.")
         has_bias = len(params) == 2
-        unit = Unit(name, params, lambda x, go: per_example.linear_grads(x, go, has_bias),
-                    per_example.sum_of_squares, compute_dtype(module.weight))
+        dtype = compute_dtype(module.weight)
+
+        def grads(x, go, grad_scale):
+            return per_example.linear_grads(*per_example.in_compute_dtype(dtype, x, go, grad_scale=grad_scale),
+                                            has_bias), None
+
+        unit = Unit(name, params, grads, per_example.sum_of_squares, dtype)
         self._collector.add_linear(module, unit)
         return unit
 

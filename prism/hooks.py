@@ -37,9 +37,10 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .clipping import clip_factors, clipped_sum
+from . import kernels
+from .clipping import clip_factors
 
-PerExampleFn = Callable[..., tuple[Tensor, ...]]
+PerExampleFn = Callable[..., tuple[tuple[Tensor, ...], Tensor | None]]
 
 
 class Unit:
@@ -48,9 +49,11 @@ class Unit:
     Args:
         name: the module's name, for error messages.
         params: the parameters this unit trains.
-        per_example: (*captured inputs, output grad), each (b, T, features), in the compute
-            dtype -> tuple of (b, ...) per-example tensors.
-        sqnorms: per-example tensors -> (b,) squared norms of the gradient they represent.
+        per_example: (*captured inputs, output grad, grad_scale=s), each (b, T, features) in
+            the model's dtype, s a number or 0-d tensor -> ((b, ...) per-example tensors of the
+            gradient of s * loss in the compute dtype, their (b,) squared norms or None).
+        sqnorms: per-example tensors -> (b,) squared norms of the gradient they represent (used
+            when per_example gives none, or when a module called twice has summed its calls).
         compute_dtype: dtype of all per-example math (fp32, or fp64 for fp64 parameters).
     """
 
@@ -62,13 +65,15 @@ class Unit:
         self.sqnorms = sqnorms
         self.compute_dtype = compute_dtype
         self.pending: list[Tensor] | None = None
+        self.pending_sqnorms: Tensor | None = None
         self.pending_key: tuple[int, int] | None = None  # (autograd graph task, forward pass)
         self.sums: list[Tensor] | None = None
         self.gradient_arrived = False  # a non-private .grad landed (and was dropped) since the last reset
 
-    def add_pending(self, tensors: tuple[Tensor, ...], key: tuple[int, int]) -> None:
-        """Add one forward call's per-example tensors (a module called twice in one forward pass
-        sums its calls); `key` = (backward graph task, forward pass) they come from."""
+    def add_pending(self, tensors: tuple[Tensor, ...], sqnorms: Tensor | None, key: tuple[int, int]) -> None:
+        """Add one forward call's per-example tensors and their squared norms if known (a module
+        called twice in one forward pass sums its calls); `key` = (backward graph task, forward
+        pass) they come from."""
         if self.pending is not None and self.pending_key[0] != key[0]:
             warnings.warn(f"{self.name}: discarding per-example gradients of a backward pass that did not finish",
                           RuntimeWarning, stacklevel=2)
@@ -78,21 +83,25 @@ class Unit:
                                "by position. Call backward once per forward pass (accumulate over micro-batches).")
         self.pending_key = key
         if self.pending is None:
-            self.pending = list(tensors)
+            self.pending, self.pending_sqnorms = list(tensors), sqnorms
         elif self.pending[0].shape[0] != tensors[0].shape[0]:
             raise RuntimeError(f"{self.name} was called on micro-batches of different sizes within one "
                                "backward pass; prism needs the batch on dimension 0 of every call.")
         else:
-            self.pending = [p + t for p, t in zip(self.pending, tensors)]
+            self.pending, self.pending_sqnorms = [p + t for p, t in zip(self.pending, tensors)], None
+
+    def pending_norms(self) -> Tensor:
+        """(b,) squared norms of the pending per-example gradients."""
+        return self.pending_sqnorms if self.pending_sqnorms is not None else self.sqnorms(*self.pending)
 
     def flush(self, alpha: Tensor, finite: Tensor) -> None:
         """sums += sum_i alpha_i pending_i; drop the per-example tensors."""
-        clipped = [clipped_sum(alpha, finite, t) for t in self.pending]
+        clipped = [kernels.clipped_sum(alpha, finite, t) for t in self.pending]
         self.sums = clipped if self.sums is None else [s + c for s, c in zip(self.sums, clipped)]
-        self.pending = None
+        self.pending = self.pending_sqnorms = None
 
     def reset(self) -> None:
-        self.pending = None
+        self.pending = self.pending_sqnorms = None
         self.pending_key = None
         self.sums = None
         self.gradient_arrived = False
@@ -221,13 +230,13 @@ class PerExampleCollector:
             torch.autograd.Variable._execution_engine.queue_callback(lambda: self.finish_backward(task))
             self._queued_task = task
         b = grad.shape[0]
-        tensors = [t.reshape(b, -1, t.shape[-1]).to(unit.compute_dtype) for t in (*inputs, grad)]
-        if self.loss_reduction == "mean":
-            tensors[-1] = tensors[-1] * b
+        tensors = [t.reshape(b, -1, t.shape[-1]) for t in (*inputs, grad)]
+        grad_scale = b if self.loss_reduction == "mean" else 1
         if task in self._loss_scales:
-            tensors[-1] = tensors[-1] / self._loss_scales[task].to(tensors[-1].dtype)
+            grad_scale = grad_scale / self._loss_scales[task].to(unit.compute_dtype)
         with torch.no_grad():
-            unit.add_pending(unit.per_example(*tensors), (task, forward_pass))
+            per_example, sqnorms = unit.per_example(*tensors, grad_scale=grad_scale)
+            unit.add_pending(per_example, sqnorms, (task, forward_pass))
 
     @torch.no_grad()
     def finish_backward(self, task: int) -> None:
@@ -241,7 +250,7 @@ class PerExampleCollector:
         if len(sizes) != 1:
             raise RuntimeError(f"hooked modules saw different batch sizes {sorted(sizes)} in one backward pass; "
                                "prism needs the batch on dimension 0 of every LoRA and head input.")
-        sqnorms = sum(u.sqnorms(*u.pending) for u in active)
+        sqnorms = sum(u.pending_norms() for u in active)
         alpha, finite = clip_factors(sqnorms, self.max_grad_norm)
         for u in active:
             u.flush(alpha, finite)

@@ -32,8 +32,9 @@ class NaiveDPLoRA(DPLoRAOptimizer):
     def _lora_unit(self, index: int, pair: LoRAPair) -> Unit:
         dtype = compute_dtype(pair.lora_B.weight)
 
-        def factor_grads(x, h, go):
-            return per_example.lora_factor_grads(x, h, go, pair.lora_B.weight.detach().to(dtype))
+        def factor_grads(x, h, go, grad_scale):
+            captured = per_example.in_compute_dtype(dtype, x, h, go, grad_scale=grad_scale)
+            return per_example.lora_factor_grads(*captured, pair.lora_B.weight.detach().to(dtype)), None
 
         return Unit(pair.name, [pair.lora_B.weight, pair.lora_A.weight], factor_grads,
                     per_example.sum_of_squares, dtype)

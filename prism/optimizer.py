@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import _validate, per_example
+from . import _validate, kernels, per_example
 from ._base import DPLoRAOptimizer, Update, compute_dtype
 from .functional import StepConfig, prism_module_step
 from .hooks import Unit
@@ -109,8 +109,9 @@ class PRISM(DPLoRAOptimizer):
             pair.lora_B.weight.copy_(A_bal)
             pair.lora_A.weight.copy_(B_bal.T)
 
-        def blocks(x, h, go):
-            return per_example.tangent_blocks(x, h, go, self._basis(index))
+        def blocks(x, h, go, grad_scale):
+            Y, W, sqnorms = kernels.tangent_blocks(x, h, go, self._basis(index), grad_scale)
+            return (Y, W), sqnorms
 
         def sqnorms(Y, W):
             return per_example.tangent_sqnorms(Y, W, self._basis(index))

@@ -5,15 +5,27 @@ examples, with the token axes flattened: inputs (b, T, in) and output gradients 
 and returns a tuple of per-example tensors with leading dimension b. No function forms a
 per-example tensor larger than the module's own parameters: for LoRA that is O(b r (m + n)).
 
-This module is the pure-PyTorch reference of the per-sample hot path; fused kernels must
-match it. Everything is computed in the compute dtype of the inputs' caller (fp32 or fp64).
+This module is the pure-PyTorch reference of the per-sample hot path: the compiled kernels
+(kernels.py) must match it. Everything is computed in the compute dtype (fp32 or fp64) of the
+tensors given, which `in_compute_dtype` produces from what the hooks captured.
 """
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
 from .manifold import TangentBasis
+
+
+def in_compute_dtype(dtype: torch.dtype, *captured: Tensor, grad_scale: float | Tensor = 1) -> list[Tensor]:
+    """The captured tensors (inputs..., output gradient) in `dtype`, the gradient times grad_scale."""
+    tensors = [t.to(dtype) for t in captured]
+    if isinstance(grad_scale, Tensor) or grad_scale != 1:
+        tensors[-1] = tensors[-1] * grad_scale
+    return tensors
 
 
 def tangent_blocks(x: Tensor, h: Tensor, go: Tensor, basis: TangentBasis) -> tuple[Tensor, Tensor]:
@@ -77,4 +89,4 @@ def sum_of_squares(*tensors: Tensor) -> Tensor:
 
 
 def _sqnorms(t: Tensor) -> Tensor:
-    return t.reshape(t.shape[0], -1).square().sum(1)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])).square().sum(1)  # also for b = 0
