@@ -61,7 +61,9 @@ def machine() -> str:
 
 def provenance() -> dict:
     """The command (relative to the repository root), the code's commit and the machine, for every result file."""
-    command = " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    main = sys.modules["__main__"]
+    program = ["-m", main.__spec__.name] if getattr(main, "__spec__", None) else [sys.argv[0]]
+    command = " ".join(shlex.quote(a) for a in ["python", *program, *sys.argv[1:]])
     return dict(command=command, commit=_commit(), machine=machine(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 

@@ -1,11 +1,11 @@
 """Gauge sensitivity: the same starting model factored as (c A, B / c), c in {0.01, 0.1, 1, 10, 100}.
 
-    python benchmarks/gauge.py            # resumable: rerun to continue
-    python benchmarks/gauge.py --quick    # CI: a few steps, no claims
+    python -m benchmarks.gauge            # resumable: rerun to continue
+    python -m benchmarks.gauge --quick    # CI: a few steps, no claims
 
 Every method starts from the same PiSSA adapter Z = A B^T (so the same model), re-factored by c.
 1. Accuracy: the epsilon-3 Rotten Tomatoes run of each method at its tuned learning rate
-   (results/utility, seed 0), one JSON per (method, c) under results/gauge/.
+   (results/utility, seed 0; or --lr), one JSON per (method, c, lr) under results/gauge/.
 2. Noise energy in Z per step: one real optimizer step with no example (clipped sums 0, so the
    update is the noise alone), DP-SGD form (adaptive=False) with a small learning rate eta, in
    float64; E ||Z+ - Z||_F^2 / eta^2 summed over the LoRA modules, against the closed forms
@@ -25,10 +25,7 @@ import torch
 import prism
 from prism.noise import noise_energy
 
-import common
-import methods
-import tasks
-import utility
+from . import common, methods, tasks, utility
 
 C_VALUES = (0.01, 0.1, 1.0, 10.0, 100.0)
 ACCURACY_METHODS = ("prism", "naive", "opacus", "ffa")
@@ -41,16 +38,16 @@ ETA = 1e-3
 def accuracy_jobs(args, folder, setup, split):
     jobs = []
     for m in args.methods:
-        lr = 3e-3 if args.quick else utility.tuned_lr(folder, TASK, m, utility.LR_GRID)
+        lr = args.lr or (3e-3 if args.quick else utility.tuned_lr(folder, TASK, m, utility.LR_GRID))
         if lr is None:
-            print(f"{m}: its learning rate is not tuned yet (run benchmarks/utility.py first); skipping")
+            print(f"{m}: its learning rate is not tuned yet (run benchmarks.utility first); skipping")
             continue
         for c in args.c:
             def fn(m=m, c=c, lr=lr):
                 result = methods.train(m, split, setup, epsilon=EPSILON, seed=0, lr=lr, full_rank=True, gauge=c)
                 result.update(task=TASK)
                 return result
-            jobs.append((folder / "gauge" / f"{m}_c{c:g}_seed0.json", fn))
+            jobs.append((folder / "gauge" / f"{m}_c{c:g}_seed0_lr{lr:g}.json", fn))
     return jobs
 
 
@@ -103,9 +100,11 @@ def c_seed(c: float) -> int:
     return int(round(1000 * c))
 
 
-def summarize(args, folder) -> dict:
-    accuracy = {m: {f"{c:g}": common.read_json(p)["test_accuracy"] for c in args.c
-                    if (p := folder / "gauge" / f"{m}_c{c:g}_seed0.json").exists()} for m in args.methods}
+def summarize(folder) -> dict:
+    accuracy: dict[str, dict[str, float]] = {}  # "method lr=...": {c: test accuracy}
+    for path in sorted((folder / "gauge").glob("*_c*_seed0_lr*.json")):
+        run = common.read_json(path)
+        accuracy.setdefault(f"{run['method']} lr={run['lr']:g}", {})[f"{run['gauge']:g}"] = run["test_accuracy"]
     summary = dict(task=TASK, epsilon=EPSILON, test_accuracy=accuracy,
                    noise_energy=common.read_json(folder / "gauge" / "noise_energy.json"))
     common.write_json(folder / "gauge.json", summary)
@@ -123,7 +122,8 @@ def plot(summary: dict, path) -> None:
             left.plot([c for c, _ in points], [100 * a for _, a in points], marker="o", label=m)
     left.set(xscale="log", xlabel="c in (cA, B/c)", ylabel="test accuracy (%)",
              title=f"{summary['task']}, epsilon {summary['epsilon']:g}")
-    left.legend()
+    if left.lines:
+        left.legend()
     for i, (m, rows) in enumerate(summary["noise_energy"]["runs"].items()):
         cs = sorted(rows, key=float)
         color = f"C{i}"
@@ -144,16 +144,19 @@ def main(argv=None) -> dict:
     p.add_argument("--c", nargs="+", type=float, default=list(C_VALUES))
     p.add_argument("--trials", type=int, default=50, help="noise-only steps per (method, c) (default: 50)")
     p.add_argument("--skip-accuracy", action="store_true", help="only measure the noise energy")
+    p.add_argument("--lr", type=float, default=None,
+                   help="one learning rate for every method (default: each method's tuned rate from utility.py)")
     args = p.parse_args(argv)
     common.quiet()
     if args.quick:
         args.c, args.trials = [0.1, 10.0], 3
+        args.methods = [m for m in args.methods if m in ("prism", "naive")]
     if "opacus" in args.methods and not methods.opacus_available():
         print("opacus is not installed (pip install 'prism-dp[bench]'): skipping the Opacus baseline")
         args.methods = [m for m in args.methods if m != "opacus"]
     folder = common.out_dir(args)
     setup = methods.QUICK if args.quick else methods.Setup()
-    split = tasks.load_task(TASK, setup.batch_size, limit=64 if args.quick else None)
+    split = tasks.load_task(TASK, setup.batch_size, quick=args.quick)
     sigma = methods.noise_multiplier(EPSILON, setup.delta, setup.batch_size / len(split.train_x), setup.steps)
     noise_path = folder / "gauge" / "noise_energy.json"
     if not noise_path.exists():
@@ -165,7 +168,7 @@ def main(argv=None) -> dict:
                                                 for c, r in rows.items()))
     if not args.skip_accuracy:
         common.run_queue(accuracy_jobs(args, folder, setup, split), "gauge accuracy runs")
-    summary = summarize(args, folder)
+    summary = summarize(folder)
     plot(summary, folder / "gauge.png")
     return summary
 

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 import prism
 from prism.examples.sentiment import accuracy
 
-from tasks import Split, minilm
+from .tasks import Split, minilm
 
 METHODS = ("prism", "naive", "opacus", "ffa", "nonprivate")
 PRIVATE = ("prism", "naive", "opacus", "ffa")

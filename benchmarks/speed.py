@@ -1,14 +1,17 @@
-"""Step time and peak memory of non-private LoRA, PRISM, NaiveDPLoRA and Opacus (hooks, ghost).
+"""Step time and peak memory of non-private LoRA, PRISM (compiled and reference), NaiveDPLoRA and Opacus.
 
-    python benchmarks/speed.py            # MiniLM (T=64) and a random-init Llama (8 layers, hidden 1024, T=256)
-    python benchmarks/speed.py --quick    # CI: tiny random models, a few steps
+    python -m benchmarks.speed            # MiniLM (T=64) and a random-init Llama (8 layers, hidden 1024, T=256)
+    python -m benchmarks.speed --quick    # CI: tiny random models, a few steps
 
-Each (model, method) runs in its own fresh subprocess, so its peak resident memory
-(getrusage's high-water mark) is its own: we report the peak and the peak minus the resident
-memory just before the first step (model, optimizer and data built). The step time is the median
-of `--steps` timed steps (forward, backward, optimizer step) after 2 warm-up steps on one fixed
-batch; ratios are to non-private LoRA (AdamW) of the same invocation. Private methods use
-noise multiplier 1 and C = 1 (the cost does not depend on them). Results: results/speed/<model>.json
+Methods: nonprivate (AdamW), prism (prism.kernels' compiled ops where built), prism_reference
+(PRISM_KERNELS=reference: the pure-PyTorch path), naive (NaiveDPLoRA), opacus_hooks and opacus_ghost
+(Opacus' DP AdamW, grad_sample_mode "hooks" / "ghost"). Each (model, method) runs in its own fresh
+subprocess, so its peak resident memory (getrusage's high-water mark) is its own: we report the peak
+and the peak minus the resident memory just before the first step (model, optimizer and data built).
+The step time is the median of `--steps` timed steps (forward, backward, optimizer step) after 2
+warm-up steps on one fixed batch, over `--rounds` subprocesses per method run in alternating order;
+ratios are to non-private LoRA of the same invocation. Private methods use noise multiplier 1 and
+C = 1 (the cost does not depend on them). Results: results/speed/<model>.json
 (one file per model, resumable) and results/speed.json.
 """
 
@@ -26,9 +29,9 @@ import time
 import torch
 from torch.nn import functional as F
 
-import common
+from . import common
 
-SPEED_METHODS = ("nonprivate", "prism", "naive", "opacus_hooks", "opacus_ghost")
+SPEED_METHODS = ("nonprivate", "prism", "prism_reference", "naive", "opacus_hooks", "opacus_ghost")
 MODELS = {  # name: (batch, sequence length, LoRA rank, LoRA targets)
     "minilm": (32, 64, 8, ["query", "value"]),
     "llama": (4, 256, 16, ["q_proj", "v_proj"]),
@@ -44,9 +47,9 @@ def build_model(name: str, full_rank: bool):
     _, seq, rank, targets = {**MODELS, **QUICK_MODELS}[name]
     torch.manual_seed(0)
     if name == "minilm":
-        import tasks
+        from .tasks import minilm
 
-        return tasks.minilm(full_rank, rank)[1]
+        return minilm(full_rank, rank)[1]
     if name == "llama":
         base = LlamaForSequenceClassification(LlamaConfig(
             vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
@@ -67,8 +70,8 @@ def make_stepper(method: str, model, batch: int):
     trainable = [p for p in model.parameters() if p.requires_grad]
     if method == "nonprivate":
         opt, criterion = torch.optim.AdamW(trainable, lr=1e-4), lambda logits, y: F.cross_entropy(logits, y)
-    elif method in ("prism", "naive"):
-        cls = prism.PRISM if method == "prism" else prism.NaiveDPLoRA
+    elif method in ("prism", "prism_reference", "naive"):
+        cls = prism.NaiveDPLoRA if method == "naive" else prism.PRISM
         opt = cls(model, lr=1e-4, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
                   loss_reduction="sum")
         criterion = lambda logits, y: F.cross_entropy(logits, y, reduction="sum")  # noqa: E731
@@ -96,7 +99,7 @@ def worker(model_name: str, method: str, steps: int) -> dict:
     """Measure one method in this (fresh) process."""
     common.quiet()
     batch, seq, _, _ = {**MODELS, **QUICK_MODELS}[model_name]
-    model = build_model(model_name, full_rank=method == "prism")
+    model = build_model(model_name, full_rank=method.startswith("prism"))
     model.train()
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -110,9 +113,17 @@ def worker(model_name: str, method: str, steps: int) -> dict:
         step(ids, labels)
         if i >= 2:
             times.append(time.perf_counter() - start)
-    return dict(method=method, median_step_s=statistics.median(times), step_times_s=times,
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_before_steps_mb=rss_before,
-                load_average=os.getloadavg())
+    return dict(median_step_s=statistics.median(times), step_times_s=times, rss_before_steps_mb=rss_before,
+                prism_backend=_prism_backend() if method.startswith("prism") else None,
+                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, load_average=os.getloadavg())
+
+
+def _prism_backend() -> str:
+    try:
+        from prism import kernels
+    except ImportError:
+        return "reference (no prism.kernels)"
+    return kernels.backend("cpu")
 
 
 def _rss_mb() -> float:
@@ -123,26 +134,39 @@ def _rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def measure_model(model_name: str, methods, steps: int) -> dict:
+def measure_model(model_name: str, methods, steps: int, rounds: int) -> dict:
+    """Every method in its own subprocess, `rounds` times, in alternating order (so that a drift in the
+    machine's load does not favour one method); the median is over all rounds' timed steps."""
     batch, seq, rank, targets = {**MODELS, **QUICK_MODELS}[model_name]
-    runs = {}
-    for method in methods:
-        command = [sys.executable, __file__, "--worker", model_name, method, "--steps", str(steps)]
-        out = subprocess.run(command, capture_output=True, text=True, check=False)
-        if out.returncode != 0:
-            raise RuntimeError(f"{model_name}/{method} failed:\n{out.stderr[-3000:]}")
-        runs[method] = json.loads(out.stdout.strip().splitlines()[-1])
-        r = runs[method]
-        print(f"  {model_name:10s} {method:13s} median step {r['median_step_s']:.3f}s  peak RSS "
-              f"{r['peak_rss_mb']:.0f} MB (+{r['peak_rss_mb'] - r['rss_before_steps_mb']:.0f} MB in training)",
-              flush=True)
-    base = runs["nonprivate"]
-    for r in runs.values():
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for round_ in range(rounds):
+        for method in (methods if round_ % 2 == 0 else methods[::-1]):
+            command = [sys.executable, "-m", __spec__.name, "--worker", model_name, method, "--steps", str(steps)]
+            env = {**os.environ, "PRISM_KERNELS": "reference"} if method == "prism_reference" else None
+            out = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=common.ROOT)
+            if out.returncode != 0:
+                raise RuntimeError(f"{model_name}/{method} failed:\n{out.stderr[-3000:]}")
+            runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            r = runs[method][-1]
+            print(f"  {model_name:10s} {method:13s} median step {r['median_step_s']:.3f}s  peak RSS "
+                  f"{r['peak_rss_mb']:.0f} MB (+{r['peak_rss_mb'] - r['rss_before_steps_mb']:.0f} MB in training)",
+                  flush=True)
+    merged = {m: _merge(rs) for m, rs in runs.items()}
+    base = merged["nonprivate"]
+    for r in merged.values():
         r["time_ratio"] = r["median_step_s"] / base["median_step_s"]
         r["peak_ratio"] = r["peak_rss_mb"] / base["peak_rss_mb"]
-        r["training_memory_ratio"] = ((r["peak_rss_mb"] - r["rss_before_steps_mb"])
-                                      / max(base["peak_rss_mb"] - base["rss_before_steps_mb"], 1e-9))
-    return dict(model=model_name, batch=batch, seq=seq, rank=rank, targets=targets, steps=steps, runs=runs)
+        r["training_memory_ratio"] = r["training_memory_mb"] / max(base["training_memory_mb"], 1e-9)
+    return dict(model=model_name, batch=batch, seq=seq, rank=rank, targets=targets, steps=steps, rounds=rounds,
+                runs=merged)
+
+
+def _merge(rounds: list[dict]) -> dict:
+    times = [t for r in rounds for t in r["step_times_s"]]
+    return dict(median_step_s=statistics.median(times), step_times_s=times,
+                peak_rss_mb=max(r["peak_rss_mb"] for r in rounds),
+                training_memory_mb=max(r["peak_rss_mb"] - r["rss_before_steps_mb"] for r in rounds),
+                load_average=[r["load_average"] for r in rounds], prism_backend=rounds[0]["prism_backend"])
 
 
 def table(summary: dict) -> str:
@@ -150,9 +174,10 @@ def table(summary: dict) -> str:
              "training memory (MB) | x non-private |", "|---" * 8 + "|"]
     for name, result in summary.items():
         for method, r in result["runs"].items():
-            lines.append(f"| {name} (b={result['batch']}, T={result['seq']}, r={result['rank']}) | {method} | "
+            label = f"{method} ({r['prism_backend']})" if r.get("prism_backend") else method
+            lines.append(f"| {name} (b={result['batch']}, T={result['seq']}, r={result['rank']}) | {label} | "
                          f"{r['median_step_s']:.3f} | {r['time_ratio']:.2f} | {r['peak_rss_mb']:.0f} | "
-                         f"{r['peak_ratio']:.2f} | {r['peak_rss_mb'] - r['rss_before_steps_mb']:.0f} | "
+                         f"{r['peak_ratio']:.2f} | {r['training_memory_mb']:.0f} | "
                          f"{r['training_memory_ratio']:.2f} |")
     return "\n".join(lines)
 
@@ -184,13 +209,14 @@ def main(argv=None) -> dict:
     p.add_argument("--models", nargs="+", default=None, help=f"default: {' '.join(MODELS)}")
     p.add_argument("--methods", nargs="+", choices=SPEED_METHODS, default=list(SPEED_METHODS))
     p.add_argument("--steps", type=int, default=None, help="timed steps after 2 warm-up steps (default: 10)")
+    p.add_argument("--rounds", type=int, default=None, help="subprocesses per method, alternating order (default: 2)")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(*args.worker, args.steps)))
         return {}
     common.quiet()
-    from methods import opacus_available
+    from .methods import opacus_available
 
     if not opacus_available():
         print("opacus is not installed (pip install 'prism-dp[bench]'): skipping the Opacus baselines")
@@ -200,7 +226,8 @@ def main(argv=None) -> dict:
     models = args.models or list(QUICK_MODELS if args.quick else MODELS)
     steps = args.steps or (3 if args.quick else 10)
     folder = common.out_dir(args)
-    jobs = [(folder / "speed" / f"{name}.json", lambda name=name: measure_model(name, args.methods, steps))
+    rounds = args.rounds or (1 if args.quick else 2)
+    jobs = [(folder / "speed" / f"{name}.json", lambda name=name: measure_model(name, args.methods, steps, rounds))
             for name in models]
     summary = {r["model"]: r for r in common.run_queue(jobs, "speed")}
     common.write_json(folder / "speed.json", summary)

@@ -33,8 +33,8 @@ class Split:
     test_y: list[int]
 
 
-def load_task(task: str, batch_size: int, limit: int | None = None) -> Split:
-    """The fixed split of `task`; `limit` caps every part (quick mode)."""
+def load_task(task: str, batch_size: int, quick: bool = False) -> Split:
+    """The fixed split of `task`; quick mode keeps 256 training and 64 validation and test examples."""
     sizes = SIZES[task]
     if task == "rotten_tomatoes":
         rest_x, rest_y, test_x, test_y = load_rotten_tomatoes(sizes["test"], seed=0)
@@ -46,10 +46,10 @@ def load_task(task: str, batch_size: int, limit: int | None = None) -> Split:
         rest_x, rest_y = [texts[i] for i in rest], [labels[i] for i in rest]
     val = sizes["val"]
     train_x, train_y = rest_x[val:], rest_y[val:]
-    cut = (min(len(train_x), limit or len(train_x)) // batch_size) * batch_size
+    cut = (min(len(train_x), 256 if quick else len(train_x)) // batch_size) * batch_size
     if cut == 0:
         raise ValueError(f"{task}: fewer training examples than one expected batch of {batch_size}")
-    short = slice(0, limit)
+    short = slice(0, 64 if quick else None)
     return Split(train_x[:cut], train_y[:cut], rest_x[:val][short], rest_y[:val][short], test_x[short],
                  test_y[short])
 

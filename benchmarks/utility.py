@@ -1,7 +1,7 @@
 """Privacy-utility: test accuracy of PRISM, naive DP-LoRA, Opacus, FFA-LoRA and non-private LoRA.
 
-    python benchmarks/utility.py            # full sweep, resumable: rerun to continue
-    python benchmarks/utility.py --quick    # CI: a few steps per method, no claims
+    python -m benchmarks.utility            # full sweep, resumable: rerun to continue
+    python -m benchmarks.utility --quick    # CI: a few steps per method, no claims
 
 Stage 1 tunes the learning rate of every method on the validation split, at epsilon 3 (non-private:
 without noise) and seed 0, over the same grid for all. Stage 2 runs each method at its tuned rate
@@ -15,9 +15,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-import common
-import methods
-import tasks
+from . import common, methods, tasks
 
 LR_GRID = (1e-3, 3e-3, 1e-2)
 EPSILONS = (1.0, 3.0, 8.0)
@@ -63,7 +61,7 @@ def tuned_lr(folder: Path, task: str, method: str, grid) -> float | None:
 
 def sweep(args, folder: Path, setup: methods.Setup) -> None:
     for task in args.tasks:
-        split = tasks.load_task(task, setup.batch_size, limit=64 if args.quick else None)
+        split = tasks.load_task(task, setup.batch_size, quick=args.quick)
         print(f"{task}: {len(split.train_x)} train / {len(split.val_x)} validation / {len(split.test_x)} test")
         tune = [(run_path(folder, task, m, None if m == "nonprivate" else TUNE_EPSILON, 0, lr),
                  job(task, m, None if m == "nonprivate" else TUNE_EPSILON, 0, lr, split, setup))
