@@ -1,6 +1,6 @@
 """The fused per-example op (prism.kernels, compiled) against the reference PyTorch path.
 
-    python benchmarks/kernels.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16] [--threads N]
+    python -m benchmarks.kernels [--quick] [--device cpu|cuda] [--dtype float32|bfloat16] [--threads N]
 
 For each configuration (b, T, m = n, r) in b {8, 32} x T {128, 512} x m {768, 4096} x r {8, 16, 64}:
 the median time of `prism.kernels.tangent_blocks` with the compiled op (Y, W and squared norms in one
@@ -18,16 +18,17 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import platform
 import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-import common  # noqa: E402
-from prism import kernels  # noqa: E402
-from prism.manifold import TangentBasis, tangent_basis  # noqa: E402
+from prism import kernels
+from prism.manifold import TangentBasis, tangent_basis
+
+from . import common
 
 GRID = list(itertools.product((8, 32), (128, 512), (768, 4096), (8, 16, 64)))  # (b, T, m = n, r)
 QUICK = [(8, 128, 768, 8), (8, 128, 768, 64), (8, 512, 768, 16)]
@@ -78,6 +79,17 @@ def compare(args, config, device) -> dict:
     return row
 
 
+def processor(device) -> str:
+    """The CPU model (from /proc/cpuinfo where there is one), or the GPU's name."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
 def copy_bandwidth(device) -> float:
     """Bytes read plus written per second by a 1 GiB device-to-device copy (best of 5)."""
     source = torch.empty(2**28, dtype=torch.float32, device=device)
@@ -126,7 +138,8 @@ def main():
         summary["min_copy_fraction"] = min(row["copy_fraction"] for row in rows)
     print("speed-up min {min_speedup:.2f}x, median {median_speedup:.2f}x, max {max_speedup:.2f}x; "
           "{configs_meeting_cpu_goal}/{configs} configurations >= 1.5x".format(**summary))
-    result = dict(**common.provenance(), backend=backend, device=str(device), dtype=args.dtype,
+    result = dict(**common.provenance(), processor=processor(device), backend=backend, device=str(device),
+                  dtype=args.dtype,
                   threads=torch.get_num_threads(), clock="thread CPU time" if single else "wall time",
                   copy_bandwidth_GBps=copy,
                   load_average_1min=dict(before=load_before, after=os.getloadavg()[0]), summary=summary, rows=rows)
