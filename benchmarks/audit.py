@@ -1,7 +1,7 @@
 """One-run privacy audit of PRISM and NaiveDPLoRA: epsilon_lower against the reported epsilon.
 
-    python benchmarks/audit.py            # 3 seeds, 2000 canaries, 200 steps: about 3 CPU-minutes
-    python benchmarks/audit.py --quick    # 1 seed, 1000 canaries, 50 steps: under a minute
+    python -m benchmarks.audit            # 3 seeds, 2000 canaries, 200 steps: about 3 CPU-minutes
+    python -m benchmarks.audit --quick    # 1 seed, 1000 canaries, 50 steps: under a minute
 
 For each method and epsilon in {1, 4, 8} (delta = 1e-5), and with the noise off, one training run
 with prism.audit.audit: the toy task of tests/canaries.py (a bag-of-tokens classifier with one
@@ -24,7 +24,7 @@ import torch
 import prism
 from prism.audit import audit
 
-import common
+from . import common
 
 sys.path.insert(0, str(common.ROOT / "tests"))
 from canaries import audit_task, per_example_loss  # noqa: E402
