@@ -124,6 +124,8 @@ def plot(summary: dict, path) -> None:
              title=f"{summary['task']}, epsilon {summary['epsilon']:g}")
     if left.lines:
         left.legend()
+    else:
+        left.text(0.5, 0.5, "accuracy runs pending", ha="center", transform=left.transAxes)
     for i, (m, rows) in enumerate(summary["noise_energy"]["runs"].items()):
         cs = sorted(rows, key=float)
         color = f"C{i}"
@@ -157,9 +159,9 @@ def main(argv=None) -> dict:
     folder = common.out_dir(args)
     setup = methods.QUICK if args.quick else methods.Setup()
     split = tasks.load_task(TASK, setup.batch_size, quick=args.quick)
-    sigma = methods.noise_multiplier(EPSILON, setup.delta, setup.batch_size / len(split.train_x), setup.steps)
     noise_path = folder / "gauge" / "noise_energy.json"
     if not noise_path.exists():
+        sigma = methods.noise_multiplier(EPSILON, setup.delta, setup.batch_size / len(split.train_x), setup.steps)
         runs = {m: {f"{c:g}": noise_energy_run(m, c, sigma, setup, args.trials) for c in args.c}
                 for m in NOISE_METHODS}
         common.write_json(noise_path, dict(noise_multiplier=sigma, runs=runs, **common.provenance()))
