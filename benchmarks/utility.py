@@ -87,10 +87,10 @@ def summarize(args, folder: Path) -> dict:
             eps = None if m == "nonprivate" else TUNE_EPSILON
             summary["tuning"][task][m] = {f"{lr:g}": common.read_json(p)["val_accuracy"]
                                           for lr in args.lr_grid if (p := run_path(folder, task, m, eps, 0, lr)).exists()}
+            rows = summary["test_accuracy"][task][m] = {}
             lr = tuned_lr(folder, task, m, args.lr_grid)
             if lr is None:
                 continue
-            rows = summary["test_accuracy"][task][m] = {}
             for epsilon in epsilons_of(m, args.epsilons):
                 runs = [common.read_json(p) for seed in args.seeds
                         if (p := run_path(folder, task, m, epsilon, seed, lr)).exists()]
@@ -104,10 +104,19 @@ def summarize(args, folder: Path) -> dict:
 
 
 def table(summary: dict, epsilons) -> str:
-    """Markdown: one row per (task, method), mean +- std test accuracy (%) and the number of seeds."""
+    """Markdown: validation accuracy (%) of the tuning runs, then one row per (task, method) with the
+    mean +- std test accuracy (%) at the tuned learning rate and the number of seeds."""
+    grid = [f"{lr:g}" for lr in summary["lr_grid"]]
+    lines = [f"validation accuracy at epsilon {TUNE_EPSILON:g} (non-private: no noise), seed 0:", "",
+             "| task | method | " + " | ".join(f"lr {lr}" for lr in grid) + " |", "|---" * (len(grid) + 2) + "|"]
+    for task, by_method in summary["tuning"].items():
+        for m, accs in by_method.items():
+            cells = [f"{100 * accs[lr]:.1f}" if lr in accs else "pending" for lr in grid]
+            lines.append(f"| {task} | {m} | " + " | ".join(cells) + " |")
     columns = [tag(e) for e in epsilons]
-    lines = ["| task | method | " + " | ".join(f"eps {c}" for c in columns) + " | non-private |",
-             "|---" * (len(columns) + 3) + "|"]
+    lines += ["", "test accuracy at the tuned learning rate:", "",
+              "| task | method | " + " | ".join(f"eps {c}" for c in columns) + " | non-private |",
+              "|---" * (len(columns) + 3) + "|"]
     for task, by_method in summary["test_accuracy"].items():
         for m, rows in by_method.items():
             cells = [_cell(rows.get(c)) for c in columns] if m != "nonprivate" else ["" for _ in columns]
@@ -138,7 +147,10 @@ def plot(summary: dict, path: Path) -> None:
                 ax.errorbar([e for e, _ in points], [100 * r["mean"] for _, r in points],
                             yerr=[100 * r["std"] for _, r in points], marker="o", capsize=3, label=m)
         ax.set(xscale="log", xlabel="epsilon (delta = 1e-5)", ylabel="test accuracy (%)", title=task)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "pending (learning-rate tuning)", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
