@@ -80,7 +80,8 @@ def noise_energy_run(method: str, c: float, sigma: float, setup: methods.Setup, 
         if method == "prism":
             closed += noise_energy(std, m, n, r)
         elif method == "naive":
-            closed += std ** 2 * (m * Bt.square().sum().item() + n * A.square().sum().item()) + ETA ** 2 * std ** 4 * m * n * r
+            closed += (std ** 2 * (m * Bt.square().sum().item() + n * A.square().sum().item())
+                       + ETA ** 2 * std ** 4 * m * n * r)
         else:
             closed += std ** 2 * m * Bt.square().sum().item()
     energies = []

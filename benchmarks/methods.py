@@ -30,7 +30,6 @@ from prism.examples.sentiment import accuracy
 from .tasks import Split, minilm
 
 METHODS = ("prism", "naive", "opacus", "ffa", "nonprivate")
-PRIVATE = ("prism", "naive", "opacus", "ffa")
 
 
 @dataclass(frozen=True)

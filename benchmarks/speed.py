@@ -9,8 +9,9 @@ Methods: nonprivate (AdamW), prism (prism.kernels' compiled ops where built), pr
 subprocess, so its peak resident memory (getrusage's high-water mark) is its own: we report the peak
 and the peak minus the resident memory just before the first step (model, optimizer and data built).
 The step time is the median of `--steps` timed steps (forward, backward, optimizer step) after 2
-warm-up steps on one fixed batch, over `--rounds` subprocesses per method run in alternating order;
-ratios are to non-private LoRA of the same invocation. Private methods use noise multiplier 1 and
+warm-up steps on one fixed batch, over `--rounds` subprocesses per method run in alternating order,
+in wall time and in the process's CPU time (with `--threads 1`, the fairer measure on a machine
+loaded by other jobs); ratios are to non-private LoRA of the same invocation. Private methods use noise multiplier 1 and
 C = 1 (the cost does not depend on them). Results: results/speed/<model>.json
 (one file per model, resumable) and results/speed.json.
 """
@@ -107,13 +108,15 @@ def worker(model_name: str, method: str, steps: int) -> dict:
     labels = torch.randint(0, 2, (batch,), generator=generator)
     step = make_stepper(method, model, batch)
     rss_before = _rss_mb()
-    times = []
+    times, cpu_times = [], []
     for i in range(steps + 2):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step(ids, labels)
         if i >= 2:
             times.append(time.perf_counter() - start)
-    return dict(median_step_s=statistics.median(times), step_times_s=times, rss_before_steps_mb=rss_before,
+            cpu_times.append(time.process_time() - cpu_start)
+    return dict(median_step_s=statistics.median(times), step_times_s=times, cpu_times_s=cpu_times,
+                threads=torch.get_num_threads(), rss_before_steps_mb=rss_before,
                 prism_backend=_prism_backend() if method.startswith("prism") else None,
                 peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, load_average=os.getloadavg())
 
@@ -134,7 +137,7 @@ def _rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def measure_model(model_name: str, methods, steps: int, rounds: int) -> dict:
+def measure_model(model_name: str, methods, steps: int, rounds: int, threads: int | None) -> dict:
     """Every method in its own subprocess, `rounds` times, in alternating order (so that a drift in the
     machine's load does not favour one method); the median is over all rounds' timed steps."""
     batch, seq, rank, targets = {**MODELS, **QUICK_MODELS}[model_name]
@@ -142,41 +145,47 @@ def measure_model(model_name: str, methods, steps: int, rounds: int) -> dict:
     for round_ in range(rounds):
         for method in (methods if round_ % 2 == 0 else methods[::-1]):
             command = [sys.executable, "-m", __spec__.name, "--worker", model_name, method, "--steps", str(steps)]
-            env = {**os.environ, "PRISM_KERNELS": "reference"} if method == "prism_reference" else None
+            env = dict(os.environ, **({"PRISM_KERNELS": "reference"} if method == "prism_reference" else {}),
+                       **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
             out = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=common.ROOT)
             if out.returncode != 0:
                 raise RuntimeError(f"{model_name}/{method} failed:\n{out.stderr[-3000:]}")
             runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = runs[method][-1]
-            print(f"  {model_name:10s} {method:13s} median step {r['median_step_s']:.3f}s  peak RSS "
+            print(f"  {model_name:10s} {method:15s} median step {r['median_step_s']:.3f}s "
+                  f"(CPU {statistics.median(r['cpu_times_s']):.3f}s)  peak RSS "
                   f"{r['peak_rss_mb']:.0f} MB (+{r['peak_rss_mb'] - r['rss_before_steps_mb']:.0f} MB in training)",
                   flush=True)
     merged = {m: _merge(rs) for m, rs in runs.items()}
     base = merged["nonprivate"]
     for r in merged.values():
         r["time_ratio"] = r["median_step_s"] / base["median_step_s"]
+        r["cpu_time_ratio"] = r["median_step_cpu_s"] / base["median_step_cpu_s"]
         r["peak_ratio"] = r["peak_rss_mb"] / base["peak_rss_mb"]
         r["training_memory_ratio"] = r["training_memory_mb"] / max(base["training_memory_mb"], 1e-9)
     return dict(model=model_name, batch=batch, seq=seq, rank=rank, targets=targets, steps=steps, rounds=rounds,
-                runs=merged)
+                threads=merged["nonprivate"]["threads"], runs=merged)
 
 
 def _merge(rounds: list[dict]) -> dict:
     times = [t for r in rounds for t in r["step_times_s"]]
+    cpu_times = [t for r in rounds for t in r["cpu_times_s"]]
     return dict(median_step_s=statistics.median(times), step_times_s=times,
+                median_step_cpu_s=statistics.median(cpu_times), cpu_times_s=cpu_times, threads=rounds[0]["threads"],
                 peak_rss_mb=max(r["peak_rss_mb"] for r in rounds),
                 training_memory_mb=max(r["peak_rss_mb"] - r["rss_before_steps_mb"] for r in rounds),
                 load_average=[r["load_average"] for r in rounds], prism_backend=rounds[0]["prism_backend"])
 
 
 def table(summary: dict) -> str:
-    lines = ["| model | method | median step (s) | x non-private | peak RSS (MB) | x non-private | "
-             "training memory (MB) | x non-private |", "|---" * 8 + "|"]
+    lines = ["| model | method | median step (s) | x non-private | CPU time per step (s) | x non-private | "
+             "peak RSS (MB) | x non-private | training memory (MB) | x non-private |", "|---" * 10 + "|"]
     for name, result in summary.items():
         for method, r in result["runs"].items():
             label = f"{method} ({r['prism_backend']})" if r.get("prism_backend") else method
             lines.append(f"| {name} (b={result['batch']}, T={result['seq']}, r={result['rank']}) | {label} | "
-                         f"{r['median_step_s']:.3f} | {r['time_ratio']:.2f} | {r['peak_rss_mb']:.0f} | "
+                         f"{r['median_step_s']:.3f} | {r['time_ratio']:.2f} | {r['median_step_cpu_s']:.3f} | "
+                         f"{r['cpu_time_ratio']:.2f} | {r['peak_rss_mb']:.0f} | "
                          f"{r['peak_ratio']:.2f} | {r['training_memory_mb']:.0f} | "
                          f"{r['training_memory_ratio']:.2f} |")
     return "\n".join(lines)
@@ -186,15 +195,17 @@ def plot(summary: dict, path) -> None:
     plt = common.maybe_pyplot()
     if plt is None:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     names = list(summary)
     methods = list(next(iter(summary.values()))["runs"])
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
         xs = [j + i * width for j in range(len(names))]
         axes[0].bar(xs, [summary[n]["runs"][method]["time_ratio"] for n in names], width, label=method)
-        axes[1].bar(xs, [summary[n]["runs"][method]["training_memory_ratio"] for n in names], width, label=method)
-    for ax, label in zip(axes, ("step time / non-private", "training memory / non-private")):
+        axes[1].bar(xs, [summary[n]["runs"][method]["cpu_time_ratio"] for n in names], width, label=method)
+        axes[2].bar(xs, [summary[n]["runs"][method]["training_memory_ratio"] for n in names], width, label=method)
+    for ax, label in zip(axes, ("step time (wall) / non-private", "CPU time per step / non-private",
+                                "training memory / non-private")):
         ax.axhline(1.1, color="k", linestyle=":", linewidth=1)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
         ax.set_ylabel(label)
@@ -210,6 +221,8 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", nargs="+", choices=SPEED_METHODS, default=list(SPEED_METHODS))
     p.add_argument("--steps", type=int, default=None, help="timed steps after 2 warm-up steps (default: 10)")
     p.add_argument("--rounds", type=int, default=None, help="subprocesses per method, alternating order (default: 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per worker (default: torch's); with 1 the CPU time is fair on a loaded machine")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -227,8 +240,8 @@ def main(argv=None) -> dict:
     steps = args.steps or (3 if args.quick else 10)
     folder = common.out_dir(args)
     rounds = args.rounds or (1 if args.quick else 2)
-    jobs = [(folder / "speed" / f"{name}.json", lambda name=name: measure_model(name, args.methods, steps, rounds))
-            for name in models]
+    jobs = [(folder / "speed" / f"{name}.json",
+             lambda name=name: measure_model(name, args.methods, steps, rounds, args.threads)) for name in models]
     summary = {r["model"]: r for r in common.run_queue(jobs, "speed")}
     common.write_json(folder / "speed.json", summary)
     print(table(summary))

@@ -85,8 +85,9 @@ def summarize(args, folder: Path) -> dict:
         summary["tuning"][task], summary["test_accuracy"][task] = {}, {}
         for m in args.methods:
             eps = None if m == "nonprivate" else TUNE_EPSILON
+            paths = {lr: run_path(folder, task, m, eps, 0, lr) for lr in args.lr_grid}
             summary["tuning"][task][m] = {f"{lr:g}": common.read_json(p)["val_accuracy"]
-                                          for lr in args.lr_grid if (p := run_path(folder, task, m, eps, 0, lr)).exists()}
+                                          for lr, p in paths.items() if p.exists()}
             rows = summary["test_accuracy"][task][m] = {}
             lr = tuned_lr(folder, task, m, args.lr_grid)
             if lr is None:
