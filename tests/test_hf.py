@@ -78,9 +78,10 @@ def test_trainer_learns_and_logs_epsilon(tmp_path):
 def test_causal_lm_through_the_trainer(kind, cls, tmp_path):
     data = make_batch(kind, 256, seed=3)
     model = tiny_model(kind, dtype=torch.float32, init="pissa" if cls is PRISM else True)
-    opt = cls(model, **private_settings(256, noise_multiplier=0.3, expected_batch_size=32, steps=12, lr=0.05))
+    opt = cls(model, **private_settings(256, noise_multiplier=0.3, expected_batch_size=32, steps=12, lr=0.05),
+              generator=torch.Generator().manual_seed(2))
     trainer = trainer_for(model, opt, data, tmp_path, logging_steps=5)
-    prism.hf.make_private(trainer)
+    prism.hf.make_private(trainer, sampling_seed=4)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logs[-1]["loss"] < logs[0]["loss"]
