@@ -164,7 +164,7 @@ def main(argv=None) -> dict:
     if not noise_path.exists():
         sigma = methods.noise_multiplier(EPSILON, setup.delta, setup.batch_size / len(split.train_x), setup.steps)
         runs = {m: {f"{c:g}": noise_energy_run(m, c, sigma, setup, args.trials) for c in args.c}
-                for m in NOISE_METHODS}
+                for m in (NOISE_METHODS[:2] if args.quick else NOISE_METHODS)}
         common.write_json(noise_path, dict(noise_multiplier=sigma, runs=runs, **common.provenance()))
     for m, rows in common.read_json(noise_path)["runs"].items():
         print(f"noise energy {m}: " + ", ".join(f"c={c}: {r['measured']:.4g} (closed form {r['closed_form']:.4g})"

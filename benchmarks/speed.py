@@ -35,7 +35,7 @@ from . import common
 SPEED_METHODS = ("nonprivate", "prism", "prism_reference", "naive", "opacus_hooks", "opacus_ghost")
 MODELS = {  # name: (batch, sequence length, LoRA rank, LoRA targets)
     "minilm": (32, 64, 8, ["query", "value"]),
-    "llama": (4, 256, 16, ["q_proj", "v_proj"]),
+    "llama": (2, 256, 16, ["q_proj", "v_proj"]),
 }
 QUICK_MODELS = {"tiny_llama": (2, 32, 4, ["q_proj", "v_proj"])}
 
