@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from helpers import make_batch, per_example_losses, select, tiny_model  # noqa: E402
+from helpers import TensorDataset, make_batch, per_example_losses, select, stack_collate, tiny_model  # noqa: E402
 from prism import NaiveDPLoRA, PRISM, PoissonBatchSampler, distributed, micro_batches  # noqa: E402
 
 N, SAMPLE_RATE, STEPS = 16, 0.125, 4  # draws of 0 or 1 examples leave some rank's share empty
@@ -57,21 +57,6 @@ def plain_loop(cls, generator: str | None = None) -> dict:
                 sizes=prism_state["sampling_check"]["sizes"])
 
 
-class Examples(torch.utils.data.Dataset):
-    def __init__(self, batch: dict):
-        self.batch = batch
-
-    def __len__(self):
-        return len(self.batch["labels"])
-
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in self.batch.items()}
-
-
-def collate(examples):
-    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
-
-
 def trainer_run(output_dir: str, resume: bool = False) -> dict:
     """3 private steps through a vanilla Trainer made private (2 micro-batches per step), saving a
     checkpoint after step 2; with `resume`, only step 3, resumed from that checkpoint."""
@@ -86,8 +71,8 @@ def trainer_run(output_dir: str, resume: bool = False) -> dict:
     perturb_off_rank_0(model)
     opt = PRISM(model, lr=0.05, max_grad_norm=0.5, noise_multiplier=1.0, expected_batch_size=8, dataset_size=32,
                 delta=1e-3, generator=rank_specific(3))
-    trainer = Trainer(model=model, args=args, train_dataset=Examples(make_batch("bert", 32, seed=4)),
-                      data_collator=collate, optimizers=(opt, None))
+    trainer = Trainer(model=model, args=args, train_dataset=TensorDataset(make_batch("bert", 32, seed=4)),
+                      data_collator=stack_collate, optimizers=(opt, None))
     prism.hf.make_private(trainer, sampling_seed=5 + distributed.world()[1])
     trainer.train(resume_from_checkpoint=os.path.join(output_dir, "checkpoint-2") if resume else None)
     return dict(params=trained(model), epsilon=opt.privacy_spent()[0], steps=trainer.state.global_step,

@@ -160,3 +160,21 @@ def current_factors(optimizer, index: int):
     pair = optimizer.pairs[index]
     A, B = lora_factors(pair, torch.float64)
     return A, B, tangent_basis(A, B)
+
+
+class TensorDataset(torch.utils.data.Dataset):
+    """Examples as dicts of tensors, cut from one batch dict (for Trainer tests)."""
+
+    def __init__(self, batch: dict):
+        self.batch = batch
+
+    def __len__(self):
+        return len(self.batch["labels"])
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+def stack_collate(examples: list[dict]) -> dict:
+    """Collate equal-length examples by stacking each field."""
+    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}

@@ -9,27 +9,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import prism
 import prism.hf
-from helpers import lora_layers, make_batch, select, tiny_base, tiny_model
+from helpers import TensorDataset, lora_layers, make_batch, select, stack_collate, tiny_base, tiny_model
 from prism import NaiveDPLoRA, NonPoissonSampling, PRISM
 
 pytestmark = pytest.mark.filterwarnings("ignore:TrainingArguments.max_grad_norm")
-
-
-class TensorDataset(torch.utils.data.Dataset):
-    """Examples as dicts of tensors, cut from one batch dict."""
-
-    def __init__(self, batch: dict):
-        self.batch = batch
-
-    def __len__(self):
-        return len(self.batch["labels"])
-
-    def __getitem__(self, i):
-        return {k: v[i] for k, v in self.batch.items()}
-
-
-def collate(examples):
-    return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 def token_halves(n, seed):
@@ -45,7 +28,7 @@ def trainer_for(model, opt, data, tmp_path, callbacks=None, **args):
                     logging_steps=2, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
     settings.update(args)
     return Trainer(model=model, args=TrainingArguments(**settings), train_dataset=TensorDataset(data),
-                   data_collator=collate, optimizers=(opt, None), callbacks=callbacks)
+                   data_collator=stack_collate, optimizers=(opt, None), callbacks=callbacks)
 
 
 def private_settings(n, **extra):
