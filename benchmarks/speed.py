@@ -242,7 +242,8 @@ def main(argv=None) -> dict:
     rounds = args.rounds or (1 if args.quick else 2)
     jobs = [(folder / "speed" / f"{name}.json",
              lambda name=name: measure_model(name, args.methods, steps, rounds, args.threads)) for name in models]
-    summary = {r["model"]: r for r in common.run_queue(jobs, "speed")}
+    common.run_queue(jobs, "speed")
+    summary = {path.stem: common.read_json(path) for path in sorted((folder / "speed").glob("*.json"))}
     common.write_json(folder / "speed.json", summary)
     print(table(summary))
     plot(summary, folder / "speed.png")
