@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.models.auto import modeling_auto
 
 from . import distributed, export
@@ -102,17 +102,7 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
         # itself. Preparing it now for evaluation only (autocast, compile) makes the Trainer's
         # own prepare() leave it unwrapped.
         trainer.accelerator.prepare_model(trainer.model, evaluation_mode=True)
-    from transformers import Trainer
-
-    if type(trainer).training_step is not Trainer.training_step:
-        raise ValueError(f"{type(trainer).__name__} overrides training_step; prism cannot check that each example's "
-                         "gradient comes from its own loss. Use transformers.Trainer (or a subclass that keeps it).")
-    if type(trainer).compute_loss is not Trainer.compute_loss or trainer.compute_loss_func is not None:
-        warnings.warn("the trainer's own compute_loss / compute_loss_func is replaced by prism's per-example loss; "
-                      "pass per_example_loss=... to make_private for a custom loss.", UserWarning, stacklevel=2)
-    if per_example_loss is not None and trainer.args.label_smoothing_factor:
-        warnings.warn("label_smoothing_factor is not applied to a custom per_example_loss; apply it there.",
-                      UserWarning, stacklevel=2)
+    _check_loss_path(trainer, per_example_loss)
     loss_fn = per_example_loss or default_per_example_loss(trainer.model, trainer.args.label_smoothing_factor)
     sampler = PoissonMicroBatchSampler(dataset_size, optimizer.plan.sample_rate,
                                        trainer.args.gradient_accumulation_steps, seed=sampling_seed)
@@ -138,6 +128,19 @@ def save_adapter_for_base(trainer, save_directory: str) -> None:
     if callback is None:
         raise ValueError("this trainer was not made private with prism.hf.make_private.")
     export.save_adapter_for_base(trainer.model, save_directory, callback.initial_adapter_dir)
+
+
+def _check_loss_path(trainer, per_example_loss: PerExampleLoss | None) -> None:
+    """Refuse a training_step prism cannot see through; warn where the trainer's own loss is replaced."""
+    if type(trainer).training_step is not Trainer.training_step:
+        raise ValueError(f"{type(trainer).__name__} overrides training_step; prism cannot check that each example's "
+                         "gradient comes from its own loss. Use transformers.Trainer (or a subclass that keeps it).")
+    if type(trainer).compute_loss is not Trainer.compute_loss or trainer.compute_loss_func is not None:
+        warnings.warn("the trainer's own compute_loss / compute_loss_func is replaced by prism's per-example loss; "
+                      "pass per_example_loss=... to make_private for a custom loss.", UserWarning, stacklevel=3)
+    if per_example_loss is not None and trainer.args.label_smoothing_factor:
+        warnings.warn("label_smoothing_factor is not applied to a custom per_example_loss; apply it there.",
+                      UserWarning, stacklevel=3)
 
 
 def _prism_optimizer(trainer) -> DPLoRAOptimizer:
