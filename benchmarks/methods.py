@@ -5,7 +5,9 @@
 - opacus: Opacus' DP-SGD machinery (PrivacyEngine.make_private, Poisson sampling, its own PRV
   accountant calibrated to the same epsilon and delta) around torch's AdamW, on the same peft model;
 - ffa: FFA-LoRA, lora_A frozen at its random init, lora_B trained by NaiveDPLoRA;
-- nonprivate: AdamW, no clipping and no noise.
+- nonprivate: AdamW, no clipping and no noise;
+- head: a DP linear probe, the classification head alone trained by Opacus' DP-AdamW, LoRA frozen at
+  peft's init (Z = 0, so the pretrained encoder unchanged): what the private methods reach without LoRA.
 Every method trains the classification head too (privately for the private ones), takes one
 step per Poisson-sampled logical batch of expected size b, and sums per-example losses
 (the non-private one averages them over the realised batch).
@@ -29,7 +31,7 @@ from prism.examples.sentiment import accuracy
 
 from .tasks import Split, minilm
 
-METHODS = ("prism", "naive", "opacus", "ffa", "nonprivate")
+METHODS = ("prism", "naive", "opacus", "ffa", "nonprivate", "head")
 
 
 @dataclass(frozen=True)
@@ -72,12 +74,12 @@ def train(method: str, split: Split, setup: Setup, *, epsilon: float | None, see
     tokenizer, model = minilm(method == "prism" if full_rank is None else full_rank, setup.rank)
     refactor(model, gauge)
     model.train()  # from_pretrained returns eval mode; Opacus only records activations in training mode
-    if method == "ffa":
-        for name, param in model.named_parameters():
-            if ".lora_A." in name:
-                param.requires_grad_(False)
+    frozen = {"ffa": (".lora_A.",), "head": (".lora_A.", ".lora_B.")}.get(method, ())
+    for name, param in model.named_parameters():
+        if any(part in name for part in frozen):
+            param.requires_grad_(False)
     start = time.time()
-    loop = _train_opacus if method == "opacus" else _train_prism_family
+    loop = _train_opacus if method in ("opacus", "head") else _train_prism_family
     model, info = loop(method, model, tokenizer, split, setup, epsilon, seed, lr)
     return dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, gauge=gauge,
                 val_accuracy=accuracy(model, tokenizer, split.val_x, split.val_y, setup.max_length),

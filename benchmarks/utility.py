@@ -1,4 +1,4 @@
-"""Privacy-utility: test accuracy of PRISM, naive DP-LoRA, Opacus, FFA-LoRA and non-private LoRA.
+"""Privacy-utility: test accuracy of PRISM, naive DP-LoRA, Opacus, FFA-LoRA, non-private LoRA and a DP head.
 
     python -m benchmarks.utility            # full sweep, resumable: rerun to continue
     python -m benchmarks.utility --quick    # CI: a few steps per method, no claims
@@ -169,9 +169,9 @@ def main(argv=None) -> dict:
     common.quiet()
     if args.quick:
         args.epsilons, args.seeds, args.lr_grid = [TUNE_EPSILON], [0], [3e-3]
-    if "opacus" in args.methods and not methods.opacus_available():
-        print("opacus is not installed (pip install 'prism-dp[bench]'): skipping the Opacus baseline")
-        args.methods = [m for m in args.methods if m != "opacus"]
+    if {"opacus", "head"} & set(args.methods) and not methods.opacus_available():
+        print("opacus is not installed (pip install 'prism-dp[bench]'): skipping the Opacus and head baselines")
+        args.methods = [m for m in args.methods if m not in ("opacus", "head")]
     folder = common.out_dir(args)
     if not args.summary_only:
         sweep(args, folder, methods.QUICK if args.quick else methods.Setup())
