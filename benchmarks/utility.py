@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import common, methods, tasks
 
-LR_GRID = (1e-3, 3e-3, 1e-2)
+LR_GRID = (3e-3, 1e-2, 3e-2)
 EPSILONS = (1.0, 3.0, 8.0)
 TUNE_EPSILON = 3.0
 SEEDS = (0, 1, 2)
