@@ -97,7 +97,8 @@ def summarize(args, folder: Path) -> dict:
                         if (p := run_path(folder, task, m, epsilon, seed, lr)).exists()]
                 if runs:
                     acc = [r["test_accuracy"] for r in runs]
-                    rows[tag(epsilon)] = dict(lr=lr, mean=statistics.mean(acc), std=statistics.pstdev(acc),
+                    std = statistics.stdev(acc) if len(acc) > 1 else None  # sample std over seeds
+                    rows[tag(epsilon)] = dict(lr=lr, mean=statistics.mean(acc), std=std,
                                               seeds=[r["seed"] for r in runs], test_accuracy=acc,
                                               epsilon_spent=[r.get("epsilon") for r in runs])
     common.write_json(folder / "utility.json", summary)
@@ -106,7 +107,7 @@ def summarize(args, folder: Path) -> dict:
 
 def table(summary: dict, epsilons) -> str:
     """Markdown: validation accuracy (%) of the tuning runs, then one row per (task, method) with the
-    mean +- std test accuracy (%) at the tuned learning rate and the number of seeds."""
+    mean +- sample std test accuracy (%) at the tuned learning rate and the number of seeds."""
     grid = [f"{lr:g}" for lr in summary["lr_grid"]]
     lines = [f"validation accuracy at epsilon {TUNE_EPSILON:g} (non-private: no noise), seed 0:", "",
              "| task | method | " + " | ".join(f"lr {lr}" for lr in grid) + " |", "|---" * (len(grid) + 2) + "|"]
@@ -129,7 +130,8 @@ def table(summary: dict, epsilons) -> str:
 def _cell(row) -> str:
     if row is None:
         return "pending"
-    return f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f} (n={len(row['seeds'])})"
+    spread = "" if row["std"] is None else f" ± {100 * row['std']:.1f}"
+    return f"{100 * row['mean']:.1f}{spread} (n={len(row['seeds'])})"
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -146,7 +148,7 @@ def plot(summary: dict, path: Path) -> None:
             points = sorted((float(e), r) for e, r in rows.items())
             if points:
                 ax.errorbar([e for e, _ in points], [100 * r["mean"] for _, r in points],
-                            yerr=[100 * r["std"] for _, r in points], marker="o", capsize=3, label=m)
+                            yerr=[100 * (r["std"] or 0.0) for _, r in points], marker="o", capsize=3, label=m)
         ax.set(xscale="log", xlabel="epsilon (delta = 1e-5)", ylabel="test accuracy (%)", title=task)
         if ax.lines:
             ax.legend()
