@@ -32,6 +32,7 @@ from prism.examples.sentiment import accuracy
 from .tasks import Split, minilm
 
 METHODS = ("prism", "naive", "opacus", "ffa", "nonprivate", "head")
+OPACUS_METHODS = ("opacus", "head")  # trained by Opacus (needs the bench extra)
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def train(method: str, split: Split, setup: Setup, *, epsilon: float | None, see
         if any(part in name for part in frozen):
             param.requires_grad_(False)
     start = time.time()
-    loop = _train_opacus if method in ("opacus", "head") else _train_prism_family
+    loop = _train_opacus if method in OPACUS_METHODS else _train_prism_family
     model, info = loop(method, model, tokenizer, split, setup, epsilon, seed, lr)
     return dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, gauge=gauge,
                 val_accuracy=accuracy(model, tokenizer, split.val_x, split.val_y, setup.max_length),

@@ -171,9 +171,9 @@ def main(argv=None) -> dict:
     common.quiet()
     if args.quick:
         args.epsilons, args.seeds, args.lr_grid = [TUNE_EPSILON], [0], [3e-3]
-    if {"opacus", "head"} & set(args.methods) and not methods.opacus_available():
+    if set(methods.OPACUS_METHODS) & set(args.methods) and not methods.opacus_available():
         print("opacus is not installed (pip install 'prism-dp[bench]'): skipping the Opacus and head baselines")
-        args.methods = [m for m in args.methods if m not in ("opacus", "head")]
+        args.methods = [m for m in args.methods if m not in methods.OPACUS_METHODS]
     folder = common.out_dir(args)
     if not args.summary_only:
         sweep(args, folder, methods.QUICK if args.quick else methods.Setup())
