@@ -305,8 +305,13 @@ def poisson_train_dataloader(trainer, sampler: PoissonMicroBatchSampler) -> Data
     elif hasattr(trainer, "_get_collator_with_removed_columns"):
         collate = trainer._get_collator_with_removed_columns(collate, description="training")
     main_input = getattr(trainer.model, "main_input_name", "input_ids")
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=_MicroBatchCollate(collate, main_input),
-                      num_workers=trainer.args.dataloader_num_workers, pin_memory=trainer.args.dataloader_pin_memory)
+    args = trainer.args
+    workers = dict(num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+                   persistent_workers=getattr(args, "dataloader_persistent_workers", False),
+                   prefetch_factor=getattr(args, "dataloader_prefetch_factor", None),
+                   multiprocessing_context=getattr(args, "dataloader_multiprocessing_context", None))
+    # `dataloader_in_order` is not passed: out-of-order workers could mix micro-batches of two Poisson draws
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=_MicroBatchCollate(collate, main_input), **workers)
 
 
 def per_example_compute_loss(optimizer: DPLoRAOptimizer, loss_fn: PerExampleLoss, model: nn.Module, inputs: dict,

@@ -103,7 +103,19 @@ def poisson_data_loader(loader: DataLoader, *, sample_rate: float | None = None,
         sample_rate = expected_batch_size / size
     sampler = PoissonBatchSampler(size, sample_rate, steps, epochs=epochs, generator=generator)
     return DataLoader(loader.dataset, batch_sampler=sampler, collate_fn=_EmptySafeCollate(loader),
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory)
+                      **worker_settings(loader))
+
+
+def worker_settings(loader: DataLoader) -> dict:
+    """`loader`'s worker and pinning options, for a DataLoader that draws other batches from its dataset.
+
+    `in_order` is left at True on purpose: out-of-order workers could interleave the micro-batches
+    of different Poisson draws, and each logical batch must be exactly one draw.
+    """
+    return dict(num_workers=loader.num_workers, pin_memory=loader.pin_memory, timeout=loader.timeout,
+                worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
+                prefetch_factor=loader.prefetch_factor, persistent_workers=loader.persistent_workers,
+                pin_memory_device=loader.pin_memory_device)
 
 
 class EmptyBatch:

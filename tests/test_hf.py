@@ -199,6 +199,16 @@ def test_empty_micro_batches_still_step_and_account(tmp_path):
     assert 0 in draws and callback.sampler.micro_batches == 4
 
 
+def test_the_poisson_loader_keeps_the_trainers_worker_settings(tmp_path):
+    model = tiny_model("bert", dtype=torch.float32)
+    opt = PRISM(model, **private_settings(200, noise_multiplier=1.0, expected_batch_size=8, steps=4))
+    trainer = trainer_for(model, opt, make_batch("bert", 200, seed=2), tmp_path, dataloader_num_workers=2,
+                          dataloader_persistent_workers=True, dataloader_prefetch_factor=3)
+    prism.hf.make_private(trainer, sampling_seed=0)
+    loader = trainer.get_train_dataloader()
+    assert (loader.num_workers, loader.persistent_workers, loader.prefetch_factor) == (2, True, 3)
+
+
 def test_split_evenly():
     assert prism.hf.split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
     assert prism.hf.split_evenly([1], 3) == [[1], [], []]

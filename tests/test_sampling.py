@@ -58,6 +58,19 @@ def test_poisson_data_loader_keeps_dataset_and_collate_and_yields_empty_batches(
     assert 0 not in calls  # an empty batch never reads an example
 
 
+def _seed_nothing(worker_id):
+    pass
+
+
+def test_poisson_data_loader_keeps_the_worker_settings():
+    data = TensorDataset(torch.arange(20).float()[:, None])
+    original = DataLoader(data, batch_size=4, num_workers=2, persistent_workers=True, prefetch_factor=3,
+                          worker_init_fn=_seed_nothing, timeout=30)
+    loader = poisson_data_loader(original, expected_batch_size=4.0, steps=5)
+    settings = ("num_workers", "persistent_workers", "prefetch_factor", "worker_init_fn", "timeout", "pin_memory")
+    assert {k: getattr(loader, k) for k in settings} == {k: getattr(original, k) for k in settings}
+
+
 def test_micro_batches_split_nested_batches():
     from collections import namedtuple
 
