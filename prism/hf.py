@@ -131,13 +131,16 @@ def save_adapter_for_base(trainer, save_directory: str) -> None:
 
 
 def _check_loss_path(trainer, per_example_loss: PerExampleLoss | None) -> None:
-    """Refuse a training_step prism cannot see through; warn where the trainer's own loss is replaced."""
+    """Refuse a training_step prism cannot see through, and a custom loss that has no per-example version."""
     if type(trainer).training_step is not Trainer.training_step:
         raise ValueError(f"{type(trainer).__name__} overrides training_step; prism cannot check that each example's "
                          "gradient comes from its own loss. Use transformers.Trainer (or a subclass that keeps it).")
-    if type(trainer).compute_loss is not Trainer.compute_loss or trainer.compute_loss_func is not None:
-        warnings.warn("the trainer's own compute_loss / compute_loss_func is replaced by prism's per-example loss; "
-                      "pass per_example_loss=... to make_private for a custom loss.", UserWarning, stacklevel=3)
+    custom = type(trainer).compute_loss is not Trainer.compute_loss or trainer.compute_loss_func is not None
+    if custom and per_example_loss is None:
+        raise ValueError(f"{type(trainer).__name__} has its own compute_loss or compute_loss_func, which prism must "
+                         "replace by a loss computed per example. Pass per_example_loss=... to make_private: your "
+                         "loss as a function (outputs, labels) -> one loss per example (see prism.losses), or "
+                         "prism.hf.default_per_example_loss(model) if the default loss is what you want.")
     if per_example_loss is not None and trainer.args.label_smoothing_factor:
         warnings.warn("label_smoothing_factor is not applied to a custom per_example_loss; apply it there.",
                       UserWarning, stacklevel=3)

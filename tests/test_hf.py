@@ -265,6 +265,23 @@ def test_make_private_refuses_bad_setups(change, error, match, tmp_path):
         prism.hf.make_private(trainer)
 
 
+class _WeightedLossTrainer(Trainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return 2.0 * super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def test_a_custom_compute_loss_needs_its_per_example_version(tmp_path):
+    model = tiny_model("bert", dtype=torch.float32)
+    opt = PRISM(model, **private_settings(100, noise_multiplier=1.0, expected_batch_size=10, steps=20))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, report_to="none", use_cpu=True)
+    trainer = _WeightedLossTrainer(model=model, args=args, train_dataset=TensorDataset(make_batch("bert", 100, seed=2)),
+                                   data_collator=stack_collate, optimizers=(opt, None))
+    with pytest.raises(ValueError, match="_WeightedLossTrainer has its own compute_loss.*per_example_loss="):
+        prism.hf.make_private(trainer)
+    weighted = prism.hf.default_per_example_loss(model)
+    prism.hf.make_private(trainer, per_example_loss=lambda outputs, labels: 2.0 * weighted(outputs, labels))
+
+
 def test_an_unknown_task_needs_a_loss():
     model = lora_layers(tiny_model("bert"))[0][2]  # a bare LoRA layer: no task to infer
     with pytest.raises(ValueError, match="per_example_loss"):
