@@ -8,6 +8,7 @@ how LoRA pairs are represented (`_lora_unit`) and updated (`_lora_updates`).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import NamedTuple
 
 import torch
@@ -17,7 +18,7 @@ from . import _validate, distributed, per_example
 from .accounting import PrivacyAccountant, PrivacyBudgetExceeded, max_steps_within
 from .functional import StepConfig, dense_step
 from .hooks import PerExampleCollector, StepStats, Unit
-from .layers import LoRAPair, find_trainables
+from .layers import DenseLinear, LoRAPair, find_trainables
 from .noise import entropy_seeded_generator, fill_from_os_entropy, gaussian
 from .plan import resolve_plan
 from .sampling import SamplingCheck
@@ -28,7 +29,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
 
     _frozen_lora_A = False  # whether LoRA layers with a frozen lora_A (FFA-LoRA) are accepted
 
-    def __init__(self, model: nn.Module, *, lr: float, max_grad_norm: float, noise_multiplier: float | None = None,
+    def __init__(self, model: nn.Module, *, lr: float, max_grad_norm: float, dense_max_grad_norm: float | None = None,
+                 noise_multiplier: float | None = None,
                  expected_batch_size: float | None = None, target_epsilon: float | None = None,
                  delta: float | None = None, sample_rate: float | None = None, dataset_size: int | None = None,
                  steps: int | None = None, epochs: float | None = None, max_epsilon: float | None = None,
@@ -45,6 +47,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                             "empty (see prism.distributed).")
         _validate.non_negative(lr=lr, weight_decay=weight_decay)
         _validate.positive(max_grad_norm=max_grad_norm, eps=eps)
+        if dense_max_grad_norm is not None:
+            _validate.positive(dense_max_grad_norm=dense_max_grad_norm)
         _validate.in_unit_interval(**{"betas[0]": betas[0], "betas[1]": betas[1]})
         _validate.one_of({"mean", "sum"}, loss_reduction=loss_reduction)
         self.plan = resolve_plan(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
@@ -57,6 +61,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                         **extra_defaults)
         super().__init__([{"params": params}], defaults)
         self._max_grad_norm = float(max_grad_norm)
+        self._dense_max_grad_norm = float(max_grad_norm if dense_max_grad_norm is None else dense_max_grad_norm)
         self.loss_reduction = loss_reduction
         self.accountant = PrivacyAccountant() if self.plan.sample_rate is not None else None
         self._sampling_check = SamplingCheck(self.plan, allow_non_poisson)
@@ -71,7 +76,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
             unit = self._lora_unit(index, pair)
             self._collector.add_lora_pair(pair.lora_A, pair.lora_B, unit)
             self._lora_units.append(unit)
-        self._dense_units = [self._dense_unit(d.name, d.module) for d in self.dense]
+        self._dense_units = [self._dense_unit(d) for d in self.dense]
         self._owners = [(module, name, getattr(module, name)) for module in
                         [m for pair in self.pairs for m in (pair.lora_A, pair.lora_B)] + [d.module for d in self.dense]
                         for name in ("weight", "bias")
@@ -90,13 +95,18 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         return self._max_grad_norm
 
     @property
+    def dense_max_grad_norm(self) -> float:
+        """C_D, the dense parameters' clipping scale in the joint clip (read-only; default C)."""
+        return self._dense_max_grad_norm
+
+    @property
     def expected_batch_size(self) -> float:
         """b = q N (read-only)."""
         return self.plan.expected_batch_size
 
     @property
     def noise_std(self) -> float:
-        """Standard deviation of the noise on the averaged gradient: sigma C / b."""
+        """Standard deviation of the noise on the averaged LoRA gradient: sigma C / b (dense: sigma C_D / b)."""
         return self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
 
     @property
@@ -110,7 +120,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
     def _lora_updates(self, cfg: StepConfig) -> list[Update]:
         raise NotImplementedError
 
-    def _dense_unit(self, name: str, module: nn.Linear) -> Unit:
+    def _dense_unit(self, dense: DenseLinear) -> Unit:
+        name, module = dense.name, dense.module
         params = [p for p in (module.weight, module.bias) if p is not None and p.requires_grad]
         if len(params) == 1 and params[0] is not module.weight:
             raise ValueError(f"{name}: a dense nn.Linear with a trainable bias but a frozen weight is not "
@@ -122,7 +133,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
             return per_example.linear_grads(*per_example.in_compute_dtype(dtype, x, go, grad_scale=grad_scale),
                                             has_bias), None
 
-        unit = Unit(name, params, grads, per_example.sum_of_squares, dtype)
+        scale = 1.0 if dense.lora_factor else self.dense_max_grad_norm / self.max_grad_norm
+        unit = Unit(name, params, grads, per_example.sum_of_squares, dtype, clip_scale=scale)
         self._collector.add_linear(module, unit)
         return unit
 
@@ -157,7 +169,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         try:
             updates = self._lora_updates(cfg)
             for unit in self._dense_units:
-                updates += self._dense_updates(unit, cfg)
+                updates += self._dense_updates(unit, replace(cfg, noise_std=unit.clip_scale * cfg.noise_std))
         finally:
             self._end_step()
         apply_updates(updates)
@@ -315,7 +327,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         generator_state = None if self.secure_noise else self.generator.get_state()
         state["prism"] = dict(steps_taken=self.steps_taken, generator_state=generator_state,
                               noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                              expected_batch_size=self.expected_batch_size, sample_rate=self.plan.sample_rate,
+                              dense_max_grad_norm=self.dense_max_grad_norm, expected_batch_size=self.expected_batch_size, sample_rate=self.plan.sample_rate,
                               accountant=None if self.accountant is None else self.accountant.state_dict(),
                               sampling_check=self._sampling_check.state_dict())
         return state
@@ -331,9 +343,9 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
             raise ValueError("this state_dict has no 'prism' entry: it was not saved by a prism optimizer.")
         extra = state_dict.pop("prism")
         ours = dict(noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                    expected_batch_size=self.expected_batch_size, sample_rate=self.plan.sample_rate)
+                    dense_max_grad_norm=self.dense_max_grad_norm, expected_batch_size=self.expected_batch_size, sample_rate=self.plan.sample_rate)
         for key, value in ours.items():
-            if extra[key] != value:
+            if extra.get(key, self.max_grad_norm if key == "dense_max_grad_norm" else None) != value:
                 raise ValueError(f"the checkpoint was saved with {key}={extra[key]}, this optimizer has "
                                  f"{value}; build the optimizer with the checkpoint's settings.")
         if extra["generator_state"] is None and not self.secure_noise:
@@ -359,7 +371,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         group = self.param_groups[0]
         return (f"{type(self).__name__}(lora_modules={len(self.pairs)}, dense_modules={len(self.dense)}, "
                 f"lr={group['lr']}, noise_multiplier={self.noise_multiplier:.4g}, max_grad_norm={self.max_grad_norm}, "
-                f"expected_batch_size={self.expected_batch_size}, sample_rate={self.plan.sample_rate}, "
+                f"dense_max_grad_norm={self.dense_max_grad_norm}, expected_batch_size={self.expected_batch_size}, sample_rate={self.plan.sample_rate}, "
                 f"adaptive={group['adaptive']}, loss_reduction={self.loss_reduction!r}, steps_taken={self.steps_taken})")
 
 

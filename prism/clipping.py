@@ -3,7 +3,9 @@
 Formal guarantees: with alpha_i = clip_factors(s, C), every example's clipped contribution
 alpha_i g_i has norm min(||g_i||, C) <= C, where s_i = ||g_i||^2 is the squared norm over
 ALL privately trained tensors (all LoRA modules and dense parameters). So adding or removing
-one example changes the clipped sum by at most C (add/remove sensitivity C).
+one example changes the clipped sum by at most C (add/remove sensitivity C). With the
+optimizers' dense_max_grad_norm the dense parts enter s_i weighted by (C / C_D)^2: the bound
+then holds in those weighted coordinates, in which the noise is isotropic.
 
 Edge cases of clip_factors:
 

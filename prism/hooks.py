@@ -55,15 +55,19 @@ class Unit:
         sqnorms: per-example tensors -> (b,) squared norms of the gradient they represent (used
             when per_example gives none, or when a module called twice has summed its calls).
         compute_dtype: dtype of all per-example math (fp32, or fp64 for fp64 parameters).
+        clip_scale: k, the unit's scale in the joint clip and the noise: its squared norms enter the
+            clip divided by k^2, and its noise std must be k sigma C / b (1 for LoRA modules,
+            C_D / C for dense layers: the optimizers' dense_max_grad_norm).
     """
 
     def __init__(self, name: str, params: Sequence[Tensor], per_example: PerExampleFn,
-                 sqnorms: Callable[..., Tensor], compute_dtype: torch.dtype):
+                 sqnorms: Callable[..., Tensor], compute_dtype: torch.dtype, clip_scale: float = 1.0):
         self.name = name
         self.params = list(params)
         self.per_example = per_example
         self.sqnorms = sqnorms
         self.compute_dtype = compute_dtype
+        self.clip_scale = clip_scale
         self.pending: list[Tensor] | None = None
         self.pending_sqnorms: Tensor | None = None
         self.pending_key: tuple[int, int] | None = None  # (autograd graph task, forward pass)
@@ -91,8 +95,9 @@ class Unit:
             self.pending, self.pending_sqnorms = [p + t for p, t in zip(self.pending, tensors)], None
 
     def pending_norms(self) -> Tensor:
-        """(b,) squared norms of the pending per-example gradients."""
-        return self.pending_sqnorms if self.pending_sqnorms is not None else self.sqnorms(*self.pending)
+        """(b,) squared norms of the pending per-example gradients, divided by clip_scale^2."""
+        sqnorms = self.pending_sqnorms if self.pending_sqnorms is not None else self.sqnorms(*self.pending)
+        return sqnorms if self.clip_scale == 1.0 else sqnorms / self.clip_scale ** 2
 
     def flush(self, alpha: Tensor, finite: Tensor) -> None:
         """sums += sum_i alpha_i pending_i; drop the per-example tensors."""
@@ -115,7 +120,7 @@ class StepStats:
         self.clipped = 0
         self.nonfinite = 0
         self.backward_passes = 0
-        self.last_norms: Tensor | None = None
+        self.last_norms: Tensor | None = None  # the last backward pass's per-example norms, as clipped (weighted)
 
     def __repr__(self) -> str:
         return (f"StepStats(examples={self.examples}, clipped={self.clipped}, nonfinite={self.nonfinite}, "

@@ -46,6 +46,7 @@ class DenseLinear:
 
     name: str
     module: nn.Linear
+    lora_factor: bool = False  # FFA-LoRA's lora_B: clipped and noised like the LoRA modules, not the dense layers
 
 
 def find_trainables(model: nn.Module, *, frozen_lora_A: bool = False
@@ -63,7 +64,7 @@ def find_trainables(model: nn.Module, *, frozen_lora_A: bool = False
     """
     pairs, frozen_A = _find_lora_pairs(model, frozen_lora_A)
     covered = {id(p) for pair in pairs for p in (pair.lora_A.weight, pair.lora_B.weight)}
-    dense = [DenseLinear(f"{pair.name}.lora_B", pair.lora_B) for pair in frozen_A]
+    dense = [DenseLinear(f"{pair.name}.lora_B", pair.lora_B, lora_factor=True) for pair in frozen_A]
     covered.update(id(pair.lora_B.weight) for pair in frozen_A)
     unsupported = []
     for name, module in model.named_modules():

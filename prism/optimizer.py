@@ -35,14 +35,22 @@ class PRISM(DPLoRAOptimizer):
 
     Dense trainable nn.Linear layers (e.g. a classification head) join the same global clip and
     get the same noise std; they are updated by AdamW with the same DP-aware second-moment floor
-    (adaptive) or by SGD.
+    (adaptive) or by SGD. With dense_max_grad_norm = C_D != C the joint clip weighs the two parts,
+
+        ||g_i||_w^2 = ||P_Z(G_i)||^2 (all LoRA modules) + (C / C_D)^2 ||g_i,dense||^2 <= C^2,
+
+    and the dense tensors get noise std sigma C_D / b: one Gaussian mechanism of sensitivity C and
+    multiplier sigma in the coordinates (lora, (C / C_D) dense), so the privacy is unchanged. A
+    classifier head whose per-example gradients are ten times the LoRA part's would otherwise take
+    most of C, and the noise would drown the LoRA signal; C_D near the head's typical norm and C
+    near the LoRA part's give each part a similar share.
 
     Every `step()` is recorded by `optimizer.accountant` (also an empty batch's);
     `optimizer.privacy_spent()` gives (epsilon, delta) and `get_epsilon()` the
     (lower, estimate, upper) triple.
 
     Formal guarantees: every example's clipped contribution has norm <= max_grad_norm over all
-    trained tensors together, and the noise is std * P_Z(Xi) per module (std N(0, I) on dense
+    trained tensors together (in the weighted norm above), and the noise is std * P_Z(Xi) per module (std N(0, I) on dense
     tensors) with std = noise_multiplier * max_grad_norm / expected_batch_size. Each step thus
     costs exactly a DP-SGD step with the same (noise_multiplier, sampling rate), PROVIDED that
     (1) each example's loss depends on that example alone, (2) batches are drawn by Poisson
@@ -53,6 +61,8 @@ class PRISM(DPLoRAOptimizer):
         model: the peft model; hooks are attached to its LoRA layers in place.
         lr (float): learning rate eta.
         max_grad_norm (float): clipping bound C > 0 on each example's global tangent norm.
+        dense_max_grad_norm (float, optional): C_D > 0, the dense layers' scale in the joint clip
+            (default: C, a plain joint clip).
         noise_multiplier (float, optional): sigma >= 0; 0 means clipping only (no privacy).
         target_epsilon (float, optional): instead of noise_multiplier: the smallest sigma whose
             upper epsilon after `steps` (or `epochs`) is <= target_epsilon at `delta`.

@@ -64,6 +64,7 @@ CASES = {
     "expected batch size inf": (build(expected_batch_size=math.inf), ValueError, "expected_batch_size"),
     "negative noise multiplier": (build(noise_multiplier=-0.1), ValueError, "noise_multiplier"),
     "max grad norm 0": (build(max_grad_norm=0.0), ValueError, "max_grad_norm"),
+    "dense max grad norm negative": (build(dense_max_grad_norm=-1.0), ValueError, "dense_max_grad_norm"),
     "negative learning rate": (build(lr=-1.0), ValueError, "lr"),
     "learning rate as a string": (build(lr="0.1"), (ValueError, TypeError), "lr"),
     "beta of 1": (build(betas=(0.9, 1.0)), ValueError, "betas"),

@@ -35,3 +35,18 @@ def test_prism_and_the_default_refuse_a_frozen_lora_A():
         prism.find_trainables(_ffa_model())
     with pytest.raises(ValueError, match="lora_A and lora_B must both be trainable"):
         prism.PRISM(_ffa_model(), lr=1e-2, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8)
+
+
+def test_dense_max_grad_norm_leaves_ffa_lora_B_with_the_lora_noise():
+    """FFA-LoRA's lora_B are LoRA factors: noise std sigma C / b, whatever the head's C_D."""
+    sigma, C, C_D, b, lr = 1.0, 0.5, 4.0, 2.0, 1e-6
+    model = _ffa_model()
+    opt = prism.NaiveDPLoRA(model, lr=lr, noise_multiplier=sigma, max_grad_norm=C, dense_max_grad_norm=C_D,
+                            expected_batch_size=b, adaptive=False, generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt.step()  # an empty batch: noise only
+    moves = {n: (p.detach() - before[n]).flatten() / lr for n, p in model.named_parameters() if p.requires_grad}
+    lora_B = torch.cat([v for n, v in moves.items() if "lora_B" in n])
+    head = torch.cat([v for n, v in moves.items() if "lora_B" not in n])
+    assert abs(lora_B.std().item() / (sigma * C / b) - 1) < 0.2
+    assert abs(head.std().item() / (sigma * C_D / b) - 1) < 0.3

@@ -14,26 +14,34 @@ def _step_on(model, opt, batch, weights):
     opt.step()
 
 
-def _trainable_state(model):
-    return lora_Z(model) + [p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+def _dense_state(model):
+    return [p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+
+
+def _distance(x, y):
+    return torch.sqrt(sum((a - b).square().sum() for a, b in zip(x, y)))
 
 
 @pytest.mark.parametrize("extreme", [1.0, 1e6])
-def test_one_example_moves_the_step_by_at_most_lr_C_over_b(extreme):
+@pytest.mark.parametrize("dense_max_grad_norm", [None, 0.01, 20.0])
+def test_one_example_moves_the_step_by_at_most_lr_C_over_b(extreme, dense_max_grad_norm):
     """Add/remove one example (however extreme): ||step(D') - step(D)|| <= lr C / b, over all
-    LoRA modules (Z) and the dense head together, with noise off and plain Riemannian SGD."""
+    LoRA modules (Z) and the dense head together, with noise off and plain Riemannian SGD; with
+    dense_max_grad_norm = C_D in the norm that weighs the head's change by C / C_D."""
     lr, C, b = 1e-4, 0.5, 6
     batch = make_batch("bert", b=6, seed=5)
     states = []
     for weights in (torch.tensor([1.0] * 5 + [0.0]), torch.tensor([1.0] * 5 + [extreme])):
         model = tiny_model("bert", r=2)
-        opt = PRISM(model, lr=lr, noise_multiplier=0.0, max_grad_norm=C, expected_batch_size=b, adaptive=False,
-                    loss_reduction="sum")
+        opt = PRISM(model, lr=lr, noise_multiplier=0.0, max_grad_norm=C, dense_max_grad_norm=dense_max_grad_norm,
+                    expected_batch_size=b, adaptive=False, loss_reduction="sum")
         _step_on(model, opt, batch, weights.double())
-        states.append(_trainable_state(model))
-    change = torch.sqrt(sum((a - b_).square().sum() for a, b_ in zip(*states)))
+        states.append((lora_Z(model), _dense_state(model)))
+    (Z0, dense0), (Z1, dense1) = states
+    weight = 1.0 if dense_max_grad_norm is None else C / dense_max_grad_norm
+    change = torch.sqrt(_distance(Z0, Z1) ** 2 + (weight * _distance(dense0, dense1)) ** 2)
     assert change <= lr * C / b * (1 + 1e-3)
-    if extreme > 1:  # the extreme example is clipped onto the sphere: the bound is attained
+    if extreme > 1:  # clipped onto the sphere of the weighted norm: the bound is attained
         assert change >= lr * C / b * (1 - 1e-3)
 
 
@@ -77,6 +85,27 @@ def test_naive_noise_energy_grows_with_the_gauge_but_prism_does_not():
     prism_10, _, _ = _noise_only_steps(PRISM, steps=30, lr=1e-7, gauge=10.0)
     assert naive_10.mean() > 20 * naive_1.mean()
     assert abs(prism_10.mean().item() / noise_energy(1.0, 12, 12, 3) - 1) < 0.1
+
+
+@pytest.mark.parametrize("cls", [PRISM, NaiveDPLoRA])
+def test_dense_layers_get_noise_of_std_sigma_C_D_over_b(cls):
+    """Empty batches, SGD with lr 1: the head moves by its noise alone, std sigma C_D / b per
+    coordinate, while Z's noise energy keeps the closed form of std sigma C / b."""
+    sigma, C, C_D, b, steps, lr = 2.0, 0.5, 3.0, 4.0, 40, 1e-7
+    model = tiny_model("bert", r=3, hidden=12)
+    opt = cls(model, lr=lr, noise_multiplier=sigma, max_grad_norm=C, dense_max_grad_norm=C_D, expected_batch_size=b,
+              adaptive=False, generator=torch.Generator().manual_seed(0))
+    dense_moves, Z_energy = [], []
+    for _ in range(steps):
+        dense_before, Z_before = _dense_state(model), lora_Z(model)
+        opt.step()
+        dense_moves += [(after - before).flatten() / lr for before, after in zip(dense_before, _dense_state(model))]
+        Z_energy += [((z1 - z0).square().sum() / lr ** 2).item() for z0, z1 in zip(Z_before, lora_Z(model))]
+    moves = torch.cat(dense_moves)
+    assert abs(moves.std().item() / (sigma * C_D / b) - 1) < 4 / (2 * moves.numel()) ** 0.5
+    if cls is PRISM:
+        expected = noise_energy(sigma * C / b, 12, 12, 3)
+        assert abs(torch.tensor(Z_energy).mean().item() / expected - 1) < 4 * (2 / (len(Z_energy) * 3 * 21)) ** 0.5
 
 
 def test_no_privacy_limit_is_riemannian_gradient_descent():
