@@ -44,6 +44,7 @@ class Setup:
     micro_batch: int = 128  # physical batch of the prism-family loops (Opacus takes the logical batch whole)
     max_length: int = 40  # tokens per sentence, padded per micro-batch
     max_grad_norm: float = 1.0
+    dense_max_grad_norm: float | None = None  # the head's scale in prism's joint clip (None: max_grad_norm)
     delta: float = 1e-5
     rank: int = 8
     log_every: int = 20
@@ -147,8 +148,9 @@ def _train_prism_family(method, model, tokenizer, split, setup, epsilon, seed, l
     else:
         cls = prism.PRISM if method == "prism" else prism.NaiveDPLoRA
         sigma = noise_multiplier(epsilon, setup.delta, setup.batch_size / n, setup.steps)
-        opt = cls(model, lr=lr, max_grad_norm=setup.max_grad_norm, noise_multiplier=sigma, delta=setup.delta,
-                  expected_batch_size=setup.batch_size, dataset_size=n, loss_reduction="sum", generator=noise_gen)
+        opt = cls(model, lr=lr, max_grad_norm=setup.max_grad_norm, dense_max_grad_norm=setup.dense_max_grad_norm,
+                  noise_multiplier=sigma, delta=setup.delta, expected_batch_size=setup.batch_size, dataset_size=n,
+                  loss_reduction="sum", generator=noise_gen)
     labels = torch.tensor(split.train_y)
     log, clipped, seen = _Log(setup), 0, 0
     for batch in prism.PoissonBatchSampler(n, setup.batch_size / n, setup.steps, generator=sample_gen):
@@ -176,6 +178,8 @@ def _train_opacus(method, model, tokenizer, split, setup, epsilon, seed, lr):
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
+    if setup.dense_max_grad_norm is not None:
+        raise ValueError(f"{method}: Opacus has no weighted joint clip (dense_max_grad_norm); run it without.")
     n = len(split.train_x)
     sample_gen, noise_gen = _generators(seed)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)

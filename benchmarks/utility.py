@@ -13,6 +13,7 @@ the test accuracy over seeds) goes to results/utility.json and results/utility.p
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 from . import common, methods, tasks
@@ -166,6 +167,9 @@ def main(argv=None) -> dict:
     p.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--lr-grid", nargs="+", type=float, default=list(LR_GRID))
+    p.add_argument("--max-grad-norm", type=float, default=methods.Setup.max_grad_norm, help="C")
+    p.add_argument("--dense-max-grad-norm", type=float, default=None,
+                   help="C_D, the head's scale in prism's joint clip (prism, naive, ffa only; use with --out)")
     p.add_argument("--summary-only", action="store_true", help="only rebuild the summary, table and plot")
     args = p.parse_args(argv)
     common.quiet()
@@ -176,7 +180,9 @@ def main(argv=None) -> dict:
         args.methods = [m for m in args.methods if m not in methods.OPACUS_METHODS]
     folder = common.out_dir(args)
     if not args.summary_only:
-        sweep(args, folder, methods.QUICK if args.quick else methods.Setup())
+        setup = replace(methods.QUICK if args.quick else methods.Setup(), max_grad_norm=args.max_grad_norm,
+                        dense_max_grad_norm=args.dense_max_grad_norm)
+        sweep(args, folder, setup)
     summary = summarize(args, folder)
     print(table(summary, args.epsilons))
     plot(summary, folder / "utility.png")
