@@ -49,6 +49,10 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         _validate.positive(max_grad_norm=max_grad_norm, eps=eps)
         if dense_max_grad_norm is not None:
             _validate.positive(dense_max_grad_norm=dense_max_grad_norm)
+            if not 1e-6 <= dense_max_grad_norm / max_grad_norm <= 1e6:
+                raise ValueError(f"dense_max_grad_norm / max_grad_norm = {dense_max_grad_norm / max_grad_norm:.3g} "
+                                 "is outside [1e-6, 1e6], where the weighted clip loses fp32 precision; bring "
+                                 "the two bounds closer.")
         _validate.in_unit_interval(**{"betas[0]": betas[0], "betas[1]": betas[1]})
         _validate.one_of({"mean", "sum"}, loss_reduction=loss_reduction)
         self.plan = resolve_plan(noise_multiplier=noise_multiplier, target_epsilon=target_epsilon, delta=delta,
@@ -82,7 +86,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                         for name in ("weight", "bias")
                         if getattr(module, name, None) is not None and getattr(module, name).requires_grad]
         self._ranks = distributed.world()[0]
-        self._replicas = distributed.Replicas(model, params, self.generator) if self._ranks > 1 else None
+        self._replicas = (distributed.Replicas(model, params, self.generator, self._settings())
+                          if self._ranks > 1 else None)
 
     @property
     def noise_multiplier(self) -> float:
@@ -106,7 +111,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
 
     @property
     def noise_std(self) -> float:
-        """Standard deviation of the noise on the averaged LoRA gradient: sigma C / b (dense: sigma C_D / b)."""
+        """Std of the noise on the averaged LoRA gradient: sigma C / b (dense layers: sigma C_D / b)."""
         return self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
 
     @property
@@ -169,7 +174,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         try:
             updates = self._lora_updates(cfg)
             for unit in self._dense_units:
-                updates += self._dense_updates(unit, replace(cfg, noise_std=unit.clip_scale * cfg.noise_std))
+                updates += self._dense_updates(unit, cfg)
         finally:
             self._end_step()
         apply_updates(updates)
@@ -220,7 +225,9 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                                    "hooks and state would be lost. Call optimizer.restore_parameters() after loading.")
 
     def _dense_updates(self, unit: Unit, cfg: StepConfig) -> list[Update]:
-        """DP-SGD / DP-AdamW on each parameter: (clipped sum) / b + N(0, std^2 I)."""
+        """DP-SGD / DP-AdamW on each parameter: (clipped sum) / b + N(0, (k std)^2 I), k = unit.clip_scale."""
+        if unit.clip_scale != 1.0:
+            cfg = replace(cfg, noise_std=unit.clip_scale * cfg.noise_std)
         updates = []
         for index, param in enumerate(unit.params):
             value = self.value_of(param, unit.compute_dtype)
@@ -325,12 +332,16 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         """
         state = super().state_dict()
         generator_state = None if self.secure_noise else self.generator.get_state()
-        state["prism"] = dict(steps_taken=self.steps_taken, generator_state=generator_state,
-                              noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                              dense_max_grad_norm=self.dense_max_grad_norm, expected_batch_size=self.expected_batch_size, sample_rate=self.plan.sample_rate,
+        state["prism"] = dict(steps_taken=self.steps_taken, generator_state=generator_state, **self._settings(),
                               accountant=None if self.accountant is None else self.accountant.state_dict(),
                               sampling_check=self._sampling_check.state_dict())
         return state
+
+    def _settings(self) -> dict:
+        """The privacy settings a checkpoint must share with the optimizer that loads it."""
+        return dict(noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+                    dense_max_grad_norm=self.dense_max_grad_norm, expected_batch_size=self.expected_batch_size,
+                    sample_rate=self.plan.sample_rate)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state_dict() of an optimizer built with the same privacy settings.
@@ -342,11 +353,10 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         if "prism" not in state_dict:
             raise ValueError("this state_dict has no 'prism' entry: it was not saved by a prism optimizer.")
         extra = state_dict.pop("prism")
-        ours = dict(noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                    dense_max_grad_norm=self.dense_max_grad_norm, expected_batch_size=self.expected_batch_size, sample_rate=self.plan.sample_rate)
-        for key, value in ours.items():
-            if extra.get(key, self.max_grad_norm if key == "dense_max_grad_norm" else None) != value:
-                raise ValueError(f"the checkpoint was saved with {key}={extra[key]}, this optimizer has "
+        for key, value in self._settings().items():
+            saved = extra.get(key, extra["max_grad_norm"] if key == "dense_max_grad_norm" else None)
+            if saved != value:
+                raise ValueError(f"the checkpoint was saved with {key}={saved}, this optimizer has "
                                  f"{value}; build the optimizer with the checkpoint's settings.")
         if extra["generator_state"] is None and not self.secure_noise:
             raise ValueError("the checkpoint was saved with generator='secure' and holds no noise state; build the "
@@ -371,7 +381,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         group = self.param_groups[0]
         return (f"{type(self).__name__}(lora_modules={len(self.pairs)}, dense_modules={len(self.dense)}, "
                 f"lr={group['lr']}, noise_multiplier={self.noise_multiplier:.4g}, max_grad_norm={self.max_grad_norm}, "
-                f"dense_max_grad_norm={self.dense_max_grad_norm}, expected_batch_size={self.expected_batch_size}, sample_rate={self.plan.sample_rate}, "
+                f"dense_max_grad_norm={self.dense_max_grad_norm}, expected_batch_size={self.expected_batch_size}, "
+                f"sample_rate={self.plan.sample_rate}, "
                 f"adaptive={group['adaptive']}, loss_reduction={self.loss_reduction!r}, steps_taken={self.steps_taken})")
 
 

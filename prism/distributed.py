@@ -19,7 +19,7 @@ For each logical step:
 
 Formal guarantees: the parameters every rank holds after a step are those of one process taking
 the same step on the global batch D (up to the summation order of floating-point sums): the same
-sensitivity C, the same noise std = sigma C / b with b = q N the GLOBAL expected batch size, and
+sensitivity C, the same noise std = sigma C / b (dense layers: sigma C_D / b) with b = q N the GLOBAL expected batch size, and
 the same global rate q the accountant composes. What travels between ranks (clipped sums before
 noise, counts, generator states) stays inside the training job, as gradients do in any DDP run.
 
@@ -30,6 +30,7 @@ Poisson shares (possibly empty) do not. prism does the reduction itself.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 import torch
@@ -98,14 +99,20 @@ class Replicas:
     """The ranks' copies of one optimizer: what they share when built and reduce at every step.
 
     Built (on every rank at once) when torch.distributed runs W > 1 processes: gives every rank
-    rank 0's trainable parameters and generator state, and checks that all other weights of the
-    model are already identical.
+    rank 0's trainable parameters and generator state, and checks that the privacy settings and
+    all other weights of the model are already identical.
 
     Raises:
-        ValueError: the model's other weights (frozen base, buffers) differ between ranks.
+        ValueError: the privacy settings (name -> number or None), or the model's other weights
+            (frozen base, buffers), differ between ranks.
     """
 
-    def __init__(self, model: torch.nn.Module, params: Sequence[Tensor], generator: torch.Generator):
+    def __init__(self, model: torch.nn.Module, params: Sequence[Tensor], generator: torch.Generator,
+                 settings: dict):
+        values = torch.tensor([math.nan if v is None else float(v) for v in settings.values()], dtype=torch.float64)
+        if not self._identical(torch.nan_to_num(values, nan=-1.0)):
+            raise ValueError(f"the optimizer's privacy settings differ between ranks (this rank: {settings}); build it "
+                             "with the same arguments on every rank, since rank 0's noise must cover every rank's clip.")
         with torch.no_grad():
             for p in params:
                 self._broadcast(p)

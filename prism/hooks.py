@@ -56,8 +56,8 @@ class Unit:
             when per_example gives none, or when a module called twice has summed its calls).
         compute_dtype: dtype of all per-example math (fp32, or fp64 for fp64 parameters).
         clip_scale: k, the unit's scale in the joint clip and the noise: its squared norms enter the
-            clip divided by k^2, and its noise std must be k sigma C / b (1 for LoRA modules,
-            C_D / C for dense layers: the optimizers' dense_max_grad_norm).
+            clip divided by k^2, and its noise std is k sigma C / b (1 for LoRA modules, FFA-LoRA's
+            lora_B included; C_D / C for dense layers: the optimizers' dense_max_grad_norm).
     """
 
     def __init__(self, name: str, params: Sequence[Tensor], per_example: PerExampleFn,

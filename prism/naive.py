@@ -16,6 +16,7 @@ class NaiveDPLoRA(DPLoRAOptimizer):
     module and any dense layer) is clipped jointly to norm C, the clipped sum gets
     N(0, (sigma C)^2) on every coordinate, is divided by the expected batch size b, and an
     AdamW or SGD step follows: what Opacus' DPOptimizer wrapping AdamW does on the factors.
+    dense_max_grad_norm weighs the dense layers as in PRISM (FFA-LoRA's lora_B counts as LoRA).
 
     It is gauge-dependent (method.md section 2): under (A, B) -> (c A, B / c) the clipped norm
     ||gA||^2 / c^2 + c^2 ||gB||^2 and the first-order noise energy in Z,

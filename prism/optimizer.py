@@ -25,7 +25,7 @@ class PRISM(DPLoRAOptimizer):
         &\xi_i = P_Z(G_i),\quad G_i = \partial L_i / \partial Z, \quad
             P_Z(G) = G - (I - P_A) G (I - P_B) \\
         &\alpha_i = \min\bigl(1, C / \sqrt{\textstyle\sum_{\text{modules}} \|\xi_i\|_F^2
-            + \|g_i^{\text{dense}}\|^2}\bigr) \\
+            + (C / C_D)^2 \|g_i^{\text{dense}}\|^2}\bigr) \\
         &\xi_{dp} = \tfrac{1}{b} \textstyle\sum_i \alpha_i \xi_i + \tfrac{\sigma C}{b} P_Z(\Xi),
             \quad \Xi \sim N(0, I_{m \times n}) \\
         &(dA, dB) = \text{horizontal lift of } \xi_{dp}; \text{ if adaptive: }
@@ -33,9 +33,10 @@ class PRISM(DPLoRAOptimizer):
         &Z_{+} = \text{best rank-}r \text{ approximation of } Z - \eta (u_A B^T + A u_B^T)
         \end{aligned}
 
-    Dense trainable nn.Linear layers (e.g. a classification head) join the same global clip and
-    get the same noise std; they are updated by AdamW with the same DP-aware second-moment floor
-    (adaptive) or by SGD. With dense_max_grad_norm = C_D != C the joint clip weighs the two parts,
+    Dense trainable nn.Linear layers (e.g. a classification head) join the same global clip; they
+    are updated by AdamW with the same DP-aware second-moment floor (adaptive) or by SGD. By
+    default (C_D = C) they count like the LoRA modules and get the same noise std. With
+    dense_max_grad_norm = C_D the joint clip weighs the two parts,
 
         ||g_i||_w^2 = ||P_Z(G_i)||^2 (all LoRA modules) + (C / C_D)^2 ||g_i,dense||^2 <= C^2,
 
@@ -43,15 +44,17 @@ class PRISM(DPLoRAOptimizer):
     multiplier sigma in the coordinates (lora, (C / C_D) dense), so the privacy is unchanged. A
     classifier head whose per-example gradients are ten times the LoRA part's would otherwise take
     most of C, and the noise would drown the LoRA signal; C_D near the head's typical norm and C
-    near the LoRA part's give each part a similar share.
+    near the LoRA part's give each part a similar share. Choose them from public data or a
+    public model: a choice made from measurements on the private data is not accounted for.
 
     Every `step()` is recorded by `optimizer.accountant` (also an empty batch's);
     `optimizer.privacy_spent()` gives (epsilon, delta) and `get_epsilon()` the
     (lower, estimate, upper) triple.
 
     Formal guarantees: every example's clipped contribution has norm <= max_grad_norm over all
-    trained tensors together (in the weighted norm above), and the noise is std * P_Z(Xi) per module (std N(0, I) on dense
-    tensors) with std = noise_multiplier * max_grad_norm / expected_batch_size. Each step thus
+    trained tensors together (in the weighted norm above), and the noise is std * P_Z(Xi) per
+    module with std = noise_multiplier * max_grad_norm / expected_batch_size (dense tensors:
+    N(0, I) times noise_multiplier * dense_max_grad_norm / expected_batch_size). Each step thus
     costs exactly a DP-SGD step with the same (noise_multiplier, sampling rate), PROVIDED that
     (1) each example's loss depends on that example alone, (2) batches are drawn by Poisson
     sampling with rate q = expected_batch_size / N, and (3) the generator is not seeded from data.
@@ -80,7 +83,8 @@ class PRISM(DPLoRAOptimizer):
         eps (float, optional): added to the preconditioner's square roots (default: 1e-8).
         weight_decay (float, optional): decoupled decay of Z (and dense weights) (default: 0).
         floor_mode (str, optional): "scalar" or "geometry" noise floor of the second moments (default: "scalar").
-        floor_factor (float, optional): f in the floor f * std^2 (default: 0.5).
+        floor_factor (float, optional): f in the floor f * std^2, with the dense layers' own std
+            for them (default: 0.5).
         max_condition (float, optional): condition-number clamp of the second moments (default: 1e4).
         loss_reduction (str, optional): "mean" if the loss is the mean of per-example losses over
             the micro-batch, "sum" if it is their sum (default: "mean").

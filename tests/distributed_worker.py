@@ -97,6 +97,11 @@ def refusals() -> dict:
               max_grad_norm=1.0, expected_batch_size=4)
     except ValueError as exc:
         refused["frozen_weights"] = str(exc)
+    try:
+        PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, dense_max_grad_norm=1.0 + dist.get_rank(),
+              expected_batch_size=4)
+    except ValueError as exc:
+        refused["settings"] = str(exc)
     opt = PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
     opt.step()
     if dist.get_rank() == 1:

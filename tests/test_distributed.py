@@ -87,6 +87,7 @@ def test_misuse_is_refused_on_every_rank(ranks):
     for got in ranks:
         assert "ddp_model.module" in got["refused"]["ddp"]
         assert "frozen weights" in got["refused"]["frozen_weights"]
+        assert "privacy settings differ" in got["refused"]["settings"]
         assert "replicas differ" in got["refused"]["diverged"]
 
 

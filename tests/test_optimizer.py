@@ -160,11 +160,20 @@ def test_state_dict_resume_equals_uninterrupted_run(cls):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-def test_resume_with_other_privacy_settings_is_refused():
+@pytest.mark.parametrize("change", [dict(noise_multiplier=0.5), dict(dense_max_grad_norm=3.0)])
+def test_resume_with_other_privacy_settings_is_refused(change):
     opt = PRISM(tiny_model("bert"), **BASE)
-    other = PRISM(tiny_model("bert"), **{**BASE, "noise_multiplier": 0.5})
-    with pytest.raises(ValueError, match="noise_multiplier"):
+    other = PRISM(tiny_model("bert"), **{**BASE, **change})
+    with pytest.raises(ValueError, match=f"saved with {next(iter(change))}"):
         other.load_state_dict(opt.state_dict())
+
+
+def test_a_checkpoint_from_before_dense_max_grad_norm_loads_as_a_plain_joint_clip():
+    saved = PRISM(tiny_model("bert"), **BASE).state_dict()
+    del saved["prism"]["dense_max_grad_norm"]
+    PRISM(tiny_model("bert"), **BASE).load_state_dict(saved)
+    with pytest.raises(ValueError, match="dense_max_grad_norm=1.0, this optimizer has 3.0"):
+        PRISM(tiny_model("bert"), **{**BASE, "dense_max_grad_norm": 3.0}).load_state_dict(saved)
 
 
 def test_bf16_parameters_keep_fp32_state_through_a_round_trip():

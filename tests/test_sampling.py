@@ -182,7 +182,7 @@ def test_poisson_batches_pass_the_check():
 
 def test_privacy_settings_are_read_only():
     opt = PRISM(tiny_model("bert"), noise_multiplier=1.0, **ACCOUNTED)
-    for name in ("noise_multiplier", "max_grad_norm", "expected_batch_size"):
+    for name in ("noise_multiplier", "max_grad_norm", "dense_max_grad_norm", "expected_batch_size"):
         with pytest.raises(AttributeError):
             setattr(opt, name, 0.5)
 
