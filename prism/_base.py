@@ -30,9 +30,9 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
     _frozen_lora_A = False  # whether LoRA layers with a frozen lora_A (FFA-LoRA) are accepted
 
     def __init__(self, model: nn.Module, *, lr: float, max_grad_norm: float, dense_max_grad_norm: float | None = None,
-                 noise_multiplier: float | None = None,
-                 expected_batch_size: float | None = None, target_epsilon: float | None = None,
-                 delta: float | None = None, sample_rate: float | None = None, dataset_size: int | None = None,
+                 noise_multiplier: float | None = None, expected_batch_size: float | None = None,
+                 target_epsilon: float | None = None, delta: float | None = None, sample_rate: float | None = None,
+                 dataset_size: int | None = None,
                  steps: int | None = None, epochs: float | None = None, max_epsilon: float | None = None,
                  allow_non_poisson: bool = False, adaptive: bool = True, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, loss_reduction: str = "mean",

@@ -19,8 +19,8 @@ For each logical step:
 
 Formal guarantees: the parameters every rank holds after a step are those of one process taking
 the same step on the global batch D (up to the summation order of floating-point sums): the same
-sensitivity C, the same noise std = sigma C / b (dense layers: sigma C_D / b) with b = q N the GLOBAL expected batch size, and
-the same global rate q the accountant composes. What travels between ranks (clipped sums before
+sensitivity C, the same noise std = sigma C / b (dense layers: sigma C_D / b) with b = q N the
+GLOBAL expected batch size, and the same global rate q the accountant composes. What travels between ranks (clipped sums before
 noise, counts, generator states) stays inside the training job, as gradients do in any DDP run.
 
 A model wrapped in torch's DistributedDataParallel must not be used: its reducer all-reduces the
