@@ -112,6 +112,11 @@ def summarize(folder) -> dict:
     return summary
 
 
+def _color(method: str) -> str:
+    """One colour per method in both panels."""
+    return f"C{methods.METHODS.index(method)}"
+
+
 def plot(summary: dict, path) -> None:
     plt = common.maybe_pyplot()
     if plt is None:
@@ -120,16 +125,17 @@ def plot(summary: dict, path) -> None:
     for m, rows in summary["test_accuracy"].items():
         points = sorted((float(c), a) for c, a in rows.items())
         if points:
-            left.plot([c for c, _ in points], [100 * a for _, a in points], marker="o", label=m)
+            left.plot([c for c, _ in points], [100 * a for _, a in points], marker="o", label=m,
+                      color=_color(m.split()[0]))
     left.set(xscale="log", xlabel="c in (cA, B/c)", ylabel="test accuracy (%)",
              title=f"{summary['task']}, epsilon {summary['epsilon']:g}")
     if left.lines:
         left.legend()
     else:
         left.text(0.5, 0.5, "accuracy runs pending", ha="center", transform=left.transAxes)
-    for i, (m, rows) in enumerate(summary["noise_energy"]["runs"].items()):
+    for m, rows in summary["noise_energy"]["runs"].items():
         cs = sorted(rows, key=float)
-        color = f"C{i}"
+        color = _color(m)
         right.plot([float(c) for c in cs], [rows[c]["measured"] for c in cs], "o", color=color, label=f"{m} measured")
         right.plot([float(c) for c in cs], [rows[c]["closed_form"] for c in cs], "-", color=color,
                    label=f"{m} closed form")
