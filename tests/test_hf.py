@@ -304,12 +304,13 @@ def test_main_job_runs_through_the_trainer(method, tmp_path, capsys):
 
     result = sentiment.main(["--method", method, "--steps", "2", "--batch-size", "16", "--micro-batch", "8",
                              "--test-size", "64", "--epsilon", "8", "--output-dir", str(tmp_path / "out"),
-                             "--save-adapter", str(tmp_path / "adapter")])
+                             "--save-adapter", str(tmp_path / "adapter"), "--head-max-grad-norm", "10"])
     printed = capsys.readouterr().out
     assert 0 <= result["accuracy"] <= 1 and "test accuracy" in printed
     assert os.path.exists(tmp_path / "adapter" / "adapter_model.safetensors")
     if method == "prism":
         assert result["epsilon"] <= 8.0 and "privacy spent: epsilon" in printed
+        assert "head_max_grad_norm=10.0" in printed
 
 
 def test_a_collator_that_packs_examples_into_one_row_is_refused():

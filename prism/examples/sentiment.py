@@ -70,8 +70,9 @@ def make_optimizer(method: str, model, args, dataset_size: int):
     cls = prism.PRISM if method == "prism" else prism.NaiveDPLoRA
     noise = dict(noise_multiplier=args.noise_multiplier) if args.noise_multiplier is not None else dict(
         target_epsilon=args.epsilon)
-    return cls(model, lr=args.lr, max_grad_norm=args.max_grad_norm, expected_batch_size=args.batch_size,
-               dataset_size=dataset_size, delta=args.delta, steps=args.steps, **noise)
+    return cls(model, lr=args.lr, max_grad_norm=args.max_grad_norm, dense_max_grad_norm=args.head_max_grad_norm,
+               expected_batch_size=args.batch_size, dataset_size=dataset_size, delta=args.delta, steps=args.steps,
+               **noise)
 
 
 class TokenizedSentences(torch.utils.data.Dataset):
@@ -129,7 +130,8 @@ def train(args) -> dict:
           f"expected_batch={args.batch_size} (q={args.batch_size / len(train_x):.5f}"
           f"{', Poisson' if optimizer is not None else ', shuffled'}) lr={args.lr}")
     if optimizer is not None:
-        print(f"noise_multiplier={optimizer.noise_multiplier:.4f} max_grad_norm={args.max_grad_norm} "
+        print(f"noise_multiplier={optimizer.noise_multiplier:.4f} max_grad_norm={optimizer.max_grad_norm} "
+              f"head_max_grad_norm={optimizer.dense_max_grad_norm} "
               f"noise std on the averaged gradient={optimizer.noise_std:.3g} delta={args.delta:g}")
     trainer = build_trainer(args, model, tokenizer, train_set, optimizer)
     start = time.time()
@@ -162,6 +164,8 @@ def parse_args(argv=None):
     parser.add_argument("--noise-multiplier", type=float, default=None,
                         help="sigma; overrides --epsilon (default: calibrated to --epsilon)")
     parser.add_argument("--max-grad-norm", type=float, default=1.0, help="clipping bound C (default: 1.0)")
+    parser.add_argument("--head-max-grad-norm", type=float, default=None,
+                        help="the head's scale C_D in the joint clip (dense_max_grad_norm; default: C)")
     parser.add_argument("--steps", type=int, default=60, help="private steps (default: 60)")
     parser.add_argument("--batch-size", type=int, default=256, help="expected logical batch size (default: 256)")
     parser.add_argument("--micro-batch", type=int, default=128,
