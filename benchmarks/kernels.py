@@ -9,8 +9,8 @@ norms), timed alternately so that machine noise hits both alike, and the speed-u
 achieved bandwidth (bytes that must move: x, h, go read once, Y, W, norms written once) against the
 device's copy bandwidth (a large device-to-device copy). Goals: CPU speed-up >= 1.5; GPU >= 70% of
 copy bandwidth. With --threads 1 on a CPU the clock is the thread's CPU time, which other processes
-on a shared machine disturb far less than wall time. Writes results/kernels.json, or
-kernels-1thread.json (--quick: three small configurations, under results/tmp/quick).
+on a shared machine disturb far less than wall time. Writes results/kernels[-1thread][-cuda][-bfloat16].json
+(--quick: three small configurations, under results/tmp/quick).
 """
 
 from __future__ import annotations
@@ -145,7 +145,10 @@ def main():
                   load_average_1min=dict(before=load_before, after=os.getloadavg()[0]), summary=summary, rows=rows)
     out = common.out_dir(args)
     out.mkdir(parents=True, exist_ok=True)
-    (out / ("kernels-1thread.json" if single else "kernels.json")).write_text(json.dumps(result, indent=2) + "\n")
+    name = "kernels" + "".join(f"-{part}" for part in (
+        "1thread" if single else None, "cuda" if device.type == "cuda" else None,
+        args.dtype if args.dtype != "float32" else None) if part)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

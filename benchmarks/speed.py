@@ -2,18 +2,23 @@
 
     python -m benchmarks.speed            # MiniLM (T=64) and a random-init Llama (8 layers, hidden 1024, T=256)
     python -m benchmarks.speed --quick    # CI: tiny random models, a few steps
+    python -m benchmarks.speed --device cuda [--random-weights]   # on a GPU, with larger batches
 
 Methods: nonprivate (AdamW), prism (prism.kernels' compiled ops where built), prism_reference
 (PRISM_KERNELS=reference: the pure-PyTorch path), naive (NaiveDPLoRA), opacus_hooks and opacus_ghost
 (Opacus' DP AdamW, grad_sample_mode "hooks" / "ghost"). Each (model, method) runs in its own fresh
-subprocess, so its peak resident memory (getrusage's high-water mark) is its own: we report the peak
-and the peak minus the resident memory just before the first step (model, optimizer and data built).
-The step time is the median of `--steps` timed steps (forward, backward, optimizer step) after 2
-warm-up steps on one fixed batch, over `--rounds` subprocesses per method run in alternating order,
-in wall time and in the process's CPU time (with `--threads 1`, the fairer measure on a machine
-loaded by other jobs); ratios are to non-private LoRA of the same invocation. Private methods use noise multiplier 1 and
-C = 1 (the cost does not depend on them). Results: results/speed/<model>.json
-(one file per model, resumable) and results/speed.json.
+subprocess, so its peak memory is its own: on the CPU the resident memory (getrusage's high-water
+mark), on a GPU the memory torch allocated on it. We report the peak and the peak minus the memory
+just before the first step (model, optimizer and data built).
+The step time is the median of `--steps` timed steps (forward, backward, optimizer step; on a GPU
+synchronised before and after) after 2 warm-up steps on one fixed batch, over `--rounds` subprocesses
+per method run in alternating order, in wall time and in the process's CPU time (with `--threads 1`,
+the fairer measure on a machine loaded by other jobs); ratios are to non-private LoRA of the same
+invocation. Private methods use noise multiplier 1 and C = 1 (the cost does not depend on them).
+On a GPU the batches are larger (GPU_BATCH). `--random-weights` builds MiniLM's architecture with
+random weights instead of loading the pretrained model (the step costs the same; for machines without
+the model files). Results: results/speed/<model>.json (one file per model, resumable) and
+results/speed.json; on a GPU results/speed-cuda/ and results/speed-cuda.json.
 """
 
 from __future__ import annotations
@@ -38,20 +43,32 @@ MODELS = {  # name: (batch, sequence length, LoRA rank, LoRA targets)
     "llama": (2, 256, 16, ["q_proj", "v_proj"]),
 }
 QUICK_MODELS = {"tiny_llama": (2, 32, 4, ["q_proj", "v_proj"])}
+GPU_BATCH = {"minilm": 256, "llama": 16, "tiny_llama": 2}
+# all-MiniLM-L6-v2's architecture (its config.json), for --random-weights
+MINILM_ARCHITECTURE = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                           intermediate_size=1536, max_position_embeddings=512, type_vocab_size=2, num_labels=2)
 
 
-def build_model(name: str, full_rank: bool):
+def shapes(name: str, device: str) -> tuple[int, int, int, list[str]]:
+    """(batch, sequence length, LoRA rank, LoRA targets) of a model on a device type."""
+    batch, seq, rank, targets = {**MODELS, **QUICK_MODELS}[name]
+    return (GPU_BATCH[name] if device == "cuda" else batch), seq, rank, targets
+
+
+def build_model(name: str, full_rank: bool, random_weights: bool = False):
     """A peft sequence classifier (2 labels, head trained) of the named model."""
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
 
     _, seq, rank, targets = {**MODELS, **QUICK_MODELS}[name]
     torch.manual_seed(0)
-    if name == "minilm":
+    if name == "minilm" and not random_weights:
         from .tasks import minilm
 
         return minilm(full_rank, rank)[1]
-    if name == "llama":
+    if name == "minilm":
+        base = BertForSequenceClassification(BertConfig(**MINILM_ARCHITECTURE))
+    elif name == "llama":
         base = LlamaForSequenceClassification(LlamaConfig(
             vocab_size=8192, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
             num_key_value_heads=16, max_position_embeddings=seq, num_labels=2, pad_token_id=0))
@@ -96,37 +113,70 @@ def make_stepper(method: str, model, batch: int):
     return step
 
 
-def worker(model_name: str, method: str, steps: int) -> dict:
-    """Measure one method in this (fresh) process."""
-    common.quiet()
-    batch, seq, _, _ = {**MODELS, **QUICK_MODELS}[model_name]
-    model = build_model(model_name, full_rank=method.startswith("prism"))
+def prepare(model_name: str, method: str, device: str, random_weights: bool):
+    """(step function, ids, labels) of one method on one model, built in this process."""
+    batch, seq, _, _ = shapes(model_name, device)
+    model = build_model(model_name, full_rank=method.startswith("prism"), random_weights=random_weights).to(device)
     model.train()
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, vocab, (batch, seq), generator=generator)
-    labels = torch.randint(0, 2, (batch,), generator=generator)
-    step = make_stepper(method, model, batch)
-    rss_before = _rss_mb()
+    ids = torch.randint(1, vocab, (batch, seq), generator=generator).to(device)
+    labels = torch.randint(0, 2, (batch,), generator=generator).to(device)
+    return make_stepper(method, model, batch), ids, labels
+
+
+def worker(model_name: str, method: str, steps: int, device: str, random_weights: bool) -> dict:
+    """Measure one method in this (fresh) process."""
+    common.quiet()
+    on_gpu = device == "cuda"
+    step, ids, labels = prepare(model_name, method, device, random_weights)
+    if on_gpu:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    memory_before = torch.cuda.memory_allocated() / 2**20 if on_gpu else _rss_mb()
     times, cpu_times = [], []
     for i in range(steps + 2):
         start, cpu_start = time.perf_counter(), time.process_time()
         step(ids, labels)
+        if on_gpu:
+            torch.cuda.synchronize()
         if i >= 2:
             times.append(time.perf_counter() - start)
             cpu_times.append(time.process_time() - cpu_start)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if on_gpu
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return dict(median_step_s=statistics.median(times), step_times_s=times, cpu_times_s=cpu_times,
-                threads=torch.get_num_threads(), rss_before_steps_mb=rss_before,
-                prism_backend=_prism_backend() if method.startswith("prism") else None,
-                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, load_average=os.getloadavg())
+                threads=torch.get_num_threads(), memory_before_steps_mb=memory_before,
+                prism_backend=_prism_backend(device) if method.startswith("prism") else None,
+                peak_memory_mb=peak, load_average=os.getloadavg())
 
 
-def _prism_backend() -> str:
+def profile(model_name: str, method: str, device: str, random_weights: bool, rows: int = 25) -> None:
+    """Print torch.profiler's table of 3 steps after 2 warm-up steps, by self device time, then self CPU time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    common.quiet()
+    step, ids, labels = prepare(model_name, method, device, random_weights)
+    for _ in range(2):
+        step(ids, labels)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            step(ids, labels)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    for key in (["self_device_time_total"] if device == "cuda" else []) + ["self_cpu_time_total"]:
+        print(averages.table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
+def _prism_backend(device: str) -> str:
     try:
         from prism import kernels
     except ImportError:
         return "reference (no prism.kernels)"
-    return kernels.backend("cpu")
+    return kernels.backend(device)
 
 
 def _rss_mb() -> float:
@@ -137,14 +187,16 @@ def _rss_mb() -> float:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def measure_model(model_name: str, methods, steps: int, rounds: int, threads: int | None) -> dict:
+def measure_model(model_name: str, methods, steps: int, rounds: int, threads: int | None, device: str,
+                  random_weights: bool) -> dict:
     """Every method in its own subprocess, `rounds` times, in alternating order (so that a drift in the
     machine's load does not favour one method); the median is over all rounds' timed steps."""
-    batch, seq, rank, targets = {**MODELS, **QUICK_MODELS}[model_name]
+    batch, seq, rank, targets = shapes(model_name, device)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for round_ in range(rounds):
         for method in (methods if round_ % 2 == 0 else methods[::-1]):
-            command = [sys.executable, "-m", __spec__.name, "--worker", model_name, method, "--steps", str(steps)]
+            command = [sys.executable, "-m", __spec__.name, "--worker", model_name, method, "--steps", str(steps),
+                       "--device", device] + (["--random-weights"] if random_weights else [])
             env = dict(os.environ, **({"PRISM_KERNELS": "reference"} if method == "prism_reference" else {}),
                        **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
             out = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=common.ROOT)
@@ -153,18 +205,24 @@ def measure_model(model_name: str, methods, steps: int, rounds: int, threads: in
             runs[method].append(json.loads(out.stdout.strip().splitlines()[-1]))
             r = runs[method][-1]
             print(f"  {model_name:10s} {method:15s} median step {r['median_step_s']:.3f}s "
-                  f"(CPU {statistics.median(r['cpu_times_s']):.3f}s)  peak RSS "
-                  f"{r['peak_rss_mb']:.0f} MB (+{r['peak_rss_mb'] - r['rss_before_steps_mb']:.0f} MB in training)",
-                  flush=True)
+                  f"(CPU {statistics.median(r['cpu_times_s']):.3f}s)  peak memory "
+                  f"{r['peak_memory_mb']:.0f} MB (+{r['peak_memory_mb'] - r['memory_before_steps_mb']:.0f} MB in "
+                  "training)", flush=True)
     merged = {m: _merge(rs) for m, rs in runs.items()}
     base = merged["nonprivate"]
     for r in merged.values():
         r["time_ratio"] = r["median_step_s"] / base["median_step_s"]
         r["cpu_time_ratio"] = r["median_step_cpu_s"] / base["median_step_cpu_s"]
-        r["peak_ratio"] = r["peak_rss_mb"] / base["peak_rss_mb"]
+        r["peak_ratio"] = r["peak_memory_mb"] / base["peak_memory_mb"]
         r["training_memory_ratio"] = r["training_memory_mb"] / max(base["training_memory_mb"], 1e-9)
+    memory = "torch's CUDA allocations" if device == "cuda" else "resident set size"
     return dict(model=model_name, batch=batch, seq=seq, rank=rank, targets=targets, steps=steps, rounds=rounds,
-                threads=merged["nonprivate"]["threads"], runs=merged)
+                threads=merged["nonprivate"]["threads"], device=_device_name(device), memory=memory,
+                random_weights=random_weights, runs=merged)
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 
 def _merge(rounds: list[dict]) -> dict:
@@ -172,20 +230,20 @@ def _merge(rounds: list[dict]) -> dict:
     cpu_times = [t for r in rounds for t in r["cpu_times_s"]]
     return dict(median_step_s=statistics.median(times), step_times_s=times,
                 median_step_cpu_s=statistics.median(cpu_times), cpu_times_s=cpu_times, threads=rounds[0]["threads"],
-                peak_rss_mb=max(r["peak_rss_mb"] for r in rounds),
-                training_memory_mb=max(r["peak_rss_mb"] - r["rss_before_steps_mb"] for r in rounds),
+                peak_memory_mb=max(r["peak_memory_mb"] for r in rounds),
+                training_memory_mb=max(r["peak_memory_mb"] - r["memory_before_steps_mb"] for r in rounds),
                 load_average=[r["load_average"] for r in rounds], prism_backend=rounds[0]["prism_backend"])
 
 
 def table(summary: dict) -> str:
     lines = ["| model | method | median step (s) | x non-private | CPU time per step (s) | x non-private | "
-             "peak RSS (MB) | x non-private | training memory (MB) | x non-private |", "|---" * 10 + "|"]
+             "peak memory (MB) | x non-private | training memory (MB) | x non-private |", "|---" * 10 + "|"]
     for name, result in summary.items():
         for method, r in result["runs"].items():
             label = f"{method} ({r['prism_backend']})" if r.get("prism_backend") else method
             lines.append(f"| {name} (b={result['batch']}, T={result['seq']}, r={result['rank']}) | {label} | "
                          f"{r['median_step_s']:.3f} | {r['time_ratio']:.2f} | {r['median_step_cpu_s']:.3f} | "
-                         f"{r['cpu_time_ratio']:.2f} | {r['peak_rss_mb']:.0f} | "
+                         f"{r['cpu_time_ratio']:.2f} | {r['peak_memory_mb']:.0f} | "
                          f"{r['peak_ratio']:.2f} | {r['training_memory_mb']:.0f} | "
                          f"{r['training_memory_ratio']:.2f} |")
     return "\n".join(lines)
@@ -223,10 +281,20 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=None, help="subprocesses per method, alternating order (default: 2)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per worker (default: torch's); with 1 the CPU time is fair on a loaded machine")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--random-weights", action="store_true",
+                   help="MiniLM's architecture with random weights (no model files needed; same cost)")
+    p.add_argument("--profile", nargs=2, metavar=("MODEL", "METHOD"),
+                   help="print torch.profiler's tables of a few steps of one method instead of timing")
     p.add_argument("--worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no GPU")
+    if args.profile:
+        profile(*args.profile, args.device, args.random_weights)
+        return {}
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.steps)))
+        print(json.dumps(worker(*args.worker, args.steps, args.device, args.random_weights)))
         return {}
     common.quiet()
     from .methods import opacus_available
@@ -240,13 +308,15 @@ def main(argv=None) -> dict:
     steps = args.steps or (3 if args.quick else 10)
     folder = common.out_dir(args)
     rounds = args.rounds or (1 if args.quick else 2)
-    jobs = [(folder / "speed" / f"{name}.json",
-             lambda name=name: measure_model(name, args.methods, steps, rounds, args.threads)) for name in models]
+    name_of_results = "speed" if args.device == "cpu" else f"speed-{args.device}"
+    jobs = [(folder / name_of_results / f"{name}.json",
+             lambda name=name: measure_model(name, args.methods, steps, rounds, args.threads, args.device,
+                                             args.random_weights)) for name in models]
     common.run_queue(jobs, "speed")
-    summary = {path.stem: common.read_json(path) for path in sorted((folder / "speed").glob("*.json"))}
-    common.write_json(folder / "speed.json", summary)
+    summary = {path.stem: common.read_json(path) for path in sorted((folder / name_of_results).glob("*.json"))}
+    common.write_json(folder / f"{name_of_results}.json", summary)
     print(table(summary))
-    plot(summary, folder / "speed.png")
+    plot(summary, folder / f"{name_of_results}.png")
     return summary
 
 

@@ -370,7 +370,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                                  for k, v in values.items()}
         self.steps_taken = extra["steps_taken"]
         if not self.secure_noise:
-            self.generator.set_state(extra["generator_state"])
+            # .cpu(): accelerate's AcceleratedOptimizer reloads the state moved to the model's device
+            self.generator.set_state(extra["generator_state"].cpu())
         if self.accountant is not None:
             self.accountant.load_state_dict(extra["accountant"])
             self._allowed_steps = None

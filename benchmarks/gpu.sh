@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# On a machine with a CUDA GPU and torch, transformers, peft, prv-accountant (and opacus for its
+# baselines) installed: build the CUDA kernels, run the CUDA tests, then the kernel and speed
+# benchmarks on the GPU. Usage: bash benchmarks/gpu.sh [RESULTS_DIR] [PYTHON]
+#   RESULTS_DIR  where the benchmarks write (default: benchmarks/results)
+#   PYTHON       the interpreter (default: python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PRISM_BENCH_RESULTS="${1:-benchmarks/results}" PRISM_REQUIRE_EXTENSION=1 HF_HUB_OFFLINE=1
+python="${2:-python3}"
+mkdir -p "$PRISM_BENCH_RESULTS"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+"$python" -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
+# sm_90 only where the GPU is a Hopper; otherwise torch's default list for the visible GPU
+TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$("$python" -c "import torch; print('.'.join(map(str, torch.cuda.get_device_capability())))")}" \
+    MAX_JOBS="${MAX_JOBS:-8}" "$python" -m pip install -q --no-build-isolation --no-deps -e .
+"$python" -c "from prism import kernels; b = kernels.backend('cuda'); print('prism backend on cuda:', b); assert b == 'cuda'"
+"$python" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_cuda.py
+"$python" -m benchmarks.kernels --device cuda --seconds 0.5
+"$python" -m benchmarks.kernels --device cuda --seconds 0.5 --dtype bfloat16
+"$python" -m benchmarks.speed --device cuda --random-weights --rounds 1
