@@ -406,10 +406,14 @@ class Update(NamedTuple):
 
 def apply_updates(updates: list[Update]) -> None:
     """Write every new value (cast to the parameter's dtype), or none if any is not finite."""
-    for update in updates:
-        if not bool(torch.isfinite(update.value).all()):
-            raise FloatingPointError(f"the update of {update.module_name} is not finite; the step was not applied. "
-                                     "Lower the learning rate or check the inputs for inf/NaN.")
+    if not updates:
+        return
+    device = updates[0].value.device
+    finite = torch.stack([torch.isfinite(update.value).all().to(device) for update in updates])
+    if not bool(finite.all()):  # one synchronisation for all updates
+        name = updates[int((~finite).nonzero()[0])].module_name
+        raise FloatingPointError(f"the update of {name} is not finite; the step was not applied. "
+                                 "Lower the learning rate or check the inputs for inf/NaN.")
     for update in updates:
         update.param.copy_(update.value.to(update.param.dtype))
 

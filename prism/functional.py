@@ -1,4 +1,5 @@
-"""One optimizer step for one LoRA module, as pure functions of tensors (method.md section 3).
+"""One optimizer step for one LoRA module, or a stack of modules of one shape, as pure functions
+of tensors (method.md section 3).
 
     clipped sums (Y, W) --split--> (S, U, V) / b + tangent noise      = xi_dp   (3.2, 3.3)
     xi_dp --symmetric lift--> --horizontal lift--> (dA, dB)                     (3.5)
@@ -49,13 +50,14 @@ def privatize_tangent(Y_sum: Tensor, W_sum: Tensor, basis: manifold.TangentBasis
 
 def prism_module_step(A: Tensor, B: Tensor, Y_sum: Tensor, W_sum: Tensor, basis: manifold.TangentBasis,
                       state: dict, cfg: StepConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """New factors (A+, B+) of one LoRA module.
+    """New factors (A+, B+) of one LoRA module, or of a stack of k modules of one shape (every
+    tensor below with a leading dimension k, and independent noise for each module).
 
     Args:
         A: (m, r) = lora_B.weight, B: (n, r) = lora_A.weight^T, in the compute dtype.
         Y_sum: (m, r) and W_sum: (n, r): clipped sums of G_i Q_B and G_i^T Q_A.
         basis: tangent_basis(A, B), the one the per-example blocks were computed in.
-        state: this module's optimizer state; with cfg.adaptive, holds "step" (int),
+        state: the optimizer state; with cfg.adaptive, holds "step" (int),
             "exp_avg_A" (m, r), "exp_avg_sq_A" (r, r), "exp_avg_B" (n, r), "exp_avg_sq_B" (r, r);
             updated in place.
     """
@@ -71,12 +73,12 @@ def prism_module_step(A: Tensor, B: Tensor, Y_sum: Tensor, W_sum: Tensor, basis:
 
 def _adaptive_direction(A, B, dA, dB, basis, state, cfg: StepConfig) -> tuple[Tensor, Tensor]:
     if not state:
-        r = A.shape[1]
+        square = (*A.shape[:-2], A.shape[-1], A.shape[-1])
         state.update(step=0, exp_avg_A=torch.zeros_like(A), exp_avg_B=torch.zeros_like(B),
-                     exp_avg_sq_A=A.new_zeros(r, r), exp_avg_sq_B=A.new_zeros(r, r))
+                     exp_avg_sq_A=A.new_zeros(square), exp_avg_sq_B=A.new_zeros(square))
     state["step"] += 1
     floor_A, floor_B = precondition.noise_floors(cfg.floor_mode, cfg.floor_factor, cfg.noise_std, basis,
-                                                 A.shape[0], B.shape[0])
+                                                 A.shape[-2], B.shape[-2])
     directions = []
     for side, direction, floor in (("A", dA, floor_A), ("B", dB, floor_B)):
         exp_avg, exp_avg_sq = state[f"exp_avg_{side}"], state[f"exp_avg_sq_{side}"]

@@ -10,9 +10,11 @@ Two ops, each with a pure-PyTorch reference that is both its specification and i
         examples with alpha_i = 0 contribute exactly 0, even if their tensors hold inf/NaN;
         reference: clipping.clipped_sum
 
-The compiled ops read x, h, go through their strides, in their own dtype (bfloat16 and float16
-are accumulated in float32), fuse the products with the norms, and never allocate an (m, n)
-tensor: extra memory is O(b r (m + n)) plus per-thread scratch.
+The CPU op reads x, h, go through their strides, in their own dtype (bfloat16 and float16 are
+accumulated in float32) and fuses the products with the norms; the CUDA op does the products with
+cuBLAS (bfloat16 / float16 inputs converted to float32 first) and the norms in its own kernels.
+Neither allocates an (m, n) tensor: extra memory is O(b r (m + n)) (plus, on CUDA, float32 copies
+of bfloat16 inputs).
 
 `backend(device)` tells which implementation runs on a device: "cpp" (the CPU extension), "cuda"
 (its CUDA kernels) or "reference". The reference runs where the extension is not built (a

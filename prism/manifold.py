@@ -3,7 +3,9 @@
 A point is Z = A B^T with A (m, r) and B (n, r) of full column rank. The gauge
 (A, B) -> (A R, B R^{-T}) leaves Z unchanged; every function here either depends on Z
 only, or is equivariant under orthogonal gauges R = O (A -> A O, B -> B O), as stated
-in its docstring. All functions are pure and expect a floating dtype of at least fp32.
+in its docstring. All functions are pure and expect a floating dtype of at least fp32. Every
+function also takes a stack of modules of one shape (leading batch dimensions: A (k, m, r), ...)
+and treats each module on its own; the optimizer batches the modules of one shape this way.
 
 A tangent vector at Z is stored in block form (S, U, V):
 
@@ -30,12 +32,16 @@ class TangentBasis(NamedTuple):
     R_B: Tensor  # (r, r), upper triangular
     R_B_inv: Tensor  # (r, r)
 
+    def unbind(self) -> list[TangentBasis]:
+        """The bases of a stack of modules (leading dimension k), one per module (views)."""
+        return [TangentBasis(*parts) for parts in zip(*(t.unbind(0) for t in self))]
+
 
 def tangent_basis(A: Tensor, B: Tensor) -> TangentBasis:
     """Orthonormal bases of the column spaces of A and B (thin QR)."""
     Q_A, R_A = torch.linalg.qr(A)
     Q_B, R_B = torch.linalg.qr(B)
-    eye = torch.eye(R_B.shape[0], dtype=R_B.dtype, device=R_B.device)
+    eye = torch.eye(R_B.shape[-1], dtype=R_B.dtype, device=R_B.device)
     R_B_inv = torch.linalg.solve_triangular(R_B, eye, upper=True)
     return TangentBasis(Q_A, R_A, Q_B, R_B, R_B_inv)
 
@@ -46,9 +52,9 @@ def split_tangent(Y: Tensor, W: Tensor, basis: TangentBasis) -> tuple[Tensor, Te
     S = Q_A^T Y,  U = (I - P_A) Y,  V = (I - P_B) W  (= W - Q_B S^T exactly).  Linear in (Y, W);
     U and V are orthogonal to Q_A and Q_B whatever rounding Y and W carry.
     """
-    S = basis.Q_A.T @ Y
+    S = basis.Q_A.mT @ Y
     U = Y - basis.Q_A @ S
-    V = W - basis.Q_B @ (basis.Q_B.T @ W)
+    V = W - basis.Q_B @ (basis.Q_B.mT @ W)
     return S, U, V
 
 
@@ -57,8 +63,8 @@ def symmetric_lift(S: Tensor, U: Tensor, V: Tensor, basis: TangentBasis) -> tupl
 
     dA = (U + Q_A S / 2) R_B^{-T},   dB = (V + Q_B S^T / 2) R_A^{-T}.
     """
-    dA = torch.linalg.solve_triangular(basis.R_B, (U + basis.Q_A @ S / 2).T, upper=True).T
-    dB = torch.linalg.solve_triangular(basis.R_A, (V + basis.Q_B @ S.T / 2).T, upper=True).T
+    dA = torch.linalg.solve_triangular(basis.R_B, (U + basis.Q_A @ S / 2).mT, upper=True).mT
+    dB = torch.linalg.solve_triangular(basis.R_A, (V + basis.Q_B @ S.mT / 2).mT, upper=True).mT
     return dA, dB
 
 
@@ -69,7 +75,7 @@ def solve_sylvester_spd(M: Tensor, N: Tensor, C: Tensor) -> Tensor:
     """
     a, P = torch.linalg.eigh(M)
     c, Q = torch.linalg.eigh(N)
-    return P @ ((P.T @ C @ Q) / (a[:, None] + c[None, :])) @ Q.T
+    return P @ ((P.mT @ C @ Q) / (a[..., :, None] + c[..., None, :])) @ Q.mT
 
 
 def horizontal_lift(A: Tensor, B: Tensor, dA: Tensor, dB: Tensor) -> tuple[Tensor, Tensor]:
@@ -79,8 +85,8 @@ def horizontal_lift(A: Tensor, B: Tensor, dA: Tensor, dB: Tensor) -> tuple[Tenso
     (dA + A Om, dB - B Om^T), which satisfies A^T dA' = dB'^T B. It depends on (A, B, dZ)
     only, and is equivariant: (A O, B O, dA O, dB O) -> (dA' O, dB' O).
     """
-    Om = solve_sylvester_spd(A.T @ A, B.T @ B, dB.T @ B - A.T @ dA)
-    return dA + A @ Om, dB - B @ Om.T
+    Om = solve_sylvester_spd(A.mT @ A, B.mT @ B, dB.mT @ B - A.mT @ dA)
+    return dA + A @ Om, dB - B @ Om.mT
 
 
 def retract(A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, lr: float, weight_decay: float = 0.0
@@ -94,15 +100,15 @@ def retract(A: Tensor, B: Tensor, dA: Tensor, dB: Tensor, lr: float, weight_deca
     singular triplets: A+ = Q_u U_r S_r^{1/2}, B+ = Q_v V_r S_r^{1/2}. The lr^2 dA dB^T
     term is absent by construction. Depends on Z+ only, up to an orthogonal gauge.
     """
-    r = A.shape[1]
+    r = A.shape[-1]
     eye = torch.eye(r, dtype=A.dtype, device=A.device)
     K = torch.cat([torch.cat([(1.0 - lr * weight_decay) * eye, -lr * eye], 1),
                    torch.cat([-lr * eye, torch.zeros_like(eye)], 1)], 0)
-    Q_u, R_u = torch.linalg.qr(torch.cat([A, dA], 1))
-    Q_v, R_v = torch.linalg.qr(torch.cat([B, dB], 1))
-    U, S, Vh = torch.linalg.svd(R_u @ K @ R_v.T)
-    root = _rank_r_sqrt(S[:r])
-    return Q_u @ U[:, :r] * root, Q_v @ Vh[:r].T * root
+    Q_u, R_u = torch.linalg.qr(torch.cat([A, dA], -1))
+    Q_v, R_v = torch.linalg.qr(torch.cat([B, dB], -1))
+    U, S, Vh = torch.linalg.svd(R_u @ K @ R_v.mT)
+    root = _rank_r_sqrt(S[..., :r])
+    return Q_u @ U[..., :r] * root, Q_v @ Vh[..., :r, :].mT * root
 
 
 def balance(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,9 +118,9 @@ def balance(A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
     """
     Q_A, R_A = torch.linalg.qr(A)
     Q_B, R_B = torch.linalg.qr(B)
-    U, S, Vh = torch.linalg.svd(R_A @ R_B.T)
+    U, S, Vh = torch.linalg.svd(R_A @ R_B.mT)
     root = _rank_r_sqrt(S)
-    return Q_A @ U * root, Q_B @ Vh.T * root
+    return Q_A @ U * root, Q_B @ Vh.mT * root
 
 
 def procrustes_align(A: Tensor, B: Tensor, A_ref: Tensor, B_ref: Tensor) -> tuple[Tensor, Tensor]:
@@ -123,12 +129,13 @@ def procrustes_align(A: Tensor, B: Tensor, A_ref: Tensor, B_ref: Tensor) -> tupl
     O = P Q^T from the SVD A^T A_ref + B^T B_ref = P Sigma Q^T. Z is unchanged, balance is
     kept, and factor-shaped optimizer state stays aligned with the factors.
     """
-    P, _, Qh = torch.linalg.svd(A.T @ A_ref + B.T @ B_ref)
+    P, _, Qh = torch.linalg.svd(A.mT @ A_ref + B.mT @ B_ref)
     O = P @ Qh
     return A @ O, B @ O
 
 
 def _rank_r_sqrt(S: Tensor) -> Tensor:
-    """sqrt of singular values, floored at 1e-7 of the largest so the factors stay full rank."""
-    floor = S.max().clamp_min(torch.finfo(S.dtype).tiny) * 1e-7
-    return S.clamp_min(floor).sqrt()
+    """sqrt of singular values (..., r), floored at 1e-7 of the largest so the factors stay full
+    rank; shaped (..., 1, r) to scale the columns of a factor."""
+    floor = S.amax(-1, keepdim=True).clamp_min(torch.finfo(S.dtype).tiny) * 1e-7
+    return torch.maximum(S, floor).sqrt().unsqueeze(-2)

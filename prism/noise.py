@@ -80,13 +80,14 @@ def gaussian(shape, std: float, generator: torch.Generator, like: Tensor) -> Ten
 def tangent_noise(basis: TangentBasis, std: float, generator: torch.Generator
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """Blocks (S, U, V) of std * P_Z(Xi):  S ~ std N(0, I_{r x r}),
-    U = std (I - P_A) N(0, I_{m x r}),  V = std (I - P_B) N(0, I_{n x r})."""
+    U = std (I - P_A) N(0, I_{m x r}),  V = std (I - P_B) N(0, I_{n x r}).
+    For a stack of bases (Q_A (k, m, r), ...), independent noise for each of the k modules."""
     Q_A, Q_B = basis.Q_A, basis.Q_B
-    r = Q_A.shape[1]
-    S = gaussian((r, r), std, generator, Q_A)
+    r = Q_A.shape[-1]
+    S = gaussian(tuple(Q_A.shape[:-2]) + (r, r), std, generator, Q_A)
     U = gaussian(tuple(Q_A.shape), std, generator, Q_A)
     V = gaussian(tuple(Q_B.shape), std, generator, Q_B)
-    return S, U - Q_A @ (Q_A.T @ U), V - Q_B @ (Q_B.T @ V)
+    return S, U - Q_A @ (Q_A.mT @ U), V - Q_B @ (Q_B.mT @ V)
 
 
 def noise_energy(std: float, m: int, n: int, r: int) -> float:

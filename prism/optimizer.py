@@ -105,7 +105,8 @@ class PRISM(DPLoRAOptimizer):
         _validate.one_of({"scalar", "geometry"}, floor_mode=floor_mode)
         _validate.non_negative(floor_factor=floor_factor)
         _validate.positive(max_condition=max_condition)
-        self._bases: dict[int, TangentBasis] = {}
+        self._bases: dict[tuple[int, ...], TangentBasis] = {}  # per shape group, stacked
+        self._shape_groups: list[tuple[int, ...]] | None = None
         super().__init__(model, floor_mode=floor_mode, floor_factor=floor_factor, max_condition=max_condition,
                          **kwargs)
 
@@ -134,10 +135,34 @@ class PRISM(DPLoRAOptimizer):
         return Unit(pair.name, params, blocks, sqnorms, dtype)
 
     def _basis(self, index: int) -> TangentBasis:
-        """The tangent basis at the current Z, fixed for the whole logical step."""
-        if index not in self._bases:
-            self._bases[index] = tangent_basis(*self._factors(index))
-        return self._bases[index]
+        """The tangent basis at the current Z, fixed for the whole logical step (computed for the
+        module's whole shape group at once)."""
+        group = self._group_of(index)
+        return TangentBasis(*(t[group.index(index)] for t in self._group_basis(group)))
+
+    def _group_basis(self, group: tuple[int, ...]) -> TangentBasis:
+        if group not in self._bases:
+            self._bases[group] = tangent_basis(*self._stacked_factors(group))
+        return self._bases[group]
+
+    def _groups(self) -> list[tuple[int, ...]]:
+        """Indices of the LoRA modules, grouped by (shapes, dtype, device): each group's manifold
+        math runs as one batched call (on a GPU, a few large launches instead of many small ones)."""
+        if self._shape_groups is None:
+            groups: dict[tuple, list[int]] = {}
+            for index, unit in enumerate(self._lora_units):
+                A, B = self._factors(index)
+                groups.setdefault((A.shape, B.shape, unit.compute_dtype, A.device), []).append(index)
+            self._shape_groups = [tuple(indices) for indices in groups.values()]
+        return self._shape_groups
+
+    def _group_of(self, index: int) -> tuple[int, ...]:
+        return next(group for group in self._groups() if index in group)
+
+    def _stacked_factors(self, group: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """(A, B) of a group's modules, stacked: (k, m, r), (k, n, r)."""
+        factors = [self._factors(index) for index in group]
+        return torch.stack([A for A, _ in factors]), torch.stack([B for _, B in factors])
 
     def _factors(self, index: int) -> tuple[Tensor, Tensor]:
         """(A, B) = (lora_B.weight, lora_A.weight^T) in the compute dtype (fp32 masters for bf16)."""
@@ -156,16 +181,24 @@ class PRISM(DPLoRAOptimizer):
 
     def _lora_updates(self, cfg: StepConfig) -> list[Update]:
         updates = []
-        for index, (pair, unit) in enumerate(zip(self.pairs, self._lora_units)):
-            A, B = self._factors(index)
-            Y_sum, W_sum = unit.sums if unit.sums else (torch.zeros_like(A), torch.zeros_like(B))
+        for group in self._groups():
+            A, B = self._stacked_factors(group)
+            sums = [self._lora_units[index].sums or self._zero_sums(self._lora_units[index]) for index in group]
+            Y_sum, W_sum = torch.stack([Y for Y, _ in sums]), torch.stack([W for _, W in sums])
+            states = [self.state[self.pairs[index].lora_B.weight] for index in group]
+            state = _stacked_moments(states)
+            names = ", ".join(self.pairs[index].name for index in group)
             try:
-                A_new, B_new = prism_module_step(A, B, Y_sum, W_sum, self._basis(index),
-                                                 self.state[pair.lora_B.weight], cfg, self.generator)
+                A_new, B_new = prism_module_step(A, B, Y_sum, W_sum, self._group_basis(group), state, cfg,
+                                                 self.generator)
             except (FloatingPointError, torch.linalg.LinAlgError) as exc:
-                raise FloatingPointError(f"the update of {pair.name} is not finite ({exc}); the step was not "
+                raise FloatingPointError(f"the update of {names} is not finite ({exc}); the step was not "
                                          "applied. Lower the learning rate or check the inputs for inf/NaN.") from exc
-            updates += [Update(pair.lora_B.weight, A_new, pair.name), Update(pair.lora_A.weight, B_new.T, pair.name)]
+            _unstack_moments(state, states)
+            for position, index in enumerate(group):
+                pair = self.pairs[index]
+                updates += [Update(pair.lora_B.weight, A_new[position], pair.name),
+                            Update(pair.lora_A.weight, B_new[position].T, pair.name)]
         return updates
 
     def _end_step(self) -> None:
@@ -175,3 +208,27 @@ class PRISM(DPLoRAOptimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._bases.clear()
+
+
+MOMENTS = ("exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B")
+
+
+def _stacked_moments(states: list[dict]) -> dict:
+    """The adaptive state of a group's modules as one state of stacked tensors ({} before the first step)."""
+    steps = {state.get("step") for state in states}
+    if len(steps) != 1:
+        raise RuntimeError(f"the LoRA modules of one shape have different step counts {sorted(map(str, steps))}; "
+                           "their optimizer state was not saved or loaded together.")
+    step = steps.pop()
+    if step is None:
+        return {}
+    return dict(step=step, **{key: torch.stack([state[key] for state in states]) for key in MOMENTS})
+
+
+def _unstack_moments(stacked: dict, states: list[dict]) -> None:
+    """Write a stacked state back into each module's state (as views of the stacked tensors)."""
+    if not stacked:
+        return
+    for position, state in enumerate(states):
+        state["step"] = stacked["step"]
+        state.update({key: stacked[key][position] for key in MOMENTS})

@@ -8,7 +8,8 @@ For one side (A with d = m rows, or B with d = n rows) and a lifted direction D 
 
 floor() raises eigenvalues to lambda (the noise floor) and to lambda_max / max_condition.
 Every operation is a spectral function or a right-multiplication, so under an orthogonal
-gauge (D -> D O, m -> m O, V -> O^T V O) the output moves as u -> u O.
+gauge (D -> D O, m -> m O, V -> O^T V O) the output moves as u -> u O. Each function also
+takes a stack of modules (leading dimension k: D (k, d, r), V (k, r, r), floors (k, 1)).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import torch
 from torch import Tensor
 
 
-def noise_floors(mode: str, factor: float, std: float, basis, m: int, n: int) -> tuple[float, float]:
-    """Eigenvalue floors (lambda_A, lambda_B) for the second moments of the A and B sides.
+def noise_floors(mode: str, factor: float, std: float, basis, m: int, n: int
+                 ) -> tuple[float | Tensor, float | Tensor]:
+    """Eigenvalue floors (lambda_A, lambda_B) for the second moments of the A and B sides: numbers
+    ("scalar"), or tensors of shape (..., 1) for the basis' leading dimensions ("geometry").
 
     The injected noise alone gives E[dA^T dA]/m = std^2 (m - r)/m N^{-1} and
     E[dB^T dB]/n = std^2 (n - r)/n M^{-1} (M = A^T A, N = B^T B).
@@ -31,10 +34,10 @@ def noise_floors(mode: str, factor: float, std: float, basis, m: int, n: int) ->
     base = factor * std ** 2
     if mode == "scalar":
         return base, base
-    r = basis.R_A.shape[0]
+    r = basis.R_A.shape[-1]
     eye = torch.eye(r, dtype=basis.R_A.dtype, device=basis.R_A.device)
-    tr_M_inv = torch.linalg.solve_triangular(basis.R_A, eye, upper=True).square().sum().item()
-    tr_N_inv = basis.R_B_inv.square().sum().item()
+    tr_M_inv = torch.linalg.solve_triangular(basis.R_A, eye, upper=True).square().sum((-2, -1)).unsqueeze(-1)
+    tr_N_inv = basis.R_B_inv.square().sum((-2, -1)).unsqueeze(-1)
     return base * tr_N_inv / r * (m - r) / m, base * tr_M_inv / r * (n - r) / n
 
 
@@ -42,17 +45,17 @@ def update_moments(exp_avg: Tensor, exp_avg_sq: Tensor, direction: Tensor, betas
     """In place: exp_avg <- b1 exp_avg + (1-b1) D; exp_avg_sq <- b2 exp_avg_sq + (1-b2) D^T D / d."""
     beta1, beta2 = betas
     exp_avg.lerp_(direction, 1 - beta1)
-    exp_avg_sq.mul_(beta2).add_(direction.T @ direction, alpha=(1 - beta2) / direction.shape[0])
+    exp_avg_sq.mul_(beta2).add_(direction.mT @ direction, alpha=(1 - beta2) / direction.shape[-2])
 
 
 def preconditioned(exp_avg: Tensor, exp_avg_sq: Tensor, step: int, betas: tuple[float, float],
-                   floor: float, max_condition: float, eps: float) -> Tensor:
+                   floor: float | Tensor, max_condition: float, eps: float) -> Tensor:
     """u = m_hat P diag(1 / (sqrt(lambda') + eps)) P^T with V_hat = P diag(lambda) P^T and
     lambda' = max(lambda, floor, lambda_max / max_condition)."""
     beta1, beta2 = betas
     m_hat = exp_avg / (1 - beta1 ** step)
     V_hat = exp_avg_sq / (1 - beta2 ** step)
-    lam, P = torch.linalg.eigh((V_hat + V_hat.T) / 2)
+    lam, P = torch.linalg.eigh((V_hat + V_hat.mT) / 2)
     lam = lam.clamp_min(0)
-    lam = torch.maximum(lam, (lam.max() / max_condition).clamp_min(floor))
-    return m_hat @ (P / (lam.sqrt() + eps)) @ P.T
+    lam = torch.maximum(lam, (lam.amax(-1, keepdim=True) / max_condition).clamp_min(floor))
+    return m_hat @ (P / (lam.sqrt() + eps).unsqueeze(-2)) @ P.mT

@@ -153,7 +153,7 @@ def project(G: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
 def assemble(S, U, V, basis) -> torch.Tensor:
     """Dense tangent vector Q_A S Q_B^T + U Q_B^T + Q_A V^T."""
-    return basis.Q_A @ S @ basis.Q_B.T + U @ basis.Q_B.T + basis.Q_A @ V.T
+    return basis.Q_A @ S @ basis.Q_B.mT + U @ basis.Q_B.mT + basis.Q_A @ V.mT
 
 
 def current_factors(optimizer, index: int):

@@ -91,3 +91,43 @@ def test_horizontal_lift_is_orthogonally_equivariant():
     oA, oB = manifold.horizontal_lift(A @ O, B @ O, dA @ O, dB @ O)
     torch.testing.assert_close(oA, hA @ O)
     torch.testing.assert_close(oB, hB @ O)
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_a_stack_of_modules_takes_the_steps_each_module_takes_alone(adaptive):
+    """The optimizer runs the modules of one shape as one stack (k, m, r): without noise, two steps
+    of the stack (moments included) equal two steps of each module on its own."""
+    from prism.functional import StepConfig, prism_module_step
+
+    g = torch.Generator().manual_seed(4)
+    k, m, n, r = 3, 9, 7, 3
+    A = torch.randn(k, m, r, generator=g, dtype=torch.float64)
+    B = torch.randn(k, n, r, generator=g, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1])[:, None, None]
+    cfg = StepConfig(lr=0.1, noise_std=0.0, expected_batch_size=4.0, adaptive=adaptive, betas=(0.9, 0.999),
+                     eps=1e-8, weight_decay=0.01, max_condition=50.0)
+    stacked_state, states = {}, [{} for _ in range(k)]
+    for _ in range(2):
+        Y, W = torch.randn(k, m, r, generator=g, dtype=torch.float64), torch.randn(k, n, r, generator=g,
+                                                                                    dtype=torch.float64)
+        new_A, new_B = prism_module_step(A, B, Y, W, manifold.tangent_basis(A, B), stacked_state, cfg, g)
+        for i in range(k):
+            alone = prism_module_step(A[i], B[i], Y[i], W[i], manifold.tangent_basis(A[i], B[i]), states[i], cfg, g)
+            torch.testing.assert_close(new_A[i], alone[0])
+            torch.testing.assert_close(new_B[i], alone[1])
+            for key, value in states[i].items():
+                torch.testing.assert_close(stacked_state[key][i] if torch.is_tensor(value) else stacked_state[key],
+                                           value)
+        A, B = new_A, new_B
+    assert bool(stacked_state) == adaptive
+
+
+def test_geometry_noise_floors_of_a_stack_are_each_modules():
+    from prism.precondition import noise_floors
+
+    A, B, _ = _factors()
+    stack = manifold.tangent_basis(torch.stack([A, 2 * A]), torch.stack([B, B / 3]))
+    floors = noise_floors("geometry", 0.5, 0.3, stack, 9, 7)
+    for i, basis in enumerate(stack.unbind()):
+        alone = noise_floors("geometry", 0.5, 0.3, basis, 9, 7)
+        for got, want in zip(floors, alone):
+            torch.testing.assert_close(got[i], want)

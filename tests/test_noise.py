@@ -42,3 +42,22 @@ def test_noise_is_reproducible_from_the_generator():
     other = noise.tangent_noise(basis, 1.0, torch.Generator().manual_seed(8))
     for a, b, c in zip(first, again, other):
         assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_a_stack_of_bases_gets_independent_noise_in_each_tangent_space():
+    g = torch.Generator().manual_seed(2)
+    k, m, n, r, std, draws = 3, 8, 6, 2, 0.5, 3000
+    A = torch.randn(k, m, r, generator=g, dtype=torch.float64)
+    B = torch.randn(k, n, r, generator=g, dtype=torch.float64)
+    stack = tangent_basis(A, B)
+    S, U, V = (torch.stack(parts) for parts in zip(*(noise.tangent_noise(stack, std, g) for _ in range(draws))))
+    assert S.shape == (draws, k, r, r) and U.shape == (draws, k, m, r) and V.shape == (draws, k, n, r)
+    dim = r * (m + n - r)
+    for i, basis in enumerate(stack.unbind()):
+        samples = assemble(S[:, i], U[:, i], V[:, i], basis)
+        torch.testing.assert_close(project(samples, A[i], B[i]), samples)
+        energy = samples.square().sum((1, 2)).mean().item()
+        assert abs(energy / noise.noise_energy(std, m, n, r) - 1) < 4 * math.sqrt(2 / (dim * draws))
+    # modules' noises are uncorrelated: the correlation of module 0's and module 1's S entries is ~0
+    correlation = torch.corrcoef(torch.stack([S[:, 0].flatten(), S[:, 1].flatten()]))[0, 1]
+    assert abs(correlation) < 4 / math.sqrt(draws * r * r)
