@@ -107,6 +107,7 @@ class PRISM(DPLoRAOptimizer):
         _validate.positive(max_condition=max_condition)
         self._bases: dict[tuple[int, ...], TangentBasis] = {}  # per shape group, stacked
         self._shape_groups: list[tuple[int, ...]] | None = None
+        self._positions: dict[int, tuple[tuple[int, ...], int]] = {}  # index -> (its group, its place in it)
         super().__init__(model, floor_mode=floor_mode, floor_factor=floor_factor, max_condition=max_condition,
                          **kwargs)
 
@@ -137,8 +138,9 @@ class PRISM(DPLoRAOptimizer):
     def _basis(self, index: int) -> TangentBasis:
         """The tangent basis at the current Z, fixed for the whole logical step (computed for the
         module's whole shape group at once)."""
-        group = self._group_of(index)
-        return TangentBasis(*(t[group.index(index)] for t in self._group_basis(group)))
+        self._groups()
+        group, position = self._positions[index]
+        return TangentBasis(*(t[position] for t in self._group_basis(group)))
 
     def _group_basis(self, group: tuple[int, ...]) -> TangentBasis:
         if group not in self._bases:
@@ -154,10 +156,9 @@ class PRISM(DPLoRAOptimizer):
                 A, B = self._factors(index)
                 groups.setdefault((A.shape, B.shape, unit.compute_dtype, A.device), []).append(index)
             self._shape_groups = [tuple(indices) for indices in groups.values()]
+            self._positions = {index: (group, position) for group in self._shape_groups
+                               for position, index in enumerate(group)}
         return self._shape_groups
-
-    def _group_of(self, index: int) -> tuple[int, ...]:
-        return next(group for group in self._groups() if index in group)
 
     def _stacked_factors(self, group: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         """(A, B) of a group's modules, stacked: (k, m, r), (k, n, r)."""
