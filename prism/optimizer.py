@@ -105,11 +105,13 @@ class PRISM(DPLoRAOptimizer):
         _validate.one_of({"scalar", "geometry"}, floor_mode=floor_mode)
         _validate.non_negative(floor_factor=floor_factor)
         _validate.positive(max_condition=max_condition)
-        self._bases: dict[tuple[int, ...], TangentBasis] = {}  # per shape group, stacked
-        self._shape_groups: list[tuple[int, ...]] | None = None
-        self._positions: dict[int, tuple[tuple[int, ...], int]] = {}  # index -> (its group, its place in it)
+        # per shape group, for the current logical step: the stacked factors (A, B) and their basis
+        self._points: dict[tuple[int, ...], tuple[Tensor, Tensor, TangentBasis]] = {}
         super().__init__(model, floor_mode=floor_mode, floor_factor=floor_factor, max_condition=max_condition,
                          **kwargs)
+        self._groups = self._shape_groups()
+        # index -> (its group, its place in the group)
+        self._positions = {index: (group, position) for group in self._groups for position, index in enumerate(group)}
 
     def _lora_unit(self, index: int, pair: LoRAPair) -> Unit:
         """Check rank, re-factor to balanced form (Z unchanged) and hook the tangent blocks.
@@ -138,32 +140,26 @@ class PRISM(DPLoRAOptimizer):
     def _basis(self, index: int) -> TangentBasis:
         """The tangent basis at the current Z, fixed for the whole logical step (computed for the
         module's whole shape group at once)."""
-        self._groups()
         group, position = self._positions[index]
-        return TangentBasis(*(t[position] for t in self._group_basis(group)))
+        return TangentBasis(*(t[position] for t in self._group_point(group)[2]))
 
-    def _group_basis(self, group: tuple[int, ...]) -> TangentBasis:
-        if group not in self._bases:
-            self._bases[group] = tangent_basis(*self._stacked_factors(group))
-        return self._bases[group]
+    def _group_point(self, group: tuple[int, ...]) -> tuple[Tensor, Tensor, TangentBasis]:
+        """A (k, m, r), B (k, n, r) of a group's modules, stacked, and their tangent basis; fixed for the
+        logical step (the factors change only when the step is applied)."""
+        if group not in self._points:
+            factors = [self._factors(index) for index in group]
+            A, B = torch.stack([A for A, _ in factors]), torch.stack([B for _, B in factors])
+            self._points[group] = (A, B, tangent_basis(A, B))
+        return self._points[group]
 
-    def _groups(self) -> list[tuple[int, ...]]:
+    def _shape_groups(self) -> list[tuple[int, ...]]:
         """Indices of the LoRA modules, grouped by (shapes, dtype, device): each group's manifold
         math runs as one batched call (on a GPU, a few large launches instead of many small ones)."""
-        if self._shape_groups is None:
-            groups: dict[tuple, list[int]] = {}
-            for index, unit in enumerate(self._lora_units):
-                A, B = self._factors(index)
-                groups.setdefault((A.shape, B.shape, unit.compute_dtype, A.device), []).append(index)
-            self._shape_groups = [tuple(indices) for indices in groups.values()]
-            self._positions = {index: (group, position) for group in self._shape_groups
-                               for position, index in enumerate(group)}
-        return self._shape_groups
-
-    def _stacked_factors(self, group: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        """(A, B) of a group's modules, stacked: (k, m, r), (k, n, r)."""
-        factors = [self._factors(index) for index in group]
-        return torch.stack([A for A, _ in factors]), torch.stack([B for _, B in factors])
+        groups: dict[tuple, list[int]] = {}
+        for index, unit in enumerate(self._lora_units):
+            A, B = self._factors(index)
+            groups.setdefault((A.shape, B.shape, unit.compute_dtype, A.device), []).append(index)
+        return [tuple(indices) for indices in groups.values()]
 
     def _factors(self, index: int) -> tuple[Tensor, Tensor]:
         """(A, B) = (lora_B.weight, lora_A.weight^T) in the compute dtype (fp32 masters for bf16)."""
@@ -182,16 +178,15 @@ class PRISM(DPLoRAOptimizer):
 
     def _lora_updates(self, cfg: StepConfig) -> list[Update]:
         updates = []
-        for group in self._groups():
-            A, B = self._stacked_factors(group)
+        for group in self._groups:
+            A, B, basis = self._group_point(group)
             sums = [self._lora_units[index].sums or self._zero_sums(self._lora_units[index]) for index in group]
             Y_sum, W_sum = torch.stack([Y for Y, _ in sums]), torch.stack([W for _, W in sums])
             states = [self.state[self.pairs[index].lora_B.weight] for index in group]
             state = _stacked_moments(states)
             names = ", ".join(self.pairs[index].name for index in group)
             try:
-                A_new, B_new = prism_module_step(A, B, Y_sum, W_sum, self._group_basis(group), state, cfg,
-                                                 self.generator)
+                A_new, B_new = prism_module_step(A, B, Y_sum, W_sum, basis, state, cfg, self.generator)
             except (FloatingPointError, torch.linalg.LinAlgError) as exc:
                 raise FloatingPointError(f"the update of {names} is not finite ({exc}); the step was not "
                                          "applied. Lower the learning rate or check the inputs for inf/NaN.") from exc
@@ -204,11 +199,11 @@ class PRISM(DPLoRAOptimizer):
 
     def _end_step(self) -> None:
         super()._end_step()
-        self._bases.clear()
+        self._points.clear()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
-        self._bases.clear()
+        self._points.clear()
 
 
 MOMENTS = ("exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B")

@@ -72,6 +72,14 @@ def make_batch(kind: str, b: int, T: int = 7, seed: int = 0, num_labels: int = 3
     return dict(input_ids=ids, attention_mask=mask, labels=labels)
 
 
+def token_halves(n, seed):
+    """Learnable: class 0 draws tokens from 1..23, class 1 from 17..39."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    ids = torch.randint(1, 24, (n, 8), generator=g) + 16 * labels[:, None]
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+
+
 def select(batch: dict, index) -> dict:
     return {k: v[index] for k, v in batch.items()}
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import prism.hf
-from helpers import TensorDataset, assemble, make_batch, per_example_losses, stack_collate, tiny_model
+from helpers import (TensorDataset, assemble, make_batch, per_example_losses, stack_collate, tiny_model,
+                     token_halves)
 from prism import NaiveDPLoRA, PRISM, kernels
 from prism.manifold import tangent_basis
 from prism.noise import noise_energy, tangent_noise
@@ -79,10 +80,7 @@ def test_tangent_noise_energy_on_cuda_is_the_closed_form():
 def test_the_trainer_trains_privately_on_cuda(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 2, (1024,), generator=g)
-    ids = torch.randint(1, 24, (1024, 8), generator=g) + 16 * labels[:, None]
-    data = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    data = token_halves(1024, 0)
     model = tiny_model("bert", r=4, hidden=32, num_labels=2, dtype=torch.float32)
     opt = PRISM(model.cuda(), lr=0.05, target_epsilon=8.0, delta=1e-5, dataset_size=1024, expected_batch_size=64,
                 steps=20, max_grad_norm=1.0, generator=torch.Generator("cuda").manual_seed(1))
