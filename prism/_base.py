@@ -252,7 +252,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         stats = self._collector.stats
         counts = torch.tensor([stats.examples, stats.clipped, stats.nonfinite, stats.backward_passes])
         self._replicas.sum_over_ranks([t for unit in units for t in unit.sums] + [counts])
-        stats.examples, stats.clipped, stats.nonfinite, stats.backward_passes = counts.tolist()
+        stats.examples, clipped, nonfinite, stats.backward_passes = counts.tolist()
+        stats.set_flag_counts(clipped, nonfinite)
 
     def _zero_sums(self, unit: Unit) -> list[Tensor]:
         """Clipped sums of a unit that saw no example: zeros shaped like its parameters."""

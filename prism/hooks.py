@@ -117,10 +117,25 @@ class StepStats:
 
     def __init__(self):
         self.examples = 0
-        self.clipped = 0
-        self.nonfinite = 0
         self.backward_passes = 0
         self.last_norms: Tensor | None = None  # the last backward pass's per-example norms, as clipped (weighted)
+        self._flag_counts: Tensor | None = None  # [clipped, non-finite], on the device: counted without a host sync
+
+    def count(self, alpha: Tensor, finite: Tensor) -> None:
+        """Add one backward pass's clipped (alpha < 1) and non-finite examples."""
+        counts = torch.stack([(alpha < 1).sum(), (~finite).sum()])
+        self._flag_counts = counts if self._flag_counts is None else self._flag_counts + counts
+
+    def set_flag_counts(self, clipped: int, nonfinite: int) -> None:
+        self._flag_counts = torch.tensor([clipped, nonfinite])
+
+    @property
+    def clipped(self) -> int:
+        return 0 if self._flag_counts is None else int(self._flag_counts[0])
+
+    @property
+    def nonfinite(self) -> int:
+        return 0 if self._flag_counts is None else int(self._flag_counts[1])
 
     def __repr__(self) -> str:
         return (f"StepStats(examples={self.examples}, clipped={self.clipped}, nonfinite={self.nonfinite}, "
@@ -260,8 +275,7 @@ class PerExampleCollector:
         for u in active:
             u.flush(alpha, finite)
         self.stats.examples += sizes.pop()
-        self.stats.clipped += int((alpha < 1).sum())
-        self.stats.nonfinite += int((~finite).sum())
+        self.stats.count(alpha, finite)
         self.stats.backward_passes += 1
         self.stats.last_norms = sqnorms.sqrt()
 
