@@ -59,6 +59,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                                  expected_batch_size=expected_batch_size, sample_rate=sample_rate,
                                  dataset_size=dataset_size, steps=steps, epochs=epochs, max_epsilon=max_epsilon)
         self.pairs, self.dense = find_trainables(model, frozen_lora_A=self._frozen_lora_A)
+        self._model = model
+        self._trainable_names = _trainable_names(model)
         params = [p for pair in self.pairs for p in (pair.lora_A.weight, pair.lora_B.weight)]
         params += [p for d in self.dense for p in d.module.parameters() if p.requires_grad]
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adaptive=adaptive,
@@ -157,6 +159,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         self._collector.discard_unfinished()
         self._refuse_gradients_without_hooks()
         self._refuse_replaced_parameters()
+        self._refuse_changed_trainables()
         self._refuse_exceeding_the_budget()
         self._sum_over_ranks()
         self._sampling_check.observe(self._collector.stats.examples)
@@ -216,6 +219,16 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                 setattr(module, name, param)
                 restored += 1
         return restored
+
+    def _refuse_changed_trainables(self) -> None:
+        now = _trainable_names(self._model)
+        if now != self._trainable_names:
+            added, removed = sorted(now - self._trainable_names), sorted(self._trainable_names - now)
+            raise RuntimeError(
+                "the model's trainable parameters changed since the optimizer was built (set_adapter, or a "
+                f"layer frozen or unfrozen): newly trainable {added[:3]}{' ...' if len(added) > 3 else ''}, no "
+                f"longer trainable {removed[:3]}{' ...' if len(removed) > 3 else ''}. prism hooks the trainable "
+                "modules when it is built; build a new optimizer after changing them.")
 
     def _refuse_replaced_parameters(self) -> None:
         for module, name, param in self._owners:
@@ -430,3 +443,7 @@ def _checked_generator(generator: torch.Generator | str | None, device: torch.de
         raise ValueError(f"generator is on {generator.device} but the parameters are on {device}; create it "
                          f"with torch.Generator(device='{device.type}').")
     return generator
+
+
+def _trainable_names(model: nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if p.requires_grad}

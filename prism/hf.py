@@ -336,7 +336,7 @@ def per_example_compute_loss(optimizer: DPLoRAOptimizer, loss_fn: PerExampleLoss
         raise ValueError(f"the collator turned {int(examples)} examples into {labels.shape[0]} rows (padding-free "
                          "packing such as DataCollatorWithFlattening?); prism clips per row, so it needs one row "
                          "per example. Use a padding collator (e.g. DataCollatorWithPadding).")
-    outputs = model(**inputs)
+    outputs = model(**_with_decoder_inputs(model, inputs, labels))
     losses = loss_fn(outputs, labels)
     batch = labels.shape[0]
     if losses.shape != (batch,):
@@ -347,13 +347,26 @@ def per_example_compute_loss(optimizer: DPLoRAOptimizer, loss_fn: PerExampleLoss
     return (loss, outputs) if return_outputs else loss
 
 
+def _with_decoder_inputs(model: nn.Module, inputs: dict, labels: Tensor) -> dict:
+    """An encoder-decoder model builds its decoder inputs from the labels, which the model no longer
+    gets (its own loss is a batch mean): build them here, as the model would."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False) or {"decoder_input_ids", "decoder_inputs_embeds"} & set(inputs):
+        return inputs
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is None:
+        raise ValueError(f"{type(model).__name__} cannot build decoder_input_ids from the labels; put "
+                         "decoder_input_ids in each batch.")
+    return {**inputs, "decoder_input_ids": prepare(labels=labels)}
+
+
 def default_per_example_loss(model: nn.Module, label_smoothing: float = 0.0) -> PerExampleLoss:
     """The per-example loss for the model's task, read from peft's task_type or the model class."""
     task = _task_of(model)
     if task == "CAUSAL_LM":
         return lambda outputs, labels: per_example_causal_lm_loss(outputs.logits, labels,
                                                                   label_smoothing=label_smoothing)
-    if task == "TOKEN_CLS":
+    if task in ("TOKEN_CLS", "SEQ_2_SEQ_LM"):  # seq2seq: decoder logits t predict label t (no shift)
         return lambda outputs, labels: per_example_token_loss(outputs.logits, labels,
                                                               label_smoothing=label_smoothing)
     if task == "SEQ_CLS":
@@ -373,7 +386,8 @@ def _task_of(model: nn.Module) -> str | None:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for task, classes in (("CAUSAL_LM", modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES),
                           ("SEQ_CLS", modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES),
-                          ("TOKEN_CLS", modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES)):
+                          ("TOKEN_CLS", modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES),
+                          ("SEQ_2_SEQ_LM", modeling_auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)):
         if type(base).__name__ in set(classes.values()):
             return task
     return None

@@ -14,6 +14,9 @@ alpha_i (t_i over all units) with global norm <= max_grad_norm (see clipping.py)
 with an error instead of silently breaking that bound:
 - a gradient reaching a hooked output twice (backward twice through one forward pass);
 - one backward pass through two forward passes (their examples would be merged by position);
+- a hooked module run outside a forward pass of the model the optimizer was built with (such passes
+  go uncounted), or whose dimension 0 is not that pass's batch (a reshaped or transposed batch:
+  its rows are parts of examples);
 - reentrant gradient checkpointing (its nested backward passes would clip each segment alone);
   non-reentrant checkpointing works.
 Per-example tensors left by a backward pass that failed are discarded, never merged.
@@ -112,6 +115,18 @@ class Unit:
         self.gradient_arrived = False
 
 
+MAIN_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    """Dimension 0 of a model's main input: its first positional tensor, else a Hugging Face input
+    named in MAIN_INPUTS; None if there is neither."""
+    for value in (*args, *(kwargs.get(name) for name in MAIN_INPUTS)):
+        if isinstance(value, Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return None
+
+
 class StepStats:
     """Counters of the current logical step (for monitoring; not privacy-relevant)."""
 
@@ -159,15 +174,25 @@ class PerExampleCollector:
         self._handles: list = []
         self._queued_task: int | None = None
         self._forward_pass = 0
+        self._root_depth = 0  # > 0 inside a forward pass of the model the optimizer was built with
+        self._forward_batch: int | None = None
         self._loss_scales: dict[int, Tensor] = {}
 
     def count_forward_passes(self, model: nn.Module) -> None:
-        """Number the forward passes of `model` (its root), so examples of different passes never mix."""
+        """Number the forward passes of `model` (its root), so examples of different passes never mix,
+        and note each pass's batch size (dimension 0 of its main input) to check every hooked module
+        against: a module whose dimension 0 is not the examples would clip rows, not examples."""
 
-        def on_forward(module, args):
+        def before(module, args, kwargs):
             self._forward_pass += 1
+            self._root_depth += 1
+            self._forward_batch = _batch_size(args, kwargs)
 
-        self._handles.append(model.register_forward_pre_hook(on_forward))
+        def after(module, args, kwargs, output):
+            self._root_depth -= 1
+
+        self._handles += [model.register_forward_pre_hook(before, with_kwargs=True),
+                          model.register_forward_hook(after, with_kwargs=True, always_call=True)]
 
     def add_lora_pair(self, lora_A: nn.Linear, lora_B: nn.Linear, unit: Unit) -> None:
         """Hook a LoRA pair; `unit.per_example(x, h, go)` gets lora_A's input x, its output h
@@ -227,6 +252,8 @@ class PerExampleCollector:
         captured_box = [captured]
         forward_pass = self._forward_pass
         recomputed_in_backward = torch._C._current_graph_task_id() != -1
+        if not recomputed_in_backward:
+            self._check_rows_are_examples(unit, output)
 
         def on_grad(grad: Tensor):
             if recomputed_in_backward:
@@ -243,6 +270,20 @@ class PerExampleCollector:
             self._on_grad(unit, inputs, grad, forward_pass)
 
         output.register_hook(on_grad)
+
+    def _check_rows_are_examples(self, unit: Unit, output: Tensor) -> None:
+        if self._root_depth == 0:
+            raise RuntimeError(
+                f"{unit.name} ran outside a forward pass of the model the optimizer was built with (through "
+                "model.get_base_model(), a submodule or a copy?). prism numbers the forward passes of that model "
+                "to keep their examples apart; call the model you gave the optimizer.")
+        if self._forward_batch is not None and output.shape[0] != self._forward_batch:
+            raise RuntimeError(
+                f"{unit.name} has {output.shape[0]} rows on dimension 0, but this forward pass got a batch of "
+                f"{self._forward_batch} examples. The model reshapes or transposes the batch before this module "
+                "(multiple-choice heads, flattened tokens, sequence-first attention), so its rows are not examples "
+                "and clipping them would not bound each example's gradient. Leave it out of target_modules / "
+                "modules_to_save.")
 
     def _on_grad(self, unit: Unit, inputs: tuple[Tensor, ...], grad: Tensor, forward_pass: int) -> None:
         task = torch._C._current_graph_task_id()

@@ -25,12 +25,18 @@ def lora_factors(pair: LoRAPair, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     return pair.lora_B.weight.detach().to(dtype), pair.lora_A.weight.detach().T.to(dtype)
 
 
-def check_full_rank(pair: LoRAPair, A: Tensor, B: Tensor) -> None:
-    """Raise a ValueError naming the fix if A or B is zero or numerically rank-deficient."""
+def check_rank_fits(pair: LoRAPair) -> None:
+    """Raise a ValueError if r > min(m, n): no rank-r matrix of that shape exists."""
     m, n, r = pair.shape
     if r > min(m, n):
         raise ValueError(f"{pair.name}: rank r={r} exceeds min(out_features, in_features)={min(m, n)}; "
                          "choose r <= min(m, n) in LoraConfig.")
+
+
+def check_full_rank(pair: LoRAPair, A: Tensor, B: Tensor) -> None:
+    """Raise a ValueError naming the fix if A or B is zero or numerically rank-deficient."""
+    check_rank_fits(pair)
+    r = pair.shape[2]
     for label, factor in (("lora_B (A)", A), ("lora_A^T (B)", B)):
         sv = torch.linalg.svdvals(factor)
         if not bool(torch.isfinite(sv).all()) or sv[0] == 0 or sv[-1] <= RANK_TOLERANCE * sv[0]:
@@ -53,6 +59,7 @@ def init_balanced_lora(model: nn.Module, scale: float = 3 ** -0.5, *, compensate
     """
     pairs, _ = find_trainables(model)
     for pair in pairs:
+        check_rank_fits(pair)
         m, n, r = pair.shape
         weight = pair.lora_B.weight
         Q_1 = torch.linalg.qr(torch.randn(m, r, generator=generator, dtype=torch.float64))[0]

@@ -62,6 +62,7 @@ def find_trainables(model: nn.Module, *, frozen_lora_A: bool = False
             frozen lora_A without `frozen_lora_A`, or a trainable parameter that is neither a
             LoRA factor nor part of a dense nn.Linear.
     """
+    _refuse_shared_trainables(model)
     pairs, frozen_A = _find_lora_pairs(model, frozen_lora_A)
     covered = {id(p) for pair in pairs for p in (pair.lora_A.weight, pair.lora_B.weight)}
     dense = [DenseLinear(f"{pair.name}.lora_B", pair.lora_B, lora_factor=True) for pair in frozen_A]
@@ -83,6 +84,20 @@ def find_trainables(model: nn.Module, *, frozen_lora_A: bool = False
             + ". Freeze them (param.requires_grad_(False)) or train them as LoRA targets; prism trains "
             "LoRA factors and dense nn.Linear layers (e.g. a head in modules_to_save) privately.")
     return pairs, dense
+
+
+def _refuse_shared_trainables(model: nn.Module) -> None:
+    """A trainable parameter registered in two modules (tied weights) gets its gradient from both;
+    hooks on one of them would miss the other's share."""
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        for param_name, p in module.named_parameters(recurse=False):
+            if p.requires_grad:
+                owners.setdefault(id(p), []).append(f"{name}.{param_name}")
+    shared = [" and ".join(names) for names in owners.values() if len(names) > 1]
+    if shared:
+        raise ValueError("trainable parameters shared by several modules (tied weights): " + "; ".join(shared)
+                         + ". prism would see only one module's share of their gradient. Freeze or untie them.")
 
 
 def _find_lora_pairs(model: nn.Module, frozen_lora_A: bool) -> tuple[list[LoRAPair], list[LoRAPair]]:

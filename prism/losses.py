@@ -8,8 +8,14 @@ over the micro-batch ("mean").
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.nn import functional as F
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """Losses in fp32 (fp64 stays fp64): low-precision logits lose the per-example loss's precision."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def per_example_token_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100,
@@ -23,7 +29,7 @@ def per_example_token_loss(logits: Tensor, labels: Tensor, ignore_index: int = -
     Returns:
         (b,) losses; an example without any labelled token has loss 0 (and zero gradient).
     """
-    token_loss = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=ignore_index,
+    token_loss = F.cross_entropy(_at_least_fp32(logits).transpose(1, 2), labels, ignore_index=ignore_index,
                                  reduction="none", label_smoothing=label_smoothing)
     return token_loss.sum(1) / (labels != ignore_index).sum(1).clamp_min(1)
 
@@ -52,7 +58,8 @@ def per_example_sequence_loss(logits: Tensor, labels: Tensor, problem_type: str 
     if problem_type is None:
         problem_type = "regression" if logits.shape[-1] == 1 else "single_label_classification"
     if problem_type == "regression":
-        return (logits.float().reshape(b, -1) - labels.float().reshape(b, -1)).square().mean(1)
+        return (_at_least_fp32(logits).reshape(b, -1) - _at_least_fp32(labels).reshape(b, -1)).square().mean(1)
     if problem_type == "multi_label_classification":
-        return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").mean(1)
-    return F.cross_entropy(logits.float(), labels, reduction="none", label_smoothing=label_smoothing)
+        return F.binary_cross_entropy_with_logits(_at_least_fp32(logits), _at_least_fp32(labels),
+                                                  reduction="none").mean(1)
+    return F.cross_entropy(_at_least_fp32(logits), labels, reduction="none", label_smoothing=label_smoothing)

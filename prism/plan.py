@@ -52,9 +52,12 @@ def resolve_plan(*, noise_multiplier=None, target_epsilon=None, delta=None, expe
     _validate.positive(expected_batch_size=expected_batch_size)
     if delta is not None:
         validate_delta(delta)
-        if dataset_size is not None and delta >= 1 / dataset_size:
-            raise ValueError(f"delta={delta} is >= 1/dataset_size = {1 / dataset_size:.3g}, which allows leaking "
-                             "a whole example; use delta well below 1/N (e.g. 1e-5 or 1/N^1.1).")
+        size = dataset_size if dataset_size is not None else (
+            None if sample_rate is None else expected_batch_size / sample_rate)
+        if size is not None and delta >= 1 / size:
+            raise ValueError(f"delta={delta} is >= 1/N = {1 / size:.3g} (N = {size:g} examples, given or implied "
+                             "by expected_batch_size / sample_rate), which allows leaking a whole example; use "
+                             "delta well below 1/N (e.g. 1e-5 or 1/N^1.1).")
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give exactly one of noise_multiplier or target_epsilon.")
     if target_epsilon is not None:

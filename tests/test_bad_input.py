@@ -4,8 +4,9 @@ import math
 
 import pytest
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, get_peft_model
 
+import prism
 import prism.hf
 from helpers import lora_layers, make_batch, tiny_model
 from prism import PRISM, NonPoissonSampling, calibrate_noise_multiplier
@@ -51,6 +52,26 @@ def batch_mean_loss_through_the_trainer():
     prism.hf.per_example_compute_loss(opt, coupled, model, make_batch("bert", 4))
 
 
+class _TiedHead(torch.nn.Module):
+    """An output layer tied to the embedding, registered before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(8, 12, bias=False)
+        self.proj = torch.nn.Linear(8, 8)
+        self.emb = torch.nn.Embedding(12, 8)
+        self.emb.weight = self.head.weight
+
+    def forward(self, ids):
+        return self.head(self.proj(self.emb(ids)))
+
+
+def trainable_tied_weight():
+    model = get_peft_model(_TiedHead(), LoraConfig(r=2, target_modules=["proj"], init_lora_weights="pissa"))
+    model.base_model.model.head.weight.requires_grad_(True)
+    return model
+
+
 CASES = {
     "model without LoRA layers": (build(lambda: torch.nn.Sequential(torch.nn.Linear(3, 3))), ValueError,
                                   "get_peft_model"),
@@ -75,6 +96,12 @@ CASES = {
     "max condition 0": (build(max_condition=0), ValueError, "max_condition"),
     "generator of the wrong type": (build(generator=0), (ValueError, TypeError), "generator"),
     "delta >= 1/N": (build(dataset_size=100, delta=0.02), ValueError, "1/N"),
+    "delta >= 1/N, N implied by the sampling rate": (build(sample_rate=0.1, expected_batch_size=10, delta=0.05),
+                                                     ValueError, "1/N"),
+    "tied trainable weight": (build(trainable_tied_weight), ValueError, "tied weights"),
+    "init_balanced_lora with r > min(m, n)": (
+        lambda: prism.init_balanced_lora(tiny_model("bert", r=20, hidden=16, init="gaussian")), ValueError,
+        "exceeds min"),
     "unreachable target epsilon": (lambda: calibrate_noise_multiplier(1e-4, 1e-10, 1.0, 10 ** 4), ValueError,
                                    "unreachable"),
     "parameters instead of the model": (lambda: PRISM(tiny_model("bert").parameters(), **BASE), TypeError,

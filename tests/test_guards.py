@@ -3,8 +3,10 @@
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
+from transformers import BertConfig, BertForMultipleChoice, OPTConfig, OPTForCausalLM
 
-from helpers import current_factors, make_batch, per_example_losses, select, tiny_model
+from helpers import VOCAB, current_factors, make_batch, per_example_losses, select, tiny_model
 from prism import PRISM, PoissonBatchSampler
 from prism import accounting
 from prism.manifold import split_tangent
@@ -64,6 +66,55 @@ def test_one_backward_through_two_forward_passes_is_refused():
     second = per_example_losses("bert", model, make_batch("bert", b=2, seed=2)).sum()
     with pytest.raises(RuntimeError, match="two forward passes"):
         (first + second).backward()
+
+
+def test_a_forward_pass_through_the_inner_model_is_refused():
+    """The optimizer numbers the forward passes of the model it was given; a pass through the model
+    inside it would go uncounted, and two such passes could merge their examples by position."""
+    model = tiny_model("bert")
+    PRISM(model, **BASE)
+    with pytest.raises(RuntimeError, match="outside a forward pass"):
+        per_example_losses("bert", model.get_base_model(), make_batch("bert", b=2))
+
+
+def multiple_choice_model():
+    """BERT multiple choice runs (batch * choices) rows through its encoder."""
+    base = BertForMultipleChoice(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=32, max_position_embeddings=32))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["query", "value"], init_lora_weights="pissa"))
+    return model, dict(input_ids=torch.randint(1, VOCAB, (2, 3, 5)))
+
+
+def flattened_tokens_model():
+    """OPT's MLP sees (batch * tokens, features)."""
+    base = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                    num_attention_heads=2, max_position_embeddings=32, word_embed_proj_dim=16))
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["fc1"], init_lora_weights="pissa"))
+    return model, dict(input_ids=torch.randint(1, VOCAB, (2, 5)))
+
+
+@pytest.mark.parametrize("build", [multiple_choice_model, flattened_tokens_model])
+def test_a_module_whose_rows_are_not_examples_is_refused(build):
+    """Clipping the rows of a reshaped batch would clip parts of examples: one example could
+    contribute several times C. The rows of every hooked module must be the forward pass's examples."""
+    torch.manual_seed(0)
+    model, inputs = build()
+    PRISM(model, **BASE)
+    with pytest.raises(RuntimeError, match="rows are not examples"):
+        model(**inputs)
+
+
+def test_trainable_parameters_changed_after_building_are_refused():
+    """A second adapter made active (or a layer unfrozen) after the optimizer was built has no hooks:
+    its gradient would never be clipped, and the old adapter would get noise alone."""
+    model = tiny_model("llama")
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="gaussian"))
+    opt = PRISM(model, **BASE)
+    model.base_model.set_adapter("second")
+    per_example_losses("llama", model, make_batch("llama", b=2)).sum().backward()
+    with pytest.raises(RuntimeError, match="trainable parameters changed.*second"):
+        opt.step()
+    assert opt.steps_taken == 0
 
 
 def test_leftovers_of_a_failed_backward_are_discarded_not_merged():

@@ -1,14 +1,16 @@
 """The Hugging Face Trainer integration: a vanilla Trainer made private with prism.hf.make_private."""
 
+import math
 import os
 
 import pytest
 import torch
-from peft import PeftModel
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import T5Config, T5ForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
 
 import prism
 import prism.hf
+import prism.losses
 from helpers import (VOCAB, TensorDataset, lora_layers, make_batch, select, stack_collate, tiny_base, tiny_model,
                      token_halves)
 from prism import NaiveDPLoRA, NonPoissonSampling, PRISM
@@ -92,6 +94,40 @@ def test_per_example_loss_ignores_padding_and_other_examples(kind):
         example = {k: v[i:i + 1, :length] if v.dim() == 2 else v[i:i + 1] for k, v in batch.items()}
         alone.append(prism.hf.per_example_compute_loss(opt, loss_fn, model, example))
     assert torch.allclose(loss, torch.stack(alone).mean(), rtol=1e-10)
+
+
+def test_an_encoder_decoder_model_trains_through_the_trainer(tmp_path):
+    """T5 builds its decoder inputs from the labels, which the model no longer gets: make_private's loss
+    builds them (labels shifted right), and each example's loss is its own decoder tokens' mean."""
+    torch.manual_seed(0)
+    base = T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                               num_heads=2, dropout_rate=0.0, decoder_start_token_id=0,
+                                               pad_token_id=0))
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q", "v"], init_lora_weights="pissa",
+                                            task_type="SEQ_2_SEQ_LM")).double()
+    g = torch.Generator().manual_seed(1)
+    data = dict(input_ids=torch.randint(1, VOCAB, (64, 6), generator=g), attention_mask=torch.ones(64, 6).long(),
+                labels=torch.randint(1, VOCAB, (64, 4), generator=g))
+    data["labels"][:8, 2:] = -100
+    opt = PRISM(model, **private_settings(64, noise_multiplier=1.0, expected_batch_size=16, steps=3))
+    batch = select(data, slice(0, 12))
+    loss = prism.hf.per_example_compute_loss(opt, prism.hf.default_per_example_loss(model), model, batch)
+    opt.zero_grad()
+    with torch.no_grad():
+        decoder_input_ids = base._shift_right(batch["labels"])
+        logits = model(input_ids=batch["input_ids"], decoder_input_ids=decoder_input_ids).logits
+    assert torch.allclose(loss, prism.losses.per_example_token_loss(logits, batch["labels"]).mean(), rtol=1e-10)
+    trainer = trainer_for(model, opt, data, tmp_path)
+    prism.hf.make_private(trainer, sampling_seed=1)
+    trainer.train()
+    assert opt.steps_taken == 3 and 0 < opt.privacy_spent()[0] < math.inf
+
+
+@pytest.mark.parametrize("dtype, loss_dtype", [(torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
+def test_per_example_losses_are_computed_in_at_least_fp32(dtype, loss_dtype):
+    logits, labels = torch.randn(3, 4, 5).to(dtype), torch.randint(0, 5, (3, 4))
+    assert prism.losses.per_example_token_loss(logits, labels).dtype == loss_dtype
+    assert prism.losses.per_example_sequence_loss(logits[:, 0], labels[:, 0]).dtype == loss_dtype
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])

@@ -188,7 +188,7 @@ def test_privacy_settings_are_read_only():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(noise_multiplier=1.0, delta=0.01), "1/dataset_size"),
+    (dict(noise_multiplier=1.0, delta=0.01), "1/N"),
     (dict(noise_multiplier=1.0, sample_rate=0.5), "contradicts"),
     (dict(noise_multiplier=1.0, target_epsilon=1.0, steps=10), "exactly one of noise_multiplier"),
     (dict(target_epsilon=1.0), "exactly one of steps or epochs"),
