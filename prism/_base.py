@@ -8,6 +8,7 @@ how LoRA pairs are represented (`_lora_unit`) and updated (`_lora_updates`).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -63,6 +64,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         self._trainable_names = _trainable_names(model)
         params = [p for pair in self.pairs for p in (pair.lora_A.weight, pair.lora_B.weight)]
         params += [p for d in self.dense for p in d.module.parameters() if p.requires_grad]
+        _warn_about_fp16(model)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, adaptive=adaptive,
                         **extra_defaults)
         super().__init__([{"params": params}], defaults)
@@ -443,6 +445,17 @@ def _checked_generator(generator: torch.Generator | str | None, device: torch.de
         raise ValueError(f"generator is on {generator.device} but the parameters are on {device}; create it "
                          f"with torch.Generator(device='{device.type}').")
     return generator
+
+
+def _warn_about_fp16(model: nn.Module) -> None:
+    """fp16 trainables backpropagate in fp16, whose smallest normal number is 6.1e-5: small
+    per-example gradients lose digits or flush to zero before they are clipped."""
+    names = [name for name, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+    if names:
+        warnings.warn(f"{len(names)} trainable parameters are float16 (e.g. {names[0]}): their backward pass runs "
+                      "in fp16, where small per-example gradients underflow. Keep the adapters in fp32 or bf16 "
+                      "(peft's default casts them to fp32), or scale the loss up and let prism divide the factor "
+                      "out: opt.watch_loss(loss); (loss * 1024).backward().", UserWarning, stacklevel=4)
 
 
 def _trainable_names(model: nn.Module) -> set[str]:

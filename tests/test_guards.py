@@ -1,6 +1,8 @@
 """Misuse that would silently break the per-example bound must raise or be neutralised
 (regressions found in review)."""
 
+import warnings
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -138,7 +140,8 @@ def test_leftovers_of_a_failed_backward_are_discarded_not_merged():
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.filterwarnings("ignore:.*trainable parameters are float16")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_released_contribution_of_one_example_is_within_C_in_low_precision(dtype):
     model = tiny_model("llama", dtype=dtype, hidden=32, r=4)  # no dense head: only the tangent blocks count
     opt = PRISM(model, **BASE)
@@ -164,6 +167,23 @@ def test_bf16_autocast_keeps_per_example_norms_and_the_clip_bound():
         assert all(s.dtype == torch.float32 for s in _sums(opt))
         assert opt.stats.clipped == 5 and _released_norms(opt) <= 5 * 0.05 * (1 + 1e-5)
     torch.testing.assert_close(norms[1], norms[0], rtol=0.05, atol=0)
+
+
+def test_fp16_trainables_warn_and_a_watched_scaled_loss_keeps_their_norms():
+    batch = make_batch("bert", b=5, seed=3)
+    norms = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        model = tiny_model("bert", dtype=dtype, hidden=32, r=4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = PRISM(model, **BASE)
+        fp16_warnings = [w for w in caught if "float16" in str(w.message)]
+        assert len(fp16_warnings) == (dtype == torch.float16)
+        loss = per_example_losses("bert", model, batch).sum()
+        opt.watch_loss(loss)
+        (loss * 1024).backward()
+        norms[dtype] = opt.stats.last_norms
+    torch.testing.assert_close(norms[torch.float16], norms[torch.float32], rtol=1e-2, atol=0)
 
 
 def test_default_sampler_randomness_is_not_the_global_seed():
