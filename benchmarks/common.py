@@ -64,7 +64,7 @@ def provenance() -> dict:
     main = sys.modules["__main__"]
     program = ["-m", main.__spec__.name] if getattr(main, "__spec__", None) else [sys.argv[0]]
     command = " ".join(shlex.quote(a) for a in ["python", *program, *sys.argv[1:]])
-    return dict(command=command, commit=_commit(), machine=machine(),
+    return dict(command=command, commit=CODE_VERSION, machine=machine(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 
 
@@ -79,6 +79,9 @@ def _commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+changes" if dirty else "")
+
+
+CODE_VERSION = _commit()  # at import: the code this process runs, whatever the checkout holds later
 
 
 def read_json(path: Path):
