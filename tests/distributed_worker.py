@@ -114,7 +114,20 @@ def refusals() -> dict:
     return refused
 
 
-if __name__ == "__main__":
+def fail_on_rank_1() -> None:
+    """Rank 1 raises while building its optimizer; rank 0 waits for it in the replica broadcast."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    lr = -1.0 if dist.get_rank() == 1 else 0.1
+    PRISM(tiny_model("bert", dtype=torch.float32), lr=lr, noise_multiplier=1.0, max_grad_norm=1.0,
+          expected_batch_size=4)
+    dist.barrier()
+
+
+if __name__ == "__main__" and sys.argv[2:] == ["fail-on-rank-1"]:
+    fail_on_rank_1()
+elif __name__ == "__main__":
     out = sys.argv[1]
     results = dict(trainer=trainer_run(os.path.join(out, "trainer")))  # TrainingArguments starts torch.distributed
     results["resumed"] = trainer_run(os.path.join(out, "trainer"), resume=True)

@@ -18,18 +18,30 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with the gloo backend is not available")
 
 
+def torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 distributed_worker.py *args`, running the prism this process tests."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               runs.__file__, *args]
+    source = os.path.dirname(os.path.dirname(prism.__file__))
+    path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path})
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """What each of the 2 ranks of `torchrun --nproc_per_node 2 distributed_worker.py` got."""
     out = tmp_path_factory.mktemp("torchrun")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               runs.__file__, str(out)]
-    source = os.path.dirname(os.path.dirname(prism.__file__))  # the ranks run the prism this process tests
-    path = os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path})
+    done = torchrun(str(out))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def test_an_error_on_one_rank_ends_the_job_instead_of_hanging(tmp_path):
+    """Rank 0 waits for rank 1 in a collective; torchrun stops it when rank 1 fails (no timeout hit)."""
+    done = torchrun(str(tmp_path), "fail-on-rank-1", timeout=180)
+    assert done.returncode != 0
+    assert "lr must be" in done.stdout + done.stderr
 
 
 def assert_same_training(ranks, key, reference):
