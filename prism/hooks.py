@@ -76,6 +76,7 @@ class Unit:
         self.pending_key: tuple[int, int] | None = None  # (autograd graph task, forward pass)
         self.sums: list[Tensor] | None = None
         self.gradient_arrived = False  # a non-private .grad landed (and was dropped) since the last reset
+        self.gradient_task: int | None = None  # the backward pass (graph task) it last landed in
 
     def add_pending(self, tensors: tuple[Tensor, ...], sqnorms: Tensor | None, key: tuple[int, int]) -> None:
         """Add one forward call's per-example tensors and their squared norms if known (a module
@@ -113,15 +114,18 @@ class Unit:
         self.pending_key = None
         self.sums = None
         self.gradient_arrived = False
+        self.gradient_task = None
 
 
 MAIN_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
-    """Dimension 0 of a model's main input: its first positional tensor, else a Hugging Face input
-    named in MAIN_INPUTS; None if there is neither."""
-    for value in (*args, *(kwargs.get(name) for name in MAIN_INPUTS)):
+    """Dimension 0 of a model's main input: its first positional tensor, else the first Hugging Face
+    input named in MAIN_INPUTS, else its first keyword tensor (e.g. `past_values`); None without
+    any tensor input."""
+    named = (kwargs.get(name) for name in MAIN_INPUTS)
+    for value in (*args, *named, *kwargs.values()):
         if isinstance(value, Tensor) and value.dim() > 0:
             return value.shape[0]
     return None
@@ -228,6 +232,8 @@ class PerExampleCollector:
 
         def drop_gradient(param: Tensor) -> None:
             unit.gradient_arrived = True
+            unit.gradient_task = torch._C._current_graph_task_id()
+            self._finish_at_the_end_of(unit.gradient_task)
             param.grad = None
 
         self.units.append(unit)
@@ -281,15 +287,14 @@ class PerExampleCollector:
             raise RuntimeError(
                 f"{unit.name} has {output.shape[0]} rows on dimension 0, but this forward pass got a batch of "
                 f"{self._forward_batch} examples. The model reshapes or transposes the batch before this module "
-                "(multiple-choice heads, flattened tokens, sequence-first attention), so its rows are not examples "
+                "(multiple-choice heads, flattened tokens, channels or windows as rows, sequence-first attention, or the "
+                "module also runs on shared inputs such as relative-position embeddings), so its rows are not examples "
                 "and clipping them would not bound each example's gradient. Leave it out of target_modules / "
                 "modules_to_save.")
 
     def _on_grad(self, unit: Unit, inputs: tuple[Tensor, ...], grad: Tensor, forward_pass: int) -> None:
         task = torch._C._current_graph_task_id()
-        if self._queued_task != task:
-            torch.autograd.Variable._execution_engine.queue_callback(lambda: self.finish_backward(task))
-            self._queued_task = task
+        self._finish_at_the_end_of(task)
         b = grad.shape[0]
         tensors = [t.reshape(b, -1, t.shape[-1]) for t in (*inputs, grad)]
         grad_scale = b if self.loss_reduction == "mean" else 1
@@ -299,12 +304,24 @@ class PerExampleCollector:
             per_example, sqnorms = unit.per_example(*tensors, grad_scale=grad_scale)
             unit.add_pending(per_example, sqnorms, (task, forward_pass))
 
+    def _finish_at_the_end_of(self, task: int) -> None:
+        if self._queued_task != task:
+            torch.autograd.Variable._execution_engine.queue_callback(lambda: self.finish_backward(task))
+            self._queued_task = task
+
     @torch.no_grad()
     def finish_backward(self, task: int) -> None:
         """Clip the examples of the finished backward pass `task` by their global norm and accumulate."""
         self._queued_task = None
         self._loss_scales.pop(task, None)
         active = [u for u in self.units if u.pending is not None and u.pending_key[0] == task]
+        unseen = [u.name for u in self.units if u.gradient_task == task and u not in active]
+        if unseen:
+            raise RuntimeError(
+                f"{', '.join(unseen)}: the parameters got a gradient in this backward pass that prism's per-example "
+                "hooks never saw. The model changed the module's output in place (e.g. hidden[~mask] = 0), which "
+                "detaches the hook, or used its weights outside the module's forward call. That gradient cannot be "
+                "clipped per example: leave the module out of target_modules / modules_to_save.")
         if not active:
             return
         sizes = {u.pending[0].shape[0] for u in active}

@@ -95,7 +95,25 @@ def flattened_tokens_model():
     return model, dict(input_ids=torch.randint(1, VOCAB, (2, 5)))
 
 
-@pytest.mark.parametrize("build", [multiple_choice_model, flattened_tokens_model])
+class _ChannelsAsRows(torch.nn.Module):
+    """A time-series model (as PatchTST) that runs each example's channels as separate rows."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, past_values):
+        b, channels, features = past_values.shape
+        return self.proj(past_values.reshape(b * channels, features)).reshape(b, -1).sum(1)
+
+
+def channels_as_rows_model():
+    """Called with a keyword input prism does not know by name (the Trainer passes every input so)."""
+    model = get_peft_model(_ChannelsAsRows(), LoraConfig(r=2, target_modules=["proj"], init_lora_weights="pissa"))
+    return model, dict(past_values=torch.randn(2, 3, 8))
+
+
+@pytest.mark.parametrize("build", [multiple_choice_model, flattened_tokens_model, channels_as_rows_model])
 def test_a_module_whose_rows_are_not_examples_is_refused(build):
     """Clipping the rows of a reshaped batch would clip parts of examples: one example could
     contribute several times C. The rows of every hooked module must be the forward pass's examples."""
@@ -104,6 +122,41 @@ def test_a_module_whose_rows_are_not_examples_is_refused(build):
     PRISM(model, **BASE)
     with pytest.raises(RuntimeError, match="rows are not examples"):
         model(**inputs)
+
+
+class _MaskedTagger(torch.nn.Module):
+    """A per-token head whose output the model zeroes at padding in place (as Wav2Vec2 does to its
+    projector's output): the write detaches a hook registered on that output."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.in_place = in_place
+        self.embed = torch.nn.Embedding(VOCAB, 8)
+        self.proj = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, input_ids, attention_mask):
+        out = self.head(self.proj(self.embed(input_ids)))
+        if self.in_place:
+            out[attention_mask == 0] = 0.0
+            return out
+        return out * attention_mask[..., None]
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_a_gradient_the_hooks_never_saw_is_refused_at_backward(in_place):
+    torch.manual_seed(0)
+    model = get_peft_model(_MaskedTagger(in_place), LoraConfig(r=2, target_modules=["proj"], modules_to_save=["head"],
+                                                               init_lora_weights="pissa"))
+    opt = PRISM(model, **BASE)
+    batch = make_batch("llama", b=3, seed=1)
+    loss = model(batch["input_ids"], batch["attention_mask"]).square().sum()
+    if in_place:
+        with pytest.raises(RuntimeError, match="head.*: the parameters got a gradient .* never saw"):
+            loss.backward()
+    else:
+        loss.backward()
+        assert opt.stats.examples == 3
 
 
 def test_trainable_parameters_changed_after_building_are_refused():
