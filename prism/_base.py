@@ -9,6 +9,7 @@ how LoRA pairs are represented (`_lora_unit`) and updated (`_lora_updates`).
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import replace
 from typing import NamedTuple
 
@@ -60,6 +61,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                                  expected_batch_size=expected_batch_size, sample_rate=sample_rate,
                                  dataset_size=dataset_size, steps=steps, epochs=epochs, max_epsilon=max_epsilon)
         self.pairs, self.dense = find_trainables(model, frozen_lora_A=self._frozen_lora_A)
+        _warn_about_earlier_optimizers(model)
         self._model = model
         self._trainable_names = _trainable_names(model)
         params = [p for pair in self.pairs for p in (pair.lora_A.weight, pair.lora_B.weight)]
@@ -78,6 +80,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         self.generator = _checked_generator(generator, params[0].device)
         self.steps_taken = 0
         self._collector = PerExampleCollector(self.max_grad_norm, loss_reduction)
+        _COLLECTOR_OF[model] = self._collector
         self._collector.count_forward_passes(model)
         self._lora_units = []
         for index, pair in enumerate(self.pairs):
@@ -163,6 +166,11 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         self._refuse_replaced_parameters()
         self._refuse_changed_trainables()
         self._refuse_exceeding_the_budget()
+        if self.plan.steps is not None and self.steps_taken == self.plan.steps:
+            warnings.warn(f"step {self.steps_taken + 1} goes beyond the {self.plan.steps} steps this optimizer was "
+                          "planned (and with target_epsilon calibrated) for: epsilon keeps growing past the plan "
+                          "(privacy_spent() reports it). Pass max_epsilon to stop at a budget.", UserWarning,
+                          stacklevel=2)
         self._sum_over_ranks()
         self._sampling_check.observe(self._collector.stats.examples)
         group = self.param_groups[0]
@@ -171,6 +179,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                          weight_decay=group["weight_decay"], **self._extra_config(group))
         # counted before any noise is drawn: a noisy gradient enters the moments even if its write is refused
         self.steps_taken += 1
+        self._model._prism_private_steps = getattr(self._model, "_prism_private_steps", 0) + 1
         if self.accountant is not None:
             self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.plan.sample_rate)
         if self.secure_noise:
@@ -445,6 +454,25 @@ def _checked_generator(generator: torch.Generator | str | None, device: torch.de
         raise ValueError(f"generator is on {generator.device} but the parameters are on {device}; create it "
                          f"with torch.Generator(device='{device.type}').")
     return generator
+
+
+_COLLECTOR_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its latest optimizer's hooks
+
+
+def _warn_about_earlier_optimizers(model: nn.Module) -> None:
+    """A model already trained privately composes that run's privacy loss with the next one's, which
+    a new optimizer's accountant (starting at zero) does not count; live hooks of another optimizer
+    would keep collecting every example's gradient."""
+    steps = getattr(model, "_prism_private_steps", 0)
+    if steps:
+        warnings.warn(f"this model already took {steps} private steps with another prism optimizer. Unless you load "
+                      "that run's checkpoint into this optimizer (its state carries the accountant), the epsilon "
+                      "reported here covers this optimizer's steps only, and the two runs' privacy losses compose.",
+                      UserWarning, stacklevel=4)
+    earlier = _COLLECTOR_OF.get(model)
+    if earlier is not None and earlier.hooked:
+        warnings.warn("another prism optimizer's hooks are still attached to this model and keep collecting every "
+                      "example's gradient: call its remove_hooks() first.", UserWarning, stacklevel=4)
 
 
 def _warn_about_fp16(model: nn.Module) -> None:

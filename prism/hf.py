@@ -301,6 +301,7 @@ class _MicroBatchCollate:
 
 def poisson_train_dataloader(trainer, sampler: PoissonMicroBatchSampler) -> DataLoader:
     """The Trainer's training DataLoader with Poisson micro-batches (installed by make_private)."""
+    _check_unchanged_since_make_private(trainer, sampler)
     dataset, collate = trainer.train_dataset, trainer.data_collator
     # the Trainer's own handling of columns the model does not accept (private helpers of Trainer)
     if hasattr(dataset, "column_names") and hasattr(trainer, "_remove_unused_columns"):
@@ -315,6 +316,22 @@ def poisson_train_dataloader(trainer, sampler: PoissonMicroBatchSampler) -> Data
                    multiprocessing_context=getattr(args, "dataloader_multiprocessing_context", None))
     # `dataloader_in_order` is not passed: out-of-order workers could mix micro-batches of two Poisson draws
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=_MicroBatchCollate(collate, main_input), **workers)
+
+
+def _check_unchanged_since_make_private(trainer, sampler: PoissonMicroBatchSampler) -> None:
+    """The sampler was sized at make_private: N examples, each draw cut into k micro-batches, one
+    private step per draw. Another k would merge draws into one step (or split one over two);
+    another dataset would sample the wrong N."""
+    accumulation = trainer.args.gradient_accumulation_steps
+    if accumulation != sampler.micro_batches:
+        raise ValueError(f"gradient_accumulation_steps is {accumulation} but was {sampler.micro_batches} when "
+                         "make_private built the Poisson sampler: each private step would no longer be one draw. "
+                         "Set it before calling make_private.")
+    size = len(trainer.train_dataset)
+    if size != sampler.dataset_size:
+        raise ValueError(f"train_dataset has {size} examples but make_private sampled from "
+                         f"{sampler.dataset_size}. Build a new optimizer (dataset_size=len(train_dataset)) and "
+                         "trainer for the new dataset.")
 
 
 def per_example_compute_loss(optimizer: DPLoRAOptimizer, loss_fn: PerExampleLoss, model: nn.Module, inputs: dict,

@@ -353,6 +353,11 @@ class PerExampleCollector:
         self._queued_task = None
         self._loss_scales.clear()
 
+    @property
+    def hooked(self) -> bool:
+        """Whether the hooks are still attached to the model."""
+        return bool(self._handles)
+
     def remove(self) -> None:
         """Detach every hook from the model."""
         for handle in self._handles:

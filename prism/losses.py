@@ -49,14 +49,20 @@ def per_example_causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int
 def per_example_sequence_loss(logits: Tensor, labels: Tensor, problem_type: str | None = None,
                               label_smoothing: float = 0.0) -> Tensor:
     """(b,) losses of sequence classification, by the model config's problem_type (None: inferred
-    as Hugging Face does: regression for one output, else single-label classification).
+    as Hugging Face does: regression for one output, single-label classification for integer
+    labels, else multi-label classification).
 
     regression: mean squared error over the outputs; multi_label_classification: mean binary
     cross-entropy over the labels; single_label_classification: cross-entropy.
     """
     b = labels.shape[0]
     if problem_type is None:
-        problem_type = "regression" if logits.shape[-1] == 1 else "single_label_classification"
+        if logits.shape[-1] == 1:
+            problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            problem_type = "single_label_classification"
+        else:
+            problem_type = "multi_label_classification"
     if problem_type == "regression":
         return (_at_least_fp32(logits).reshape(b, -1) - _at_least_fp32(labels).reshape(b, -1)).square().mean(1)
     if problem_type == "multi_label_classification":

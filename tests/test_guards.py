@@ -159,6 +159,26 @@ def test_a_gradient_the_hooks_never_saw_is_refused_at_backward(in_place):
         assert opt.stats.examples == 3
 
 
+def test_a_second_optimizer_on_a_privately_trained_model_warns():
+    """Its accountant starts at zero while the model's privacy loss composes over both runs; hooks of
+    the first optimizer left attached would keep collecting gradients."""
+    model = tiny_model("bert")
+    first = PRISM(model, **BASE)
+    for _ in range(2):
+        per_example_losses("bert", model, make_batch("bert", b=2)).sum().backward()
+        first.step()
+    with pytest.warns(UserWarning) as caught:
+        PRISM(model, **BASE)
+    messages = [str(w.message) for w in caught]
+    assert any("already took 2 private steps" in m for m in messages)
+    assert any("hooks are still attached" in m for m in messages)
+    fresh = tiny_model("bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PRISM(fresh, **BASE).remove_hooks()
+        PRISM(fresh, **BASE)  # no step taken, hooks removed: nothing to warn about
+
+
 def test_trainable_parameters_changed_after_building_are_refused():
     """A second adapter made active (or a layer unfrozen) after the optimizer was built has no hooks:
     its gradient would never be clipped, and the old adapter would get noise alone."""

@@ -123,6 +123,43 @@ def test_an_encoder_decoder_model_trains_through_the_trainer(tmp_path):
     assert opt.steps_taken == 3 and 0 < opt.privacy_spent()[0] < math.inf
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda trainer: setattr(trainer.args, "gradient_accumulation_steps", 4), "gradient_accumulation_steps is 4"),
+    (lambda trainer: setattr(trainer, "train_dataset", TensorDataset(make_batch("bert", 96, seed=5))),
+     "train_dataset has 96 examples"),
+])
+def test_settings_changed_after_make_private_are_refused(tmp_path, change, message):
+    """The Poisson sampler is sized at make_private: a later accumulation change would put two draws in
+    one private step (an example could count twice), a later dataset would be sampled with the old N."""
+    model = tiny_model("bert", dtype=torch.float32)
+    opt = PRISM(model, **private_settings(64, noise_multiplier=1.0, expected_batch_size=16, steps=3))
+    trainer = trainer_for(model, opt, make_batch("bert", 64, seed=4), tmp_path)
+    prism.hf.make_private(trainer, sampling_seed=1)
+    change(trainer)
+    with pytest.raises(ValueError, match=message):
+        trainer.train()
+    assert opt.steps_taken == 0
+
+
+@pytest.mark.parametrize("num_labels, make_labels", [
+    (3, lambda g: torch.randint(0, 3, (5,), generator=g)),
+    (3, lambda g: torch.randint(0, 2, (5, 3), generator=g).double()),  # multi-hot: multi-label BCE
+    (1, lambda g: torch.randn(5, generator=g, dtype=torch.float64)),
+])
+def test_the_default_sequence_loss_infers_the_problem_type_as_the_model_does(num_labels, make_labels):
+    """With config.problem_type unset, Hugging Face picks the loss from the labels inside the forward
+    pass, which no longer gets them: prism's default loss must pick the same one."""
+    model = tiny_model("bert", num_labels=num_labels)
+    batch = make_batch("bert", 5, seed=1)
+    labels = make_labels(torch.Generator().manual_seed(2))
+    assert model.config.problem_type is None
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        ours = prism.hf.default_per_example_loss(model)(out, labels)
+        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+    torch.testing.assert_close(ours.mean(), theirs)
+
+
 @pytest.mark.parametrize("dtype, loss_dtype", [(torch.bfloat16, torch.float32), (torch.float64, torch.float64)])
 def test_per_example_losses_are_computed_in_at_least_fp32(dtype, loss_dtype):
     logits, labels = torch.randn(3, 4, 5).to(dtype), torch.randint(0, 5, (3, 4))

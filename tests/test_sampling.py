@@ -216,3 +216,14 @@ def test_a_refused_non_finite_update_changes_nothing_but_is_still_accounted():
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(before, opt.param_groups[0]["params"]))
     assert opt.accountant.steps == opt.steps_taken == 1
+
+
+def test_a_step_beyond_the_planned_steps_warns_once():
+    opt = PRISM(tiny_model("bert"), lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4,
+                dataset_size=40, steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(4):
+            opt.step()
+    beyond = [str(w.message) for w in caught if "beyond the 2 steps" in str(w.message)]
+    assert beyond == [beyond[0]] and beyond[0].startswith("step 3 ")
