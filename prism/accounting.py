@@ -205,13 +205,19 @@ def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: 
     return accountant.get_epsilon(delta)
 
 
+def steps_in_epochs(epochs: float, sample_rate: float) -> int:
+    """ceil(epochs / q), the float quotient first rounded to 9 decimals: q = b / N is rarely exact in
+    binary, and 1 / (10 / 8530) = 853.0000000000001 must give 853 steps, not 854."""
+    return math.ceil(round(epochs / sample_rate, 9))
+
+
 def steps_from(sample_rate: float, steps: int | None, epochs: float | None) -> int:
     """Exactly one of steps or epochs (steps = ceil(epochs / sample_rate))."""
     if (steps is None) == (epochs is None):
         raise ValueError("give exactly one of steps or epochs")
     if epochs is not None:
         _validate.positive(epochs=epochs)
-        return math.ceil(epochs / sample_rate)
+        return steps_in_epochs(epochs, sample_rate)
     if not isinstance(steps, int) or steps <= 0:
         raise ValueError(f"steps must be an integer > 0, got {steps!r}")
     return steps

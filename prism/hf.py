@@ -59,7 +59,7 @@ from transformers.models.auto import modeling_auto
 
 from . import distributed, export
 from ._base import DPLoRAOptimizer
-from .accounting import PrivacyBudgetExceeded
+from .accounting import PrivacyBudgetExceeded, steps_in_epochs
 from .losses import per_example_causal_lm_loss, per_example_sequence_loss, per_example_token_loss
 from .noise import entropy_seeded_generator
 from .sampling import poisson_indices, split_evenly
@@ -261,7 +261,7 @@ class PoissonMicroBatchSampler(Sampler[list[int]]):
         self.micro_batches = micro_batches
         self.ranks, self.rank = distributed.world()
         self.seed = distributed.broadcast_object(seed)
-        self.steps_per_epoch = math.ceil(1 / sample_rate)
+        self.steps_per_epoch = steps_in_epochs(1.0, sample_rate)
         self.next_step = 0
         self._entropy = distributed.broadcast_generator(entropy_seeded_generator()) if self.seed is None else None
 

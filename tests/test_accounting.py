@@ -119,6 +119,12 @@ def test_calibration_round_trip(epsilon, q, steps, monkeypatch):
     assert epsilon_for(sigma * (1 - 1e-3), q, steps, 1e-5)[2] > epsilon  # the smallest, to the 1e-3 tolerance
 
 
+def test_epochs_count_whole_steps_despite_float_rates():
+    assert accounting.steps_from(10 / 8530, None, 1) == 853  # 1 / (10 / 8530) = 853.0000000000001
+    assert accounting.steps_from(10 / 8530, None, 2.5) == math.ceil(2.5 * 853)
+    assert accounting.steps_from(0.3, None, 1) == 4
+
+
 def test_calibration_accepts_epochs_and_refuses_the_unreachable():
     by_epochs = calibrate_noise_multiplier(3.0, 1e-5, 0.05, epochs=2)  # 40 steps
     assert by_epochs == calibrate_noise_multiplier(3.0, 1e-5, 0.05, 40)
