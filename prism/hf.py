@@ -43,6 +43,7 @@ override points on this one instance (`get_train_dataloader`, `compute_loss`) an
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -95,6 +96,7 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
     optimizer = _prism_optimizer(trainer)
     _check_model(trainer.model, optimizer)
     dataset_size = _check_dataset(trainer, optimizer)
+    trainer.args = copy.copy(trainer.args)  # adjusted for this run only: callers reuse their arguments across runs
     _adjust_arguments(trainer.args, optimizer)
     if trainer.args.world_size > 1:
         # Accelerate would wrap the model in DistributedDataParallel, whose gradient all-reduce

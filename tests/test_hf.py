@@ -123,6 +123,20 @@ def test_an_encoder_decoder_model_trains_through_the_trainer(tmp_path):
     assert opt.steps_taken == 3 and 0 < opt.privacy_spent()[0] < math.inf
 
 
+def test_make_private_leaves_the_callers_arguments_as_given(tmp_path):
+    """Arguments reused for a second run must not carry the first run's max_steps or switched-off clip."""
+    model = tiny_model("bert", dtype=torch.float32)
+    opt = PRISM(model, **private_settings(64, noise_multiplier=1.0, expected_batch_size=16, steps=3))
+    trainer = trainer_for(model, opt, make_batch("bert", 64, seed=4), tmp_path)
+    given = trainer.args
+    with pytest.warns(UserWarning, match="max_grad_norm"):
+        prism.hf.make_private(trainer, sampling_seed=1)
+    assert (given.max_steps, given.max_grad_norm, given.ignore_data_skip) == (-1, 1.0, False)
+    assert (trainer.args.max_steps, trainer.args.max_grad_norm, trainer.args.ignore_data_skip) == (3, 0.0, True)
+    trainer.train()
+    assert opt.steps_taken == 3
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda trainer: setattr(trainer.args, "gradient_accumulation_steps", 4), "gradient_accumulation_steps is 4"),
     (lambda trainer: setattr(trainer, "train_dataset", TensorDataset(make_batch("bert", 96, seed=5))),
