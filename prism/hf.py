@@ -109,7 +109,8 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
     sampler = PoissonMicroBatchSampler(dataset_size, optimizer.plan.sample_rate,
                                        trainer.args.gradient_accumulation_steps, seed=sampling_seed)
     trainer.get_train_dataloader = functools.partial(poisson_train_dataloader, trainer, sampler)
-    trainer.compute_loss = functools.partial(per_example_compute_loss, optimizer, loss_fn)
+    evaluation_loss = trainer.compute_loss if per_example_loss is None else None  # the Trainer's own
+    trainer.compute_loss = functools.partial(_compute_loss, optimizer, loss_fn, evaluation_loss)
     # the Trainer then divides each micro-batch's loss by the accumulation steps (watch_loss undoes
     # it for the gradients), so the logged loss is the mean per-example loss
     trainer.loss_is_scaled_for_ga = False
@@ -336,6 +337,19 @@ def _check_unchanged_since_make_private(trainer, sampler: PoissonMicroBatchSampl
                          "trainer for the new dataset.")
 
 
+def _compute_loss(optimizer: DPLoRAOptimizer, loss_fn: PerExampleLoss, evaluation_loss: Callable | None,
+                  model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
+    """Training: per_example_compute_loss. Evaluation (no gradient): the Trainer's own loss where the
+    default per-example loss is in use, so eval_loss stays comparable with non-private runs; else
+    the mean of the given per-example losses (independent of loss_reduction)."""
+    if torch.is_grad_enabled():
+        return per_example_compute_loss(optimizer, loss_fn, model, inputs, return_outputs)
+    if evaluation_loss is not None:
+        return evaluation_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+    losses, outputs = _per_example_losses(loss_fn, model, inputs)
+    return (losses.mean(), outputs) if return_outputs else losses.mean()
+
+
 def per_example_compute_loss(optimizer: DPLoRAOptimizer, loss_fn: PerExampleLoss, model: nn.Module, inputs: dict,
                              return_outputs: bool = False, num_items_in_batch=None):
     """Trainer.compute_loss with per-example losses reduced as the optimizer's loss_reduction says.
@@ -346,6 +360,14 @@ def per_example_compute_loss(optimizer: DPLoRAOptimizer, loss_fn: PerExampleLoss
     if EMPTY_MICRO_BATCH in inputs:
         loss = torch.zeros((), device=inputs[EMPTY_MICRO_BATCH].device, requires_grad=True)
         return (loss, None) if return_outputs else loss
+    losses, outputs = _per_example_losses(loss_fn, model, inputs)
+    loss = losses.sum() if optimizer.loss_reduction == "sum" else losses.mean()
+    optimizer.watch_loss(loss)
+    return (loss, outputs) if return_outputs else loss
+
+
+def _per_example_losses(loss_fn: PerExampleLoss, model: nn.Module, inputs: dict) -> tuple[Tensor, object]:
+    """((b,) losses, the model's outputs) of a batch whose labels the model does not see."""
     inputs = dict(inputs)
     labels = inputs.pop("labels", None)
     examples = inputs.pop(EXAMPLE_COUNT, None)
@@ -361,9 +383,7 @@ def per_example_compute_loss(optimizer: DPLoRAOptimizer, loss_fn: PerExampleLoss
     if losses.shape != (batch,):
         raise ValueError(f"the per-example loss must have shape ({batch},), one loss per example; got "
                          f"{tuple(losses.shape)}.")
-    loss = losses.sum() if optimizer.loss_reduction == "sum" else losses.mean()
-    optimizer.watch_loss(loss)
-    return (loss, outputs) if return_outputs else loss
+    return losses, outputs
 
 
 def _with_decoder_inputs(model: nn.Module, inputs: dict, labels: Tensor) -> dict:

@@ -123,6 +123,28 @@ def test_an_encoder_decoder_model_trains_through_the_trainer(tmp_path):
     assert opt.steps_taken == 3 and 0 < opt.privacy_spent()[0] < math.inf
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_eval_loss_is_the_models_own_after_make_private(tmp_path, reduction):
+    """Evaluation keeps the Trainer's loss (a causal LM's token mean), comparable with non-private runs,
+    whatever the training reduction; a given per-example loss is averaged over the batch."""
+    model = tiny_model("gpt2", dtype=torch.float32)
+    opt = PRISM(model, **private_settings(64, noise_multiplier=1.0, expected_batch_size=16, steps=3,
+                                          loss_reduction=reduction))
+    trainer = trainer_for(model, opt, make_batch("gpt2", 64, seed=4), tmp_path, per_device_eval_batch_size=8)
+    held_out = TensorDataset(make_batch("gpt2", 16, seed=6))
+    before = trainer.evaluate(held_out)["eval_loss"]
+    prism.hf.make_private(trainer, sampling_seed=1)
+    assert trainer.evaluate(held_out)["eval_loss"] == pytest.approx(before, rel=1e-6)
+    trainer = trainer_for(model, opt, make_batch("gpt2", 64, seed=4), tmp_path, per_device_eval_batch_size=8)
+    per_example = prism.hf.default_per_example_loss(model)
+    prism.hf.make_private(trainer, per_example_loss=per_example, sampling_seed=1)
+    with torch.no_grad():
+        batch = make_batch("gpt2", 16, seed=6)
+        expected = per_example(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]),
+                               batch["labels"]).mean()
+    assert trainer.evaluate(held_out)["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
 def test_make_private_leaves_the_callers_arguments_as_given(tmp_path):
     """Arguments reused for a second run must not carry the first run's max_steps or switched-off clip."""
     model = tiny_model("bert", dtype=torch.float32)
