@@ -344,8 +344,9 @@ def _compute_loss(optimizer: DPLoRAOptimizer, loss_fn: PerExampleLoss, evaluatio
     the mean of the given per-example losses (independent of loss_reduction)."""
     if torch.is_grad_enabled():
         return per_example_compute_loss(optimizer, loss_fn, model, inputs, return_outputs)
-    if evaluation_loss is not None:
-        return evaluation_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+    if evaluation_loss is not None:  # num_items_in_batch only where given: older Trainers do not take it
+        extra = {} if num_items_in_batch is None else dict(num_items_in_batch=num_items_in_batch)
+        return evaluation_loss(model, inputs, return_outputs=return_outputs, **extra)
     losses, outputs = _per_example_losses(loss_fn, model, inputs)
     return (losses.mean(), outputs) if return_outputs else losses.mean()
 
