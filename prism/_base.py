@@ -8,22 +8,24 @@ how LoRA pairs are represented (`_lora_unit`) and updated (`_lora_updates`).
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from dataclasses import replace
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
-from . import _validate, distributed, per_example
+from . import _validate, distributed, per_example, probe
 from .accounting import PrivacyAccountant, PrivacyBudgetExceeded, max_steps_within
 from .functional import StepConfig, dense_step
 from .hooks import PerExampleCollector, StepStats, Unit
 from .layers import DenseLinear, LoRAPair, find_trainables
 from .noise import entropy_seeded_generator, fill_from_os_entropy, gaussian
 from .plan import resolve_plan
-from .sampling import SamplingCheck
+from .sampling import SamplingCheck, poisson_data_loader
 
 
 class DPLoRAOptimizer(torch.optim.Optimizer):
@@ -314,6 +316,44 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         factor is measured during backward and divided out before clipping.
         """
         self._collector.watch_loss(loss)
+
+    def poisson_data_loader(self, loader: DataLoader, *, generator: torch.Generator | None = None) -> DataLoader:
+        """`prism.poisson_data_loader(loader)` with this optimizer's sampling rate and planned steps, so
+        the loader draws exactly what the accountant assumes (see prism.sampling).
+
+        Raises:
+            ValueError: the optimizer has no rate (give dataset_size) or no planned steps (give steps
+                or epochs), or `loader.dataset` is not the dataset_size it was built for.
+        """
+        plan = self.plan
+        if plan.sample_rate is None or plan.steps is None:
+            raise ValueError("the optimizer needs dataset_size (or sample_rate) and steps (or epochs) to build the "
+                             "loader; give them when building it.")
+        implied = plan.expected_batch_size / plan.sample_rate
+        if not math.isclose(len(loader.dataset), implied, rel_tol=1e-9):
+            raise ValueError(f"the loader's dataset has {len(loader.dataset)} examples but the optimizer was built for "
+                             f"{implied:g} (dataset_size); build it with dataset_size=len(dataset).")
+        return poisson_data_loader(loader, sample_rate=plan.sample_rate, steps=plan.steps, generator=generator)
+
+    def check_examples(self, batch, per_example_loss: Callable[[nn.Module, object], Tensor], *,
+                       probes: int = 3) -> None:
+        """Raise `prism.probe.RowsAreNotExamples` if a trained module's rows are not the examples of `batch`.
+
+        The hooks check each module's row COUNT on every pass; this one-off probe checks where rows
+        come from: the loss of example j reaches no other example's row (backward), and changing one
+        example changes no other example's rows or loss (forward). Run it once before training on a
+        batch of >= 2 examples, with the loss used for training; it changes nothing (see prism.probe).
+        The Hugging Face integration runs it on the first training batch.
+
+        Args:
+            batch: a batch in the form `per_example_loss` takes.
+            per_example_loss: (model, batch) -> (b,) per-example losses.
+            probes: how many examples' losses are back-propagated on their own.
+        """
+        modules = [(f"{pair.name}.{part}", getattr(pair, part)) for pair in self.pairs for part in ("lora_A", "lora_B")]
+        modules += [(dense.name, dense.module) for dense in self.dense]
+        with self._collector.paused():
+            probe.check_rows_are_examples(self._model, modules, batch, per_example_loss, probes=probes)
 
     def budget_allows_another_step(self) -> bool:
         """False when one more step would take epsilon above `max_epsilon` (always True without it)."""

@@ -77,7 +77,7 @@ PerExampleLoss = Callable[[object, Tensor], Tensor]
 
 
 def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
-                 sampling_seed: int | None = None) -> "PrivacyCallback":
+                 sampling_seed: int | None = None, check_examples: bool = True) -> "PrivacyCallback":
     """Make `trainer` train privately with the prism optimizer it was given.
 
     Args:
@@ -87,6 +87,9 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
         sampling_seed: seed of the Poisson draws, for reproducible runs only. Default: OS entropy.
             A seed known to an adversary reveals which examples each step used and voids the
             privacy amplification by subsampling.
+        check_examples: probe the first training micro-batch of >= 2 examples once
+            (`optimizer.check_examples`): raise if a trained module's rows are not the examples
+            or the model mixes examples. Costs three forward and three backward passes, once.
 
     Returns:
         The callback added to the trainer (its `optimizer` and `sampler` attributes).
@@ -110,7 +113,8 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
                                        trainer.args.gradient_accumulation_steps, seed=sampling_seed)
     trainer.get_train_dataloader = functools.partial(poisson_train_dataloader, trainer, sampler)
     evaluation_loss = trainer.compute_loss if per_example_loss is None else None  # the Trainer's own
-    trainer.compute_loss = functools.partial(_compute_loss, optimizer, loss_fn, evaluation_loss)
+    probe = _FirstBatchProbe(optimizer, loss_fn) if check_examples else None
+    trainer.compute_loss = functools.partial(_compute_loss, optimizer, loss_fn, evaluation_loss, probe)
     # the Trainer then divides each micro-batch's loss by the accumulation steps (watch_loss undoes
     # it for the gradients), so the logged loss is the mean per-example loss
     trainer.loss_is_scaled_for_ga = False
@@ -337,12 +341,31 @@ def _check_unchanged_since_make_private(trainer, sampler: PoissonMicroBatchSampl
                          "trainer for the new dataset.")
 
 
+class _FirstBatchProbe:
+    """Runs optimizer.check_examples once, on the first training micro-batch of >= 2 examples."""
+
+    def __init__(self, optimizer: DPLoRAOptimizer, loss_fn: PerExampleLoss):
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.done = False
+
+    def __call__(self, model: nn.Module, inputs: dict) -> None:
+        labels = inputs.get("labels")
+        if self.done or EMPTY_MICRO_BATCH in inputs or labels is None or labels.shape[0] < 2:
+            return
+        self.optimizer.check_examples(inputs, lambda m, batch: _per_example_losses(self.loss_fn, m, batch)[0])
+        self.done = True
+
+
 def _compute_loss(optimizer: DPLoRAOptimizer, loss_fn: PerExampleLoss, evaluation_loss: Callable | None,
-                  model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
-    """Training: per_example_compute_loss. Evaluation (no gradient): the Trainer's own loss where the
-    default per-example loss is in use, so eval_loss stays comparable with non-private runs; else
-    the mean of the given per-example losses (independent of loss_reduction)."""
+                  probe: _FirstBatchProbe | None, model: nn.Module, inputs: dict, return_outputs: bool = False,
+                  num_items_in_batch=None):
+    """Training: per_example_compute_loss (after the one-off probe). Evaluation (no gradient): the
+    Trainer's own loss where the default per-example loss is in use, so eval_loss stays comparable
+    with non-private runs; else the mean of the given per-example losses (independent of loss_reduction)."""
     if torch.is_grad_enabled():
+        if probe is not None:
+            probe(model, inputs)
         return per_example_compute_loss(optimizer, loss_fn, model, inputs, return_outputs)
     if evaluation_loss is not None:  # num_items_in_batch only where given: older Trainers do not take it
         extra = {} if num_items_in_batch is None else dict(num_items_in_batch=num_items_in_batch)

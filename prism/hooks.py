@@ -33,9 +33,9 @@ example's gradient is exactly that of its own loss whatever the training loop do
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
-
+import contextlib
 import warnings
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -181,6 +181,16 @@ class PerExampleCollector:
         self._root_depth = 0  # > 0 inside a forward pass of the model the optimizer was built with
         self._forward_batch: int | None = None
         self._loss_scales: dict[int, Tensor] = {}
+        self._paused = False
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Forward passes inside are not watched: no per-example tensors, no clipping (for prism.probe)."""
+        self._paused, was = True, self._paused
+        try:
+            yield
+        finally:
+            self._paused = was
 
     def count_forward_passes(self, model: nn.Module) -> None:
         """Number the forward passes of `model` (its root), so examples of different passes never mix,
@@ -255,6 +265,8 @@ class PerExampleCollector:
         loss.register_hook(on_loss_grad)
 
     def _watch(self, output: Tensor, unit: Unit, *captured: Tensor) -> None:
+        if self._paused:
+            return
         captured_box = [captured]
         forward_pass = self._forward_pass
         recomputed_in_backward = torch._C._current_graph_task_id() != -1

@@ -50,7 +50,9 @@ def test_the_readme_usage_flow():
     model = tiny_model("bert", r=2, hidden=16, num_labels=2, dtype=torch.float32)
     opt = prism.PRISM(model, lr=0.01, max_grad_norm=1.0, target_epsilon=8.0, delta=1e-5,
                       expected_batch_size=40, dataset_size=len(X), steps=12, loss_reduction="sum")
-    loader = prism.poisson_data_loader(DataLoader(TensorDataset(X, y)), expected_batch_size=40, steps=12)
+    loader = opt.poisson_data_loader(DataLoader(TensorDataset(X, y)))  # the optimizer's rate and steps
+    opt.check_examples((X[:4], y[:4]), lambda m, batch: F.cross_entropy(m(input_ids=batch[0]).logits, batch[1],
+                                                                        reduction="none"))
     seen = 0
     for ids, labels in loader:
         for micro_ids, micro_labels in prism.micro_batches((ids, labels), 16):

@@ -71,6 +71,21 @@ def test_poisson_data_loader_keeps_the_worker_settings():
     assert {k: getattr(loader, k) for k in settings} == {k: getattr(original, k) for k in settings}
 
 
+def test_the_optimizers_loader_draws_at_its_rate_for_its_steps():
+    data = TensorDataset(torch.arange(200).float()[:, None])
+    opt = PRISM(tiny_model("bert"), lr=0.01, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=10,
+                dataset_size=200, steps=300)
+    loader = opt.poisson_data_loader(DataLoader(data), generator=torch.Generator().manual_seed(0))
+    sizes = [0 if isinstance(batch, EmptyBatch) else len(batch[0]) for batch in loader]
+    assert len(sizes) == 300 and abs(sum(sizes) / 300 - 10) < 4 * (10 * 0.95 / 300) ** 0.5
+    with pytest.raises(ValueError, match="has 100 examples but the optimizer was built for 200"):
+        opt.poisson_data_loader(DataLoader(TensorDataset(torch.zeros(100, 1))))
+    unplanned = PRISM(tiny_model("bert"), lr=0.01, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=10,
+                      dataset_size=200)
+    with pytest.raises(ValueError, match="steps"):
+        unplanned.poisson_data_loader(DataLoader(data))
+
+
 def test_micro_batches_split_nested_batches():
     from collections import namedtuple
 

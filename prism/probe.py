@@ -1,0 +1,219 @@
+"""A one-off check, on a real batch, that every trained module's rows are the batch's examples.
+
+prism clips row i of each hooked module's per-example gradient, g_i = x_i^T dL/dy_i summed over
+the module's calls (x its input, y its output, L = sum_j loss_j). That bounds example i's
+influence only if row i depends on example i alone:
+- backward: loss_j reaches no row but its own, dloss_j/dy_i = 0 for j != i, so that
+  dL/dy_i = dloss_i/dy_i;
+- forward: x_i, y_i and loss_i do not change when another example changes.
+The hooks check row COUNTS on every pass (hooks.py); layouts whose rows are not examples but whose
+count equals the batch (LoRA in a text tower fed fixed class prompts, two images in one example
+and none in another, mixture-of-experts experts that get exactly b tokens, a sequence-first input)
+and models that mix examples (BatchNorm in training mode, in-batch negatives in the loss) pass
+that check. This probe tests the two conditions above directly:
+- backward: for a few examples j, the gradient of loss_j alone w.r.t. every hooked output must be
+  exactly zero on every other row (unconnected rows get exact zeros);
+- forward: with the same random state (dropout), example s is replaced by a copy of another
+  example; every hooked input and output, and every loss, must keep its other rows (to a few
+  units of rounding).
+It is a test on one batch, not a proof: a layout that only sometimes breaks the rules (by chance
+row counts) is caught on the batches where it does. It changes nothing: parameters get no
+gradient, buffers (BatchNorm statistics) and the global random state are restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+PerExampleLossOfBatch = Callable[[nn.Module, object], Tensor]
+
+PROBE_SEED = 0
+ROUNDING_UNITS = 8  # forward rows count as unchanged within this many units of rounding of the tensor's scale
+
+_NOT_EXAMPLES = ("Clipping its rows would not bound one example's gradient: leave the module out of target_modules / "
+                 "modules_to_save, or make each example's loss depend on that example alone.")
+
+
+class RowsAreNotExamples(RuntimeError):
+    """A trained module's rows are not the batch's examples, so per-row clipping is not per-example."""
+
+
+class _Captured:
+    """Inputs and outputs of the watched modules' calls during one forward pass, in call order."""
+
+    def __init__(self, modules: Sequence[tuple[str, nn.Module]]):
+        self.calls: list[tuple[str, Tensor, Tensor]] = []
+        self.recording = True
+        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in modules]
+
+    def _hook(self, name: str):
+        def record(module, inputs, output):
+            if self.recording and torch.is_tensor(output) and inputs and torch.is_tensor(inputs[0]):
+                self.calls.append((name, inputs[0], output))
+        return record
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def check_rows_are_examples(model: nn.Module, modules: Sequence[tuple[str, nn.Module]], batch,
+                            per_example_loss: PerExampleLossOfBatch, *, probes: int = 3) -> None:
+    """Raise RowsAreNotExamples if a watched module's rows are not the examples of `batch`.
+
+    Args:
+        model: the model, called by `per_example_loss`.
+        modules: (name, module) pairs whose input and output rows must be examples (LoRA pairs:
+            lora_B, whose output is what the hooks see, and lora_A, whose input they keep).
+        batch: a batch of >= 2 examples, in the form `per_example_loss` takes.
+        per_example_loss: (model, batch) -> (b,) losses, as used for training.
+        probes: how many examples' losses are back-propagated on their own (first, last, middle).
+    """
+    with _restored_buffers(model):
+        captured = _Captured(modules)
+        try:
+            with _fixed_random_state(model):
+                losses = per_example_loss(model, batch)
+            captured.recording = False
+            b = _check_losses(losses)
+            _check_row_counts(captured.calls, b)
+            _check_backward(captured.calls, losses, _probed_examples(b, probes))
+            del losses
+            captured.calls, captured.recording = [], True
+            with torch.no_grad():
+                _check_forward(model, batch, per_example_loss, captured, b)
+        finally:
+            captured.remove()
+
+
+def _check_losses(losses) -> int:
+    if not torch.is_tensor(losses) or losses.dim() != 1:
+        raise ValueError(f"per_example_loss must return a (b,) tensor of per-example losses, got "
+                         f"{tuple(losses.shape) if torch.is_tensor(losses) else type(losses).__name__}.")
+    if losses.shape[0] < 2:
+        raise ValueError(f"checking that rows are examples needs a batch of at least 2 examples, got {losses.shape[0]}.")
+    return losses.shape[0]
+
+
+def _check_row_counts(calls, b: int) -> None:
+    for name, x, y in calls:
+        if y.shape[0] != b:
+            raise RowsAreNotExamples(f"{name} has {y.shape[0]} rows on dimension 0 but the loss has {b} examples, so "
+                                     f"its rows are not examples. {_NOT_EXAMPLES}")
+
+
+def _probed_examples(b: int, probes: int) -> list[int]:
+    """`probes` examples spread evenly from the first to the last (all of them if probes >= b)."""
+    n = max(1, min(probes, b))
+    return sorted({round(k * (b - 1) / max(1, n - 1)) for k in range(n)})
+
+
+def _check_backward(calls, losses: Tensor, examples: list[int]) -> None:
+    outputs = [(name, y) for name, _, y in calls if y.requires_grad]
+    if not outputs:
+        return
+    for j in examples:
+        if not losses[j].requires_grad:
+            continue
+        grads = torch.autograd.grad(losses[j], [y for _, y in outputs], retain_graph=True, allow_unused=True)
+        for (name, y), g in zip(outputs, grads):
+            if g is None:
+                continue
+            reached = g.reshape(g.shape[0], -1).ne(0).any(1)
+            reached[j] = False
+            if reached.any():
+                rows = reached.nonzero().flatten().tolist()
+                raise RowsAreNotExamples(
+                    f"{name}: the loss of example {j} reaches row(s) {_few(rows)} of this module, not only row {j}. "
+                    "Its rows are not examples (a tower fed inputs shared by the batch such as fixed class prompts, "
+                    "several images per example, mixture-of-experts experts), or the loss mixes examples (in-batch "
+                    f"negatives, normalisation over the batch). {_NOT_EXAMPLES}")
+
+
+def _check_forward(model: nn.Module, batch, per_example_loss: PerExampleLossOfBatch, captured: _Captured,
+                   b: int) -> None:
+    """Replace example 0 by a copy of example b-1 and compare every other row."""
+    runs = []
+    for index in (torch.arange(b), torch.cat([torch.tensor([b - 1]), torch.arange(1, b)])):
+        captured.calls = []
+        with _fixed_random_state(model):
+            losses = per_example_loss(model, replace_examples(batch, index, b))
+        runs.append((captured.calls, losses))
+    (before, losses_before), (after, losses_after) = runs
+    if _call_shapes(before) == _call_shapes(after):  # else the calls depend on the data (routing): see backward
+        for (name, x0, y0), (_, x1, y1) in zip(before, after):
+            for what, t0, t1 in (("input", x0, x1), ("output", y0, y1)):
+                changed = _changed_rows(t0, t1)
+                if changed:
+                    raise RowsAreNotExamples(
+                        f"{name}: changing example 0 changed row(s) {_few(changed)} of this module's {what}: the "
+                        "model mixes examples before or inside it (BatchNorm in training mode, statistics or memory "
+                        f"shared across the batch). {_NOT_EXAMPLES}")
+    changed = _changed_rows(losses_before, losses_after)
+    if changed:
+        raise RowsAreNotExamples(f"changing example 0 changed the loss of example(s) {_few(changed)}: the model or the "
+                                 "loss mixes examples in the forward pass (BatchNorm in training mode, statistics over "
+                                 "the batch). Each example's loss must depend on that example alone.")
+
+
+def _call_shapes(calls) -> list[tuple]:
+    return [(name, x.shape, y.shape) for name, x, y in calls]
+
+
+def _changed_rows(before: Tensor, after: Tensor) -> list[int]:
+    """Rows other than 0 that differ by more than ROUNDING_UNITS units of rounding of the tensor's scale."""
+    before, after = before.detach(), after.detach()
+    if not before.is_floating_point():
+        differs = before.ne(after).reshape(before.shape[0], -1).any(1)
+    else:
+        scale = before.abs().amax().double().item()
+        tolerance = ROUNDING_UNITS * torch.finfo(before.dtype).eps * scale
+        differs = (before - after).abs().reshape(before.shape[0], -1).amax(1) > tolerance
+        differs |= ~torch.isfinite(after).reshape(after.shape[0], -1).all(1)
+    differs[0] = False
+    return differs.nonzero().flatten().tolist()
+
+
+def replace_examples(batch, index: Tensor, b: int):
+    """`batch` with its examples taken in the order `index`: every tensor (and list of examples) whose
+    dimension 0 is b is indexed; other fields (shared inputs, scalars, settings) are kept."""
+    if torch.is_tensor(batch):
+        return batch[index.to(batch.device)] if batch.dim() > 0 and batch.shape[0] == b else batch
+    if isinstance(batch, Mapping):
+        return type(batch)({key: replace_examples(value, index, b) for key, value in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(replace_examples(value, index, b) for value in batch))
+    if isinstance(batch, (list, tuple)):
+        if len(batch) == b and not any(torch.is_tensor(v) or isinstance(v, (Mapping, list, tuple)) for v in batch):
+            return type(batch)(batch[i] for i in index.tolist())
+        return type(batch)(replace_examples(value, index, b) for value in batch)
+    return batch
+
+
+@contextlib.contextmanager
+def _fixed_random_state(model: nn.Module):
+    """The same dropout masks on every call (and the caller's random state left as it was)."""
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(PROBE_SEED)
+        yield
+
+
+@contextlib.contextmanager
+def _restored_buffers(model: nn.Module):
+    """Put back every buffer (BatchNorm running statistics, counters) the probe's forward passes change."""
+    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+
+
+def _few(rows: list[int]) -> str:
+    return ", ".join(map(str, rows[:5])) + (f" (and {len(rows) - 5} more)" if len(rows) > 5 else "")
