@@ -8,6 +8,7 @@ how LoRA pairs are represented (`_lora_unit`) and updated (`_lora_updates`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
@@ -75,14 +76,15 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         self._max_grad_norm = float(max_grad_norm)
         self._dense_max_grad_norm = float(max_grad_norm if dense_max_grad_norm is None else dense_max_grad_norm)
         self.loss_reduction = loss_reduction
-        self.accountant = PrivacyAccountant() if self.plan.sample_rate is not None else None
+        self.accountant = (PrivacyAccountant(planned_steps=self.plan.steps) if self.plan.sample_rate is not None
+                           else None)
         self._sampling_check = SamplingCheck(self.plan, allow_non_poisson)
         self._allowed_steps: int | None = None
         self.secure_noise = isinstance(generator, str) and generator == "secure"
         self.generator = _checked_generator(generator, params[0].device)
         self.steps_taken = 0
         self._collector = PerExampleCollector(self.max_grad_norm, loss_reduction)
-        _COLLECTOR_OF[model] = self._collector
+        _COLLECTORS_OF.setdefault(model, weakref.WeakSet()).add(self._collector)
         self._collector.count_forward_passes(model)
         self._lora_units = []
         for index, pair in enumerate(self.pairs):
@@ -336,7 +338,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         return poisson_data_loader(loader, sample_rate=plan.sample_rate, steps=plan.steps, generator=generator)
 
     def check_examples(self, batch, per_example_loss: Callable[[nn.Module, object], Tensor], *,
-                       probes: int = 3) -> None:
+                       probes: int = 8) -> None:
         """Raise `prism.probe.RowsAreNotExamples` if a trained module's rows are not the examples of `batch`.
 
         The hooks check each module's row COUNT on every pass; this one-off probe checks where rows
@@ -352,7 +354,9 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         """
         modules = [(f"{pair.name}.{part}", getattr(pair, part)) for pair in self.pairs for part in ("lora_A", "lora_B")]
         modules += [(dense.name, dense.module) for dense in self.dense]
-        with self._collector.paused():
+        with contextlib.ExitStack() as stack:  # every prism optimizer's hooks on the model, if several are attached
+            for collector in list(_COLLECTORS_OF.get(self._model, ())):
+                stack.enter_context(collector.paused())
             probe.check_rows_are_examples(self._model, modules, batch, per_example_loss, probes=probes)
 
     def budget_allows_another_step(self) -> bool:
@@ -496,7 +500,7 @@ def _checked_generator(generator: torch.Generator | str | None, device: torch.de
     return generator
 
 
-_COLLECTOR_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its latest optimizer's hooks
+_COLLECTORS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its optimizers' hooks (WeakSet)
 
 
 def _warn_about_earlier_optimizers(model: nn.Module) -> None:
@@ -509,8 +513,7 @@ def _warn_about_earlier_optimizers(model: nn.Module) -> None:
                       "that run's checkpoint into this optimizer (its state carries the accountant), the epsilon "
                       "reported here covers this optimizer's steps only, and the two runs' privacy losses compose.",
                       UserWarning, stacklevel=4)
-    earlier = _COLLECTOR_OF.get(model)
-    if earlier is not None and earlier.hooked:
+    if any(collector.hooked for collector in _COLLECTORS_OF.get(model, ())):
         warnings.warn("another prism optimizer's hooks are still attached to this model and keep collecting every "
                       "example's gradient: call its remove_hooks() first.", UserWarning, stacklevel=4)
 

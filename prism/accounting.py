@@ -11,8 +11,8 @@ from continuous mean" for some settings), an RDP bound is returned instead, with
 valid but looser upper bound, never a smaller one, never no answer. A run with noise_multiplier
 0 has epsilon = inf.
 
-    python -m prism.accounting epsilon --sigma 1.0 --q 0.01 --steps 1000 --delta 1e-5
-    python -m prism.accounting sigma --epsilon 3 --q 0.01 --steps 1000 --delta 1e-5
+    python -m prism epsilon --sigma 1.0 --q 0.01 --steps 1000 --delta 1e-5
+    python -m prism sigma --epsilon 3 --q 0.01 --steps 1000 --delta 1e-5
 """
 
 from __future__ import annotations
@@ -72,11 +72,19 @@ class PrivacyAccountant:
     Args:
         eps_error: the PRV accountant's epsilon error; upper - lower is about 2 eps_error
             (default: 0.01).
+        planned_steps: size the PRV grids for at least this many steps from the start. The grid
+            depends on the steps it is sized for, so an accountant queried along the way (sized for
+            the steps so far) would otherwise end on another grid than calibration's (sized for the
+            plan): both bounds are valid, but the reported epsilon could then exceed the calibrated
+            target by about 1e-5. With the plan's steps the two are the same computation.
     """
 
-    def __init__(self, eps_error: float = DEFAULT_EPS_ERROR):
+    def __init__(self, eps_error: float = DEFAULT_EPS_ERROR, planned_steps: int | None = None):
         _validate.positive(eps_error=eps_error)
+        if planned_steps is not None and (not isinstance(planned_steps, int) or planned_steps <= 0):
+            raise ValueError(f"planned_steps must be an integer > 0, got {planned_steps!r}")
         self.eps_error = eps_error
+        self.planned_steps = planned_steps
         self.history: list[Run] = []
         self._cache: dict = {}
         self._prv: dict = {}
@@ -121,11 +129,12 @@ class PrivacyAccountant:
         runs = tuple(run for run in self.history if run.count > 0)
         key = (kind, value, runs, self.eps_error)
         if key not in self._cache:
-            self._cache[key] = _compute(kind, value, runs, self.eps_error, self._prv)
+            self._cache[key] = _compute(kind, value, runs, self.eps_error, self._prv, self.planned_steps or 0)
         return self._cache[key]
 
 
-def _compute(kind: str, value: float, runs: tuple[Run, ...], eps_error: float, prv_cache: dict):
+def _compute(kind: str, value: float, runs: tuple[Run, ...], eps_error: float, prv_cache: dict,
+             planned_steps: int = 0):
     if not runs:
         return (0.0, 0.0, 0.0)  # nothing released: epsilon 0, and delta 0 at any epsilon
     if any(run.noise_multiplier == 0 for run in runs):
@@ -137,10 +146,10 @@ def _compute(kind: str, value: float, runs: tuple[Run, ...], eps_error: float, p
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             if kind == "epsilon":
-                accountant = _prv_accountant(mechanisms, runs, counts, eps_error, value * 1e-3, prv_cache)
+                accountant = _prv_accountant(mechanisms, runs, counts, eps_error, value * 1e-3, prv_cache, planned_steps)
                 result = accountant.compute_epsilon(delta=value, num_self_compositions=counts)
             else:
-                accountant = _prv_accountant(mechanisms, runs, counts, eps_error, 1e-9, prv_cache)
+                accountant = _prv_accountant(mechanisms, runs, counts, eps_error, 1e-9, prv_cache, planned_steps)
                 result = accountant.compute_delta(epsilon=value, num_self_compositions=counts)
         result = tuple(float(x) for x in result)
         if not all(np.isfinite(result)) or result[2] < result[0]:
@@ -154,12 +163,13 @@ def _compute(kind: str, value: float, runs: tuple[Run, ...], eps_error: float, p
     return result
 
 
-def _prv_accountant(mechanisms, runs, counts, eps_error, delta_error, cache):
-    """A PRV accountant for these mechanisms, sized for HEADROOM x the steps; rebuilt when exceeded."""
+def _prv_accountant(mechanisms, runs, counts, eps_error, delta_error, cache, planned_steps: int = 0):
+    """A PRV accountant for these mechanisms, sized for HEADROOM x the steps of each run (at least
+    planned_steps); rebuilt when exceeded."""
     key = (tuple((run.noise_multiplier, run.sample_rate) for run in runs), eps_error, delta_error)
     entry = cache.get(key)
     if entry is None or any(c > m for c, m in zip(counts, entry[1])):
-        capacity = [max(HEADROOM * c, 16) for c in counts]
+        capacity = [max(HEADROOM * max(c, planned_steps), 16) for c in counts]
         eps_error = _affordable_eps_error(mechanisms, capacity, eps_error, delta_error)
         entry = (PRVAccountant(prvs=mechanisms, eps_error=eps_error, delta_error=delta_error,
                                max_self_compositions=capacity), capacity)

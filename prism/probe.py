@@ -13,29 +13,37 @@ and models that mix examples (BatchNorm in training mode, in-batch negatives in 
 that check. This probe tests the two conditions above directly:
 - backward: for a few examples j, the gradient of loss_j alone w.r.t. every hooked output must be
   exactly zero on every other row (unconnected rows get exact zeros);
-- forward: with the same random state (dropout), example s is replaced by a copy of another
-  example; every hooked input and output, and every loss, must keep its other rows (to a few
-  units of rounding).
+- forward: with the same random state (dropout; torch, numpy and Python generators), the LAST
+  example is replaced by a copy of another one (the first, and the one whose loss differs most);
+  every hooked input and output, and every loss, must keep its other rows (to a few units of
+  rounding of each row). Changing the last example keeps random draws made example by example
+  (SpecAugment's masks) the same for the others.
 It is a test on one batch, not a proof: a layout that only sometimes breaks the rules (by chance
-row counts) is caught on the batches where it does. It changes nothing: parameters get no
-gradient, buffers (BatchNorm statistics) and the global random state are restored.
+row counts, a batch-level statistic that the replaced example happens not to move) is caught
+only on batches where it shows. It changes nothing: parameters get no gradient, buffers
+(BatchNorm statistics) and the global random states are restored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 PerExampleLossOfBatch = Callable[[nn.Module, object], Tensor]
 
 PROBE_SEED = 0
-ROUNDING_UNITS = 8  # forward rows count as unchanged within this many units of rounding of the tensor's scale
+ROUNDING_UNITS = 8  # forward rows count as unchanged within this many units of rounding of the row's scale
 
 _NOT_EXAMPLES = ("Clipping its rows would not bound one example's gradient: leave the module out of target_modules / "
                  "modules_to_save, or make each example's loss depend on that example alone.")
+_SHARED_FIELD_HINT = ("(The probe changes every batch field with b rows. If such a field is shared by all examples, "
+                      "e.g. b class prompts, this is a false alarm: check it, then skip the probe.)")
 
 
 class RowsAreNotExamples(RuntimeError):
@@ -62,30 +70,41 @@ class _Captured:
 
 
 def check_rows_are_examples(model: nn.Module, modules: Sequence[tuple[str, nn.Module]], batch,
-                            per_example_loss: PerExampleLossOfBatch, *, probes: int = 3) -> None:
+                            per_example_loss: PerExampleLossOfBatch, *, probes: int = 8) -> None:
     """Raise RowsAreNotExamples if a watched module's rows are not the examples of `batch`.
 
     Args:
-        model: the model, called by `per_example_loss`.
+        model: the model, called by `per_example_loss` (probed in its current train / eval mode).
         modules: (name, module) pairs whose input and output rows must be examples (LoRA pairs:
-            lora_B, whose output is what the hooks see, and lora_A, whose input they keep).
+            lora_A, whose input the hooks keep, and lora_B, whose output gradient they use).
         batch: a batch of >= 2 examples, in the form `per_example_loss` takes.
         per_example_loss: (model, batch) -> (b,) losses, as used for training.
-        probes: how many examples' losses are back-propagated on their own (first, last, middle).
+        probes: how many examples' losses are back-propagated on their own (spread evenly, first
+            and last included).
     """
+    if not model.training:
+        warnings.warn("the model is in eval mode, so the probe checks it as it runs in eval mode (BatchNorm uses "
+                      "its running statistics); call model.train() first if it trains in train mode.",
+                      UserWarning, stacklevel=3)
     with _restored_buffers(model):
         captured = _Captured(modules)
         try:
-            with _fixed_random_state(model):
-                losses = per_example_loss(model, batch)
-            captured.recording = False
-            b = _check_losses(losses)
-            _check_row_counts(captured.calls, b)
-            _check_backward(captured.calls, losses, _probed_examples(b, probes))
+            with torch.enable_grad():  # also when called under no_grad
+                with _fixed_random_state(model):
+                    losses = per_example_loss(model, batch)
+                captured.recording = False
+                b = _check_losses(losses)
+                _check_row_counts(captured.calls, b)
+                _check_backward(captured.calls, losses, _probed_examples(b, probes))
+            sources = _replacement_sources(losses.detach())
             del losses
             captured.calls, captured.recording = [], True
             with torch.no_grad():
-                _check_forward(model, batch, per_example_loss, captured, b)
+                unchanged = _forward(model, batch, per_example_loss, captured, torch.arange(b))
+                for source in sources:
+                    changed = _forward(model, batch, per_example_loss, captured,
+                                       torch.cat([torch.arange(b - 1), torch.tensor([source])]))
+                    _compare_forward(unchanged, changed)
         finally:
             captured.remove()
 
@@ -114,8 +133,10 @@ def _probed_examples(b: int, probes: int) -> list[int]:
 
 def _check_backward(calls, losses: Tensor, examples: list[int]) -> None:
     outputs = [(name, y) for name, _, y in calls if y.requires_grad]
-    if not outputs:
-        return
+    if calls and not outputs:
+        raise RuntimeError("no trained module's output requires a gradient in the probe's forward pass (reentrant "
+                           "gradient checkpointing runs it without gradients), so rows cannot be traced; use "
+                           "non-reentrant checkpointing (use_reentrant=False).")
     for j in examples:
         if not losses[j].requires_grad:
             continue
@@ -134,30 +155,42 @@ def _check_backward(calls, losses: Tensor, examples: list[int]) -> None:
                     f"negatives, normalisation over the batch). {_NOT_EXAMPLES}")
 
 
-def _check_forward(model: nn.Module, batch, per_example_loss: PerExampleLossOfBatch, captured: _Captured,
-                   b: int) -> None:
-    """Replace example 0 by a copy of example b-1 and compare every other row."""
-    runs = []
-    for index in (torch.arange(b), torch.cat([torch.tensor([b - 1]), torch.arange(1, b)])):
-        captured.calls = []
-        with _fixed_random_state(model):
-            losses = per_example_loss(model, replace_examples(batch, index, b))
-        runs.append((captured.calls, losses))
-    (before, losses_before), (after, losses_after) = runs
+def _replacement_sources(losses: Tensor) -> list[int]:
+    """Examples to copy over the last one: the first, and the one whose loss differs most from the last's."""
+    b = losses.shape[0]
+    farthest = int((losses[:b - 1].double() - losses[b - 1].double()).abs().nan_to_num(0.0).argmax())
+    return sorted({0, farthest})
+
+
+def _forward(model: nn.Module, batch, per_example_loss: PerExampleLossOfBatch, captured: _Captured,
+             index: Tensor) -> tuple[list, Tensor]:
+    """(the watched calls, the losses) of the batch with its examples taken in the order `index`."""
+    captured.calls = []
+    with _fixed_random_state(model):
+        losses = per_example_loss(model, replace_examples(batch, index, index.shape[0]))
+    return captured.calls, losses
+
+
+def _compare_forward(unchanged: tuple[list, Tensor], changed: tuple[list, Tensor]) -> None:
+    """Every row but the last (the replaced example) must be the same in both runs."""
+    (before, losses_before), (after, losses_after) = unchanged, changed
+    last = losses_before.shape[0] - 1
     if _call_shapes(before) == _call_shapes(after):  # else the calls depend on the data (routing): see backward
         for (name, x0, y0), (_, x1, y1) in zip(before, after):
             for what, t0, t1 in (("input", x0, x1), ("output", y0, y1)):
-                changed = _changed_rows(t0, t1)
-                if changed:
+                rows = _changed_rows(t0, t1)
+                if rows:
                     raise RowsAreNotExamples(
-                        f"{name}: changing example 0 changed row(s) {_few(changed)} of this module's {what}: the "
-                        "model mixes examples before or inside it (BatchNorm in training mode, statistics or memory "
-                        f"shared across the batch). {_NOT_EXAMPLES}")
-    changed = _changed_rows(losses_before, losses_after)
-    if changed:
-        raise RowsAreNotExamples(f"changing example 0 changed the loss of example(s) {_few(changed)}: the model or the "
-                                 "loss mixes examples in the forward pass (BatchNorm in training mode, statistics over "
-                                 "the batch). Each example's loss must depend on that example alone.")
+                        f"{name}: changing example {last} changed row(s) {_few(rows)} of this module's {what}: "
+                        "the model mixes examples before or inside it (BatchNorm in training mode, statistics or "
+                        f"memory shared across the batch). {_NOT_EXAMPLES} {_SHARED_FIELD_HINT}")
+    rows = _changed_rows(losses_before, losses_after)
+    if rows:
+        raise RowsAreNotExamples(
+            f"changing example {last} changed the loss of example(s) {_few(rows)}: the model or the loss mixes "
+            "examples in the forward pass (BatchNorm in training mode, statistics over the batch such as a "
+            f"normaliser counted over all examples). Each example's loss must depend on that example alone. "
+            f"{_SHARED_FIELD_HINT}")
 
 
 def _call_shapes(calls) -> list[tuple]:
@@ -165,16 +198,17 @@ def _call_shapes(calls) -> list[tuple]:
 
 
 def _changed_rows(before: Tensor, after: Tensor) -> list[int]:
-    """Rows other than 0 that differ by more than ROUNDING_UNITS units of rounding of the tensor's scale."""
+    """Rows other than the last that differ by more than ROUNDING_UNITS units of rounding of the row's scale."""
     before, after = before.detach(), after.detach()
+    rows_before, rows_after = before.reshape(before.shape[0], -1), after.reshape(after.shape[0], -1)
     if not before.is_floating_point():
-        differs = before.ne(after).reshape(before.shape[0], -1).any(1)
+        differs = rows_before.ne(rows_after).any(1)
     else:
-        scale = before.abs().amax().double().item()
+        scale = torch.maximum(rows_before.abs().amax(1), rows_after.abs().amax(1)).double()
         tolerance = ROUNDING_UNITS * torch.finfo(before.dtype).eps * scale
-        differs = (before - after).abs().reshape(before.shape[0], -1).amax(1) > tolerance
-        differs |= ~torch.isfinite(after).reshape(after.shape[0], -1).all(1)
-    differs[0] = False
+        differs = (rows_before - rows_after).abs().amax(1).double() > tolerance
+        differs |= ~torch.isfinite(rows_after).all(1)
+    differs[-1] = False
     return differs.nonzero().flatten().tolist()
 
 
@@ -196,11 +230,19 @@ def replace_examples(batch, index: Tensor, b: int):
 
 @contextlib.contextmanager
 def _fixed_random_state(model: nn.Module):
-    """The same dropout masks on every call (and the caller's random state left as it was)."""
+    """The same random draws on every call (dropout, SpecAugment's numpy masks), and the caller's torch,
+    numpy and Python random states left as they were."""
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(PROBE_SEED)
-        yield
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(PROBE_SEED)
+            np.random.seed(PROBE_SEED)
+            random.seed(PROBE_SEED)
+            yield
+    finally:
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
 
 
 @contextlib.contextmanager

@@ -150,10 +150,25 @@ def test_bad_delta_is_refused(delta):
         PrivacyAccountant().get_epsilon(delta)
 
 
+def test_an_accountant_queried_along_a_planned_run_ends_on_the_calibrated_bound():
+    """Calibration sizes its PRV grid for the planned steps; a running accountant queried at every step
+    (epsilon in the logs) would otherwise end on a grid sized for fewer steps, with another (also valid)
+    bound that could exceed the target. With planned_steps both are the same computation."""
+    sigma, q, steps, delta = 1.1, 0.02, 40, 1e-5
+    calibrated = epsilon_for(sigma, q, steps, delta)
+    planned, unplanned = PrivacyAccountant(planned_steps=steps), PrivacyAccountant()
+    for _ in range(steps):
+        for accountant in (planned, unplanned):
+            accountant.step(noise_multiplier=sigma, sample_rate=q)
+            accountant.get_epsilon(delta)
+    assert planned.get_epsilon(delta) == calibrated
+    assert unplanned.get_epsilon(delta) != calibrated  # the grid it ended on is another one
+
+
 def test_command_line_module_runs():
-    out = subprocess.run([sys.executable, "-m", "prism.accounting", "epsilon", "--sigma", "1.0", "--q", "0.01",
-                          "--steps", "1000", "--delta", "1e-5"], capture_output=True, text=True)
-    assert out.returncode == 0 and "epsilon upper 1.838" in out.stdout
+    out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "prism", "epsilon", "--sigma", "1.0",
+                          "--q", "0.01", "--steps", "1000", "--delta", "1e-5"], capture_output=True, text=True)
+    assert out.returncode == 0 and "epsilon upper 1.838" in out.stdout and "Warning" not in out.stderr
 
 
 def test_command_line_calibrates_and_names_bad_inputs(capsys):

@@ -1,6 +1,9 @@
 """The one-off probe (optimizer.check_examples): layouts whose row COUNT equals the batch but whose rows
 are not examples, and models that mix examples, are refused; ordinary models pass untouched."""
 
+import warnings
+
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -92,7 +95,24 @@ class _BatchNormBeforeHead(torch.nn.Module):
         return SequenceClassifierOutput(logits=self.head(self.proj(self.norm(self.embed(input_ids)))))
 
 
-def _probe(model, batch, loss, probes=3):
+class _SpecAugmented(torch.nn.Module):
+    """Masks time steps with numpy draws made example by example over each example's own length (as
+    Wav2Vec2's SpecAugment does): the draws of later examples depend on earlier examples' lengths."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(FEATURES, FEATURES)
+        self.head = torch.nn.Linear(FEATURES, 3)
+
+    def forward(self, x, lengths):
+        keep = torch.ones(x.shape[:2])
+        for i, length in enumerate(lengths.tolist()):
+            keep[i, np.random.choice(length, size=2, replace=False)] = 0.0
+        hidden = torch.nn.functional.dropout(self.proj(x * keep[..., None]), 0.3, self.training)
+        return self.head(hidden.mean(1))
+
+
+def _probe(model, batch, loss, probes=8):
     PRISM(model, **BASE).check_examples(batch, loss, probes=probes)
 
 
@@ -146,12 +166,13 @@ def test_batch_norm_before_a_trained_module_is_refused_and_its_statistics_are_re
     x, labels = torch.randn(6, FEATURES), torch.arange(6) % 3
     opt = PRISM(model, **BASE)
     loss = lambda m, x: F.cross_entropy(m(x).logits, labels, reduction="none")  # noqa: E731
-    with pytest.raises(RowsAreNotExamples, match="proj.*: changing example 0 changed row"):
+    with pytest.raises(RowsAreNotExamples, match=r"proj.*: changing example 5 changed row"):
         opt.check_examples(x, loss)
     assert all(torch.equal(a, b) for a, b in zip(before, (norm.running_mean, norm.running_var,
                                                          norm.num_batches_tracked)))
     model.eval()  # running statistics: each example is normalised alone
-    opt.check_examples(x, loss)
+    with pytest.warns(UserWarning, match="eval mode"):
+        opt.check_examples(x, loss)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -162,9 +183,9 @@ def test_ordinary_models_pass_and_nothing_changes(kind):
     opt = PRISM(model, **BASE)
     params = [p.detach().clone() for p in model.parameters()]
     batch = make_batch(kind, b=5, seed=2)
-    rng = torch.get_rng_state()
+    rng, numpy_rng = torch.get_rng_state(), np.random.get_state()[1].copy()
     opt.check_examples(batch, lambda m, batch: per_example_losses(kind, m, batch), probes=5)
-    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(torch.get_rng_state(), rng) and np.array_equal(np.random.get_state()[1], numpy_rng)
     assert all(torch.equal(p, q) for p, q in zip(params, model.parameters()))
     assert all(p.grad is None for p in model.parameters())
     assert opt.stats.examples == 0 and all(u.pending is None and u.sums is None for u in opt._collector.units)
@@ -180,6 +201,76 @@ def test_dropout_is_not_mistaken_for_mixing():
     model = get_peft_model(base, LoraConfig(r=2, target_modules=["query", "value"], lora_dropout=0.2,
                                             init_lora_weights="pissa", task_type="SEQ_CLS"))
     _probe(model, make_batch("bert", b=6), lambda m, batch: per_example_losses("bert", m, batch))
+
+
+def test_random_masks_drawn_example_by_example_are_not_mistaken_for_mixing():
+    model = lora(_SpecAugmented(), ["proj"], modules_to_save=["head"])
+    batch = dict(x=torch.randn(5, 9, FEATURES), lengths=torch.tensor([9, 4, 7, 5, 6]))
+    _probe(model, batch, lambda m, batch: m(**batch).logsumexp(-1))
+
+
+def test_a_normaliser_counted_over_the_batch_is_refused():
+    """Hugging Face's num_items_in_batch pattern: each token loss divided by the batch's label count."""
+    model = tiny_model("llama")
+    batch = make_batch("llama", b=4, seed=3)
+    assert len(set((batch["labels"] != -100).sum(1).tolist())) > 1
+
+    def loss(m, batch):
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
+        tokens = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+        return tokens.sum(1) / (labels != -100).sum()
+
+    with pytest.raises(RowsAreNotExamples, match="changing example 3 changed the loss"):
+        _probe(model, batch, loss)
+
+
+def test_a_batch_statistic_is_refused_next_to_an_outlier():
+    """Rows are compared at their own scale: an outlier loss elsewhere does not hide a small change."""
+    model = tiny_model("bert", num_labels=1)
+    batch = make_batch("bert", b=5, seed=4)
+    batch["labels"] = torch.tensor([0.5, 1.0, 1000.0, -0.5, 0.0], dtype=torch.float64)
+
+    def centred(m, batch):
+        pred = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+        return (pred - batch["labels"]).square() + 10.0 * (pred - pred.mean().detach()).square()
+
+    with pytest.raises(RowsAreNotExamples, match="changed the loss"):
+        _probe(model, batch, centred)
+
+
+def test_batch_norm_is_refused_when_the_first_and_last_examples_are_duplicates():
+    model = lora(_BatchNormBeforeHead(), ["proj"], modules_to_save=["head"])
+    x = torch.randn(5, FEATURES)
+    x[4] = x[0]
+    labels = torch.arange(5) % 3
+    with pytest.raises(RowsAreNotExamples, match="changing example 4"):
+        _probe(model, x, lambda m, x: F.cross_entropy(m(x).logits, labels, reduction="none"))
+
+
+def test_probing_under_no_grad_or_next_to_another_optimizer_still_checks():
+    b = 4
+    model = lora(_ClassPrompts(classes=b), ["text_proj"])
+    labels = torch.arange(b) % 2
+    loss = lambda m, batch: F.cross_entropy(m(batch), labels, reduction="none")  # noqa: E731
+    first = PRISM(model, **BASE)
+    with pytest.warns(UserWarning, match="hooks are still attached"):
+        second = PRISM(model, **BASE)
+    for opt in (first, second):
+        with torch.no_grad(), pytest.raises(RowsAreNotExamples, match="reaches row"):
+            opt.check_examples(torch.randn(b, FEATURES), loss)
+
+
+def test_a_model_in_eval_mode_is_probed_as_it_is_with_a_warning():
+    model = tiny_model("bert").eval()
+    opt = PRISM(model, **BASE)
+    loss = lambda m, batch: per_example_losses("bert", m, batch)  # noqa: E731
+    with pytest.warns(UserWarning, match="eval mode"):
+        opt.check_examples(make_batch("bert", b=3), loss)
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.check_examples(make_batch("bert", b=3), loss)
 
 
 def test_replace_examples_indexes_example_fields_only():
@@ -209,6 +300,6 @@ def test_the_trainer_probes_the_first_batch(tmp_path):
         trainer.train()
         return opt
 
-    with pytest.raises(RowsAreNotExamples, match="changing example 0"):
+    with pytest.raises(RowsAreNotExamples, match=r"changing example \d+ changed"):
         train(check_examples=True)
     assert train(check_examples=False).steps_taken == 2

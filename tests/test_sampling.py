@@ -133,6 +133,7 @@ def test_target_epsilon_calibrates_sigma():
     opt = PRISM(tiny_model("bert"), target_epsilon=2.0, steps=50, **ACCOUNTED)
     assert opt.noise_multiplier == calibrate_noise_multiplier(2.0, 1e-5, 0.01, 50)
     assert epsilon_for(opt.noise_multiplier, 0.01, 50, 1e-5)[2] <= 2.0
+    assert opt.accountant.planned_steps == 50  # its PRV grid is calibration's (see test_accounting)
 
 
 def test_max_epsilon_stops_before_the_step_that_would_exceed_it():
