@@ -13,6 +13,13 @@ and models that mix examples (BatchNorm in training mode, in-batch negatives in 
 that check. This probe tests the two conditions above directly:
 - backward: for a few examples j, the gradient of loss_j alone w.r.t. every hooked output must be
   exactly zero on every other row (unconnected rows get exact zeros);
+- padding: a batch with an attention_mask padded on one side gets one more padding column there
+  (each sequence field extended with a padded row's value at that edge); in eval mode (no
+  dropout), every loss must stay the same to 1e-4 (fp32). The padded length is the batch's
+  longest example, so a loss that moves with it depends on other examples: absolute positions
+  counted from the start of a left-padded row (GPT-2 without position_ids), a causal LM loss that
+  predicts the first token from left padding (only when the example is not the longest), a mean
+  over padded positions.
 - forward: with the same random state (dropout; torch, numpy and Python generators), the LAST
   example is replaced by a copy of another one (the first, and the one whose loss differs most);
   every hooked input and output, and every loss, must keep its other rows (to a few units of
@@ -105,6 +112,8 @@ def check_rows_are_examples(model: nn.Module, modules: Sequence[tuple[str, nn.Mo
                     changed = _forward(model, batch, per_example_loss, captured,
                                        torch.cat([torch.arange(b - 1), torch.tensor([source])]))
                     _compare_forward(unchanged, changed)
+                captured.recording = False
+                _check_padding(model, batch, per_example_loss, b)
         finally:
             captured.remove()
 
@@ -191,6 +200,69 @@ def _compare_forward(unchanged: tuple[list, Tensor], changed: tuple[list, Tensor
             "examples in the forward pass (BatchNorm in training mode, statistics over the batch such as a "
             f"normaliser counted over all examples). Each example's loss must depend on that example alone. "
             f"{_SHARED_FIELD_HINT}")
+
+
+PADDING_TOLERANCE = 1e-4  # relative change of a loss allowed when the batch gets one more padding column (fp32)
+
+
+def _check_padding(model: nn.Module, batch, per_example_loss: PerExampleLossOfBatch, b: int) -> None:
+    """Losses must not move when the batch is padded one column further (see the module docstring)."""
+    longer = padded_further(batch, b)
+    if longer is None:
+        return
+    with _eval_mode(model), _fixed_random_state(model):
+        before = per_example_loss(model, batch).double()
+        after = per_example_loss(model, longer).double()
+    dtype = next(model.parameters()).dtype
+    tolerance = max(PADDING_TOLERANCE, 16 * torch.finfo(dtype).eps) * before.abs().clamp(min=1.0)
+    moved = ((after - before).abs() > tolerance) | ~torch.isfinite(after)
+    if moved.any():
+        rows = moved.nonzero().flatten().tolist()
+        raise RowsAreNotExamples(
+            f"one more padding column changed the loss of example(s) {_few(rows)} (by up to "
+            f"{float((after - before).abs().max()):.3g}): each example's loss depends on the batch's padded length, "
+            "that is on the longest example in the batch. Typical causes, with left padding: absolute positions "
+            "counted from the start of the padded row (pass position_ids computed from the attention mask), or a "
+            "causal LM loss that predicts an example's first token from the padding before it, but not when the "
+            "example is the longest (pad on the right for training); and a loss averaged over padded positions.")
+
+
+def padded_further(batch, b: int):
+    """A mapping batch with an `attention_mask` of shape (b, T) padded on one side, with one more padding
+    column on that side: every field whose first two dimensions are (b, T) is extended with the value
+    a padded row holds at that edge. None for other batches or without padding."""
+    if not isinstance(batch, Mapping) or not torch.is_tensor(batch.get("attention_mask")):
+        return None
+    mask = batch["attention_mask"]
+    if mask.dim() != 2 or mask.shape[0] != b:
+        return None
+    for edge in (0, -1):
+        padded = (mask[:, edge] == 0).nonzero().flatten()
+        if len(padded):
+            row = int(padded[0])
+            break
+    else:
+        return None
+
+    def extend(value):
+        if not torch.is_tensor(value) or value.dim() < 2 or value.shape[:2] != mask.shape:
+            return value
+        column = value[row:row + 1, edge:edge + 1 if edge == 0 else None].expand(b, 1, *value.shape[2:])
+        return torch.cat([column, value] if edge == 0 else [value, column], dim=1)
+
+    return type(batch)({key: extend(value) for key, value in batch.items()})
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Every module in eval mode (no dropout), each put back in its own mode afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _call_shapes(calls) -> list[tuple]:

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from transformers import BertConfig, BertForSequenceClassification
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+import prism
 import prism.hf
 from helpers import KINDS, VOCAB, TensorDataset, make_batch, per_example_losses, stack_collate, tiny_model
 from prism import PRISM
@@ -191,6 +192,50 @@ def test_ordinary_models_pass_and_nothing_changes(kind):
     assert opt.stats.examples == 0 and all(u.pending is None and u.sums is None for u in opt._collector.units)
     per_example_losses(kind, model, batch).sum().backward()  # the hooks work as before
     assert opt.stats.examples == 5
+
+
+def _left_padded(batch: dict, first_label: bool = True) -> dict:
+    """The same examples with their padding moved to the left (without the first token's label: it would
+    be predicted from the padding, but only in examples shorter than the longest)."""
+    lengths = batch["attention_mask"].sum(1)
+    T = batch["attention_mask"].shape[1]
+    left = {key: torch.stack([torch.roll(row, int(T - n)) for row, n in zip(value, lengths)])
+            for key, value in batch.items()}
+    if not first_label:
+        left["labels"][torch.arange(len(lengths)), T - lengths] = -100
+    return left
+
+
+def _causal_losses(with_positions: bool):
+    def loss(m, batch):
+        extra = dict(position_ids=(batch["attention_mask"].cumsum(1) - 1).clamp(min=0)) if with_positions else {}
+        out = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
+        return prism.per_example_causal_lm_loss(out.logits, batch["labels"])
+    return loss
+
+
+def test_losses_that_depend_on_the_left_padded_length_are_refused():
+    """With left padding, the padded length (the batch's longest example) reaches each example's loss when
+    GPT-2 numbers positions from the start of the padded row, and when the first token is predicted from
+    the padding before it. Positions from the mask, or rotary ones, without that label, pass."""
+    batch = make_batch("gpt2", b=4, seed=5)
+    assert (batch["attention_mask"][:, -1] == 0).any()
+    with pytest.raises(RowsAreNotExamples, match="one more padding column changed the loss"):
+        _probe(tiny_model("gpt2"), _left_padded(batch, first_label=False), _causal_losses(with_positions=False))
+    with pytest.raises(RowsAreNotExamples, match="one more padding column changed the loss of example.s. 0 "):
+        _probe(tiny_model("llama"), _left_padded(batch), _causal_losses(with_positions=False))
+    _probe(tiny_model("gpt2"), _left_padded(batch, first_label=False), _causal_losses(with_positions=True))
+    _probe(tiny_model("llama"), _left_padded(batch, first_label=False), _causal_losses(with_positions=False))
+
+
+def test_a_loss_averaged_over_padded_positions_is_refused():
+    def padded_mean(m, batch):
+        logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        tokens = F.cross_entropy(logits.transpose(1, 2), batch["labels"], reduction="none", ignore_index=-100)
+        return tokens.mean(1)
+
+    with pytest.raises(RowsAreNotExamples, match="padding column"):
+        _probe(tiny_model("llama"), make_batch("llama", b=4, seed=6), padded_mean)
 
 
 def test_dropout_is_not_mistaken_for_mixing():
