@@ -320,8 +320,9 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         self._collector.watch_loss(loss)
 
     def poisson_data_loader(self, loader: DataLoader, *, generator: torch.Generator | None = None) -> DataLoader:
-        """`prism.poisson_data_loader(loader)` with this optimizer's sampling rate and planned steps, so
-        the loader draws exactly what the accountant assumes (see prism.sampling).
+        """`prism.poisson_data_loader(loader)` with this optimizer's sampling rate and the planned steps
+        it has not taken yet (a resumed run continues), so the loader draws exactly what the
+        accountant assumes (see prism.sampling).
 
         Raises:
             ValueError: the optimizer has no rate (give dataset_size) or no planned steps (give steps
@@ -331,11 +332,14 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         if plan.sample_rate is None or plan.steps is None:
             raise ValueError("the optimizer needs dataset_size (or sample_rate) and steps (or epochs) to build the "
                              "loader; give them when building it.")
+        remaining = plan.steps - self.steps_taken
+        if remaining <= 0:
+            raise ValueError(f"the optimizer has taken all {plan.steps} planned steps; nothing is left to load.")
         implied = plan.expected_batch_size / plan.sample_rate
         if not math.isclose(len(loader.dataset), implied, rel_tol=1e-9):
             raise ValueError(f"the loader's dataset has {len(loader.dataset)} examples but the optimizer was built for "
                              f"{implied:g} (dataset_size); build it with dataset_size=len(dataset).")
-        return poisson_data_loader(loader, sample_rate=plan.sample_rate, steps=plan.steps, generator=generator)
+        return poisson_data_loader(loader, sample_rate=plan.sample_rate, steps=remaining, generator=generator)
 
     def check_examples(self, batch, per_example_loss: Callable[[nn.Module, object], Tensor], *,
                        probes: int = 8) -> None:
@@ -343,7 +347,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
 
         The hooks check each module's row COUNT on every pass; this one-off probe checks where rows
         come from: the loss of example j reaches no other example's row (backward), and changing one
-        example changes no other example's rows or loss (forward). Run it once before training on a
+        example, or padding the batch one column further, changes no other example's rows or loss
+        (forward). Run it once before training on a
         batch of >= 2 examples, with the loss used for training; it changes nothing (see prism.probe).
         The Hugging Face integration runs it on the first training batch.
 
@@ -352,12 +357,14 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
             per_example_loss: (model, batch) -> (b,) per-example losses.
             probes: how many examples' losses are back-propagated on their own.
         """
-        modules = [(f"{pair.name}.{part}", getattr(pair, part)) for pair in self.pairs for part in ("lora_A", "lora_B")]
-        modules += [(dense.name, dense.module) for dense in self.dense]
+        watched = [(f"{pair.name}.lora_A", pair.lora_A, "input") for pair in self.pairs]
+        watched += [(f"{pair.name}.lora_B", pair.lora_B, "output") for pair in self.pairs]
+        watched += [(dense.name, dense.module, kind) for dense in self.dense for kind in ("input", "output")]
         with contextlib.ExitStack() as stack:  # every prism optimizer's hooks on the model, if several are attached
             for collector in list(_COLLECTORS_OF.get(self._model, ())):
                 stack.enter_context(collector.paused())
-            probe.check_rows_are_examples(self._model, modules, batch, per_example_loss, probes=probes)
+            probe.check_rows_are_examples(self._model, self.param_groups[0]["params"], watched, batch, per_example_loss,
+                                          probes=probes)
 
     def budget_allows_another_step(self) -> bool:
         """False when one more step would take epsilon above `max_epsilon` (always True without it)."""

@@ -20,6 +20,8 @@ override points on this one instance (`get_train_dataloader`, `compute_loss`) an
   steps are neutralised: the per-example losses are summed (or averaged, per the optimizer's
   `loss_reduction`) and any factor the Trainer applies afterwards is divided out
   (`optimizer.watch_loss`).
+- Rows are examples: the first training micro-batch of >= 2 examples is probed once
+  (`optimizer.check_examples`, prism.probe) before its step; `check_examples=False` skips it.
 - Trainer's own `max_grad_norm` clipping is switched off (prism clips per example) and its
   `grad_norm` log entry dropped: the non-private gradient is never kept or logged.
 - Logs: `epsilon` (the accountant's upper bound at the optimizer's delta) at every logging step
@@ -61,7 +63,8 @@ from transformers.models.auto import modeling_auto
 from . import distributed, export
 from ._base import DPLoRAOptimizer
 from .accounting import PrivacyBudgetExceeded, steps_in_epochs
-from .losses import per_example_causal_lm_loss, per_example_sequence_loss, per_example_token_loss
+from .losses import (drop_labels_after_padding, per_example_causal_lm_loss, per_example_sequence_loss,
+                     per_example_token_loss)
 from .noise import entropy_seeded_generator
 from .sampling import poisson_indices, split_evenly
 
@@ -119,7 +122,7 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
     # it for the gradients), so the logged loss is the mean per-example loss
     trainer.loss_is_scaled_for_ga = False
     trainer.floating_point_ops = lambda inputs: 0  # FLOP counts would reveal each Poisson batch's size
-    callback = PrivacyCallback(optimizer, sampler)
+    callback = PrivacyCallback(optimizer, sampler, probe)
     if export.mutates_base(trainer.model):
         callback.initial_adapter_dir = os.path.join(trainer.args.output_dir, INITIAL_ADAPTER)
         if trainer.args.should_save:  # one writer per output directory
@@ -402,6 +405,8 @@ def _per_example_losses(loss_fn: PerExampleLoss, model: nn.Module, inputs: dict)
                          "packing such as DataCollatorWithFlattening?); prism clips per row, so it needs one row "
                          "per example. Use a padding collator (e.g. DataCollatorWithPadding).")
     outputs = model(**_with_decoder_inputs(model, inputs, labels))
+    if getattr(loss_fn, "predicts_the_next_token", False) and torch.is_tensor(inputs.get("attention_mask")):
+        labels = drop_labels_after_padding(labels, inputs["attention_mask"])  # left padding: see prism.losses
     losses = loss_fn(outputs, labels)
     batch = labels.shape[0]
     if losses.shape != (batch,):
@@ -427,8 +432,10 @@ def default_per_example_loss(model: nn.Module, label_smoothing: float = 0.0) -> 
     """The per-example loss for the model's task, read from peft's task_type or the model class."""
     task = _task_of(model)
     if task == "CAUSAL_LM":
-        return lambda outputs, labels: per_example_causal_lm_loss(outputs.logits, labels,
-                                                                  label_smoothing=label_smoothing)
+        def causal_lm_loss(outputs, labels):
+            return per_example_causal_lm_loss(outputs.logits, labels, label_smoothing=label_smoothing)
+        causal_lm_loss.predicts_the_next_token = True  # _per_example_losses drops labels predicted from padding
+        return causal_lm_loss
     if task in ("TOKEN_CLS", "SEQ_2_SEQ_LM"):  # seq2seq: decoder logits t predict label t (no shift)
         return lambda outputs, labels: per_example_token_loss(outputs.logits, labels,
                                                               label_smoothing=label_smoothing)
@@ -459,9 +466,11 @@ def _task_of(model: nn.Module) -> str | None:
 class PrivacyCallback(TrainerCallback):
     """Keeps the Trainer and the privacy bookkeeping in step (added by make_private)."""
 
-    def __init__(self, optimizer: DPLoRAOptimizer, sampler: PoissonMicroBatchSampler):
+    def __init__(self, optimizer: DPLoRAOptimizer, sampler: PoissonMicroBatchSampler,
+                 probe: _FirstBatchProbe | None = None):
         self.optimizer = optimizer
         self.sampler = sampler
+        self.probe = probe
         self.initial_adapter_dir: str | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -478,6 +487,12 @@ class PrivacyCallback(TrainerCallback):
                                         f"({self.optimizer.privacy_spent()[0]:.4g}); training cannot continue.")
         self._drop_unfinished_step()
         self.sampler.next_step = state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.probe is not None and not self.probe.done:
+            warnings.warn("the one-off check that rows are examples (check_examples) never ran: no training "
+                          "micro-batch on this process had 2 or more examples. Run optimizer.check_examples on a "
+                          "batch yourself.", UserWarning, stacklevel=2)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._drop_unfinished_step()

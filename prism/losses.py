@@ -35,15 +35,32 @@ def per_example_token_loss(logits: Tensor, labels: Tensor, ignore_index: int = -
 
 
 def per_example_causal_lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100,
-                               label_smoothing: float = 0.0) -> Tensor:
+                               label_smoothing: float = 0.0, attention_mask: Tensor | None = None) -> Tensor:
     """Mean next-token cross-entropy of each example over its own non-ignored tokens: token t's
     logits predict label t+1 (labels are aligned with the inputs, as Hugging Face's are).
 
     Args:
         logits: (b, T, vocab). labels: (b, T), with `ignore_index` on padding and prompt tokens.
         label_smoothing: as in torch.nn.functional.cross_entropy.
+        attention_mask: (b, T), 0 on padding. Labels predicted from a padding position are then
+            ignored (see `drop_labels_after_padding`); needed with left padding.
     """
+    if attention_mask is not None:
+        labels = drop_labels_after_padding(labels, attention_mask, ignore_index)
     return per_example_token_loss(logits[:, :-1], labels[:, 1:], ignore_index, label_smoothing)
+
+
+def drop_labels_after_padding(labels: Tensor, attention_mask: Tensor, ignore_index: int = -100) -> Tensor:
+    """`labels` with `ignore_index` wherever the position before is padding.
+
+    With left padding, an example's first token is predicted from the padding before it, but only
+    when the example is shorter than the batch's longest (which has no padding): that term makes
+    each example's loss depend on the other examples. Without it the loss is the same however far
+    the batch is padded. Right padding is unchanged (labels after padding are ignored already).
+    """
+    after_padding = torch.zeros_like(labels, dtype=torch.bool)
+    after_padding[:, 1:] = attention_mask[:, :-1] == 0
+    return labels.masked_fill(after_padding, ignore_index)
 
 
 def per_example_sequence_loss(logits: Tensor, labels: Tensor, problem_type: str | None = None,

@@ -11,8 +11,8 @@ count equals the batch (LoRA in a text tower fed fixed class prompts, two images
 and none in another, mixture-of-experts experts that get exactly b tokens, a sequence-first input)
 and models that mix examples (BatchNorm in training mode, in-batch negatives in the loss) pass
 that check. This probe tests the two conditions above directly:
-- backward: for a few examples j, the gradient of loss_j alone w.r.t. every hooked output must be
-  exactly zero on every other row (unconnected rows get exact zeros);
+- backward: for up to 8 examples j, the gradient of loss_j alone must reach no row of any hooked
+  output but row j (unconnected rows get exact zeros);
 - padding: a batch with an attention_mask padded on one side gets one more padding column there
   (each sequence field extended with a padded row's value at that edge); in eval mode (no
   dropout), every loss must stay the same to 1e-4 (fp32). The padded length is the batch's
@@ -20,15 +20,20 @@ that check. This probe tests the two conditions above directly:
   counted from the start of a left-padded row (GPT-2 without position_ids), a causal LM loss that
   predicts the first token from left padding (only when the example is not the longest), a mean
   over padded positions.
-- forward: with the same random state (dropout; torch, numpy and Python generators), the LAST
-  example is replaced by a copy of another one (the first, and the one whose loss differs most);
-  every hooked input and output, and every loss, must keep its other rows (to a few units of
-  rounding of each row). Changing the last example keeps random draws made example by example
-  (SpecAugment's masks) the same for the others.
+- forward: with the same random state (dropout; torch, numpy and Python generators) and one
+  attention kernel (PyTorch's math SDPA, whatever the padding), the LAST example is replaced by a
+  copy of another one (the first, and the one whose loss differs most); every hooked input and
+  output, and every loss, must keep its other rows to ROUNDING_UNITS units of rounding of each
+  row, in the coarser of the tensor's and the model's compute precision (bf16 autocast: about 6 %,
+  so smaller mixing passes there). Changing the last example keeps random draws made example by
+  example (SpecAugment's masks) the same for the others.
 It is a test on one batch, not a proof: a layout that only sometimes breaks the rules (by chance
 row counts, a batch-level statistic that the replaced example happens not to move) is caught
 only on batches where it shows. It changes nothing: parameters get no gradient, buffers
-(BatchNorm statistics) and the global random states are restored.
+(BatchNorm statistics) and the global random states are restored. Memory: about one training
+forward and backward pass on the device (hooked outputs are not kept: the backward probe records
+which rows a gradient reaches as it passes); the unchanged pass's hooked tensors are kept on the
+CPU for the comparison.
 """
 
 from __future__ import annotations
@@ -41,11 +46,14 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 PerExampleLossOfBatch = Callable[[nn.Module, object], Tensor]
+Watched = tuple[str, nn.Module, str]  # (name, module, "input" or "output": the tensor whose rows must be examples)
 
 PROBE_SEED = 0
 ROUNDING_UNITS = 8  # forward rows count as unchanged within this many units of rounding of the row's scale
+PADDING_TOLERANCE = 1e-4  # relative change of a loss allowed when the batch gets one more padding column (fp32)
 
 _NOT_EXAMPLES = ("Clipping its rows would not bound one example's gradient: leave the module out of target_modules / "
                  "modules_to_save, or make each example's loss depend on that example alone.")
@@ -57,65 +65,124 @@ class RowsAreNotExamples(RuntimeError):
     """A trained module's rows are not the batch's examples, so per-row clipping is not per-example."""
 
 
-class _Captured:
-    """Inputs and outputs of the watched modules' calls during one forward pass, in call order."""
-
-    def __init__(self, modules: Sequence[tuple[str, nn.Module]]):
-        self.calls: list[tuple[str, Tensor, Tensor]] = []
-        self.recording = True
-        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in modules]
-
-    def _hook(self, name: str):
-        def record(module, inputs, output):
-            if self.recording and torch.is_tensor(output) and inputs and torch.is_tensor(inputs[0]):
-                self.calls.append((name, inputs[0], output))
-        return record
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
-def check_rows_are_examples(model: nn.Module, modules: Sequence[tuple[str, nn.Module]], batch,
+def check_rows_are_examples(model: nn.Module, params: Sequence[Tensor], watched: Sequence[Watched], batch,
                             per_example_loss: PerExampleLossOfBatch, *, probes: int = 8) -> None:
     """Raise RowsAreNotExamples if a watched module's rows are not the examples of `batch`.
 
     Args:
         model: the model, called by `per_example_loss` (probed in its current train / eval mode).
-        modules: (name, module) pairs whose input and output rows must be examples (LoRA pairs:
-            lora_A, whose input the hooks keep, and lora_B, whose output gradient they use).
+        params: the trained parameters (the probe's gradients are taken w.r.t. them, never stored).
+        watched: (name, module, "input" | "output"): the tensors whose rows must be examples (LoRA
+            pairs: lora_A's input, which the hooks keep, and lora_B's output, whose gradient they use;
+            dense layers: both). Gradients are traced through the "output" ones.
         batch: a batch of >= 2 examples, in the form `per_example_loss` takes.
         per_example_loss: (model, batch) -> (b,) losses, as used for training.
         probes: how many examples' losses are back-propagated on their own (spread evenly, first
             and last included).
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("check_examples needs gradients: call it outside torch.inference_mode().")
     if not model.training:
         warnings.warn("the model is in eval mode, so the probe checks it as it runs in eval mode (BatchNorm uses "
                       "its running statistics); call model.train() first if it trains in train mode.",
                       UserWarning, stacklevel=3)
-    with _restored_buffers(model):
-        captured = _Captured(modules)
-        try:
+    recorder = _Recorder(watched)
+    try:
+        with _restored_buffers(model):
             with torch.enable_grad():  # also when called under no_grad
+                recorder.mode = "trace"
                 with _fixed_random_state(model):
                     losses = per_example_loss(model, batch)
-                captured.recording = False
+                recorder.mode = None
                 b = _check_losses(losses)
-                _check_row_counts(captured.calls, b)
-                _check_backward(captured.calls, losses, _probed_examples(b, probes))
+                recorder.check_row_counts(b)
+                _check_backward(recorder, losses, params, _probed_examples(b, probes))
             sources = _replacement_sources(losses.detach())
             del losses
-            captured.calls, captured.recording = [], True
-            with torch.no_grad():
-                unchanged = _forward(model, batch, per_example_loss, captured, torch.arange(b))
+            tolerance = ROUNDING_UNITS * _compute_eps(model)
+            with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+                unchanged = _forward(model, batch, per_example_loss, recorder, "store", torch.arange(b))
                 for source in sources:
-                    changed = _forward(model, batch, per_example_loss, captured,
+                    recorder.tolerance = tolerance
+                    changed = _forward(model, batch, per_example_loss, recorder, "compare",
                                        torch.cat([torch.arange(b - 1), torch.tensor([source])]))
-                    _compare_forward(unchanged, changed)
-                captured.recording = False
+                    _compare_losses(unchanged, changed, tolerance)
                 _check_padding(model, batch, per_example_loss, b)
-        finally:
-            captured.remove()
+    finally:
+        recorder.remove()
+
+
+class _Recorder:
+    """Forward hooks on the watched modules; what they do depends on `mode`:
+    - "trace": note each call's row count, and hook each "output" that requires a gradient so that a
+      backward pass records which of its rows the gradient reaches (`reached`);
+    - "store": keep a CPU copy of each watched tensor, in call order;
+    - "compare": compare each watched tensor as it arrives with the stored one of the same call
+      (rows other than the last), and raise at the first changed row;
+    - None: nothing."""
+
+    def __init__(self, watched: Sequence[Watched]):
+        self.mode: str | None = None
+        self.row_counts: list[tuple[str, int]] = []
+        self.traced = 0
+        self.reached: list[tuple[str, Tensor]] = []
+        self.stored: list[tuple[str, Tensor]] = []
+        self.position = 0
+        self.aligned = True
+        self.tolerance = 0.0
+        self._handles = [module.register_forward_hook(self._hook(name, kind)) for name, module, kind in watched]
+
+    def _hook(self, name: str, kind: str):
+        def on_forward(module, inputs, output):
+            tensor = output if kind == "output" else (inputs[0] if inputs else None)
+            if self.mode is None or not torch.is_tensor(tensor):
+                return
+            if self.mode == "trace":
+                self.row_counts.append((name, tensor.shape[0]))
+                if kind == "output" and tensor.requires_grad:
+                    self.traced += 1
+                    tensor.register_hook(lambda grad: self.reached.append((name, _rows_reached(grad))))
+            elif self.mode == "store":
+                self.stored.append((name, tensor.detach().to("cpu", copy=True)))
+            else:
+                self._compare(name, tensor.detach().cpu())
+        return on_forward
+
+    def _compare(self, name: str, tensor: Tensor) -> None:
+        if not self.aligned:
+            return
+        if self.position >= len(self.stored) or self.stored[self.position][0] != name or (
+                self.stored[self.position][1].shape != tensor.shape):
+            self.aligned = False  # the calls depend on the data (routing): the backward probe covers them
+            return
+        before = self.stored[self.position][1]
+        self.position += 1
+        rows = _changed_rows(before, tensor, self.tolerance)
+        if rows:
+            raise RowsAreNotExamples(
+                f"{name}: changing example {before.shape[0] - 1} changed row(s) {_few(rows)} of this module's "
+                "input or output: the model mixes examples before or inside it (BatchNorm in training mode, "
+                f"statistics or memory shared across the batch). {_NOT_EXAMPLES} {_SHARED_FIELD_HINT}")
+
+    def check_row_counts(self, b: int) -> None:
+        for name, rows in self.row_counts:
+            if rows != b:
+                raise RowsAreNotExamples(f"{name} has {rows} rows on dimension 0 but the loss has {b} examples, so "
+                                         f"its rows are not examples. {_NOT_EXAMPLES}")
+        if self.row_counts and not self.traced:
+            raise RuntimeError("no trained module's output requires a gradient in the probe's forward pass (reentrant "
+                               "gradient checkpointing runs it without gradients), so rows cannot be traced; use "
+                               "non-reentrant checkpointing (use_reentrant=False).")
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.stored = []
+
+
+def _rows_reached(grad: Tensor) -> Tensor:
+    """Which rows of a gradient are not exactly zero (non-finite counts as reached)."""
+    return grad.detach().reshape(grad.shape[0], -1).ne(0).any(1).cpu()
 
 
 def _check_losses(losses) -> int:
@@ -127,41 +194,29 @@ def _check_losses(losses) -> int:
     return losses.shape[0]
 
 
-def _check_row_counts(calls, b: int) -> None:
-    for name, x, y in calls:
-        if y.shape[0] != b:
-            raise RowsAreNotExamples(f"{name} has {y.shape[0]} rows on dimension 0 but the loss has {b} examples, so "
-                                     f"its rows are not examples. {_NOT_EXAMPLES}")
-
-
 def _probed_examples(b: int, probes: int) -> list[int]:
     """`probes` examples spread evenly from the first to the last (all of them if probes >= b)."""
     n = max(1, min(probes, b))
     return sorted({round(k * (b - 1) / max(1, n - 1)) for k in range(n)})
 
 
-def _check_backward(calls, losses: Tensor, examples: list[int]) -> None:
-    outputs = [(name, y) for name, _, y in calls if y.requires_grad]
-    if calls and not outputs:
-        raise RuntimeError("no trained module's output requires a gradient in the probe's forward pass (reentrant "
-                           "gradient checkpointing runs it without gradients), so rows cannot be traced; use "
-                           "non-reentrant checkpointing (use_reentrant=False).")
+def _check_backward(recorder: _Recorder, losses: Tensor, params: Sequence[Tensor], examples: list[int]) -> None:
+    """Back-propagate each probed example's loss alone; the output hooks record the rows it reaches."""
+    params = [p for p in params if p.requires_grad]
     for j in examples:
         if not losses[j].requires_grad:
             continue
-        grads = torch.autograd.grad(losses[j], [y for _, y in outputs], retain_graph=True, allow_unused=True)
-        for (name, y), g in zip(outputs, grads):
-            if g is None:
-                continue
-            reached = g.reshape(g.shape[0], -1).ne(0).any(1)
+        recorder.reached = []
+        torch.autograd.grad(losses[j], params, retain_graph=True, allow_unused=True)
+        for name, reached in recorder.reached:
             reached[j] = False
             if reached.any():
-                rows = reached.nonzero().flatten().tolist()
                 raise RowsAreNotExamples(
-                    f"{name}: the loss of example {j} reaches row(s) {_few(rows)} of this module, not only row {j}. "
-                    "Its rows are not examples (a tower fed inputs shared by the batch such as fixed class prompts, "
-                    "several images per example, mixture-of-experts experts), or the loss mixes examples (in-batch "
-                    f"negatives, normalisation over the batch). {_NOT_EXAMPLES}")
+                    f"{name}: the loss of example {j} reaches row(s) {_few(reached.nonzero().flatten().tolist())} of "
+                    f"this module, not only row {j}. Its rows are not examples (a tower fed inputs shared by the "
+                    "batch such as fixed class prompts, several images per example, mixture-of-experts experts), or "
+                    f"the loss mixes examples (in-batch negatives, normalisation over the batch). {_NOT_EXAMPLES}")
+    recorder.reached = []
 
 
 def _replacement_sources(losses: Tensor) -> list[int]:
@@ -171,38 +226,53 @@ def _replacement_sources(losses: Tensor) -> list[int]:
     return sorted({0, farthest})
 
 
-def _forward(model: nn.Module, batch, per_example_loss: PerExampleLossOfBatch, captured: _Captured,
-             index: Tensor) -> tuple[list, Tensor]:
-    """(the watched calls, the losses) of the batch with its examples taken in the order `index`."""
-    captured.calls = []
-    with _fixed_random_state(model):
-        losses = per_example_loss(model, replace_examples(batch, index, index.shape[0]))
-    return captured.calls, losses
+def _forward(model: nn.Module, batch, per_example_loss: PerExampleLossOfBatch, recorder: _Recorder, mode: str,
+             index: Tensor) -> Tensor:
+    """The losses of the batch with its examples taken in the order `index`, the recorder in `mode`."""
+    recorder.mode, recorder.position, recorder.aligned = mode, 0, True
+    if mode == "store":
+        recorder.stored = []
+    try:
+        with _fixed_random_state(model):
+            return per_example_loss(model, replace_examples(batch, index, index.shape[0])).detach()
+    finally:
+        recorder.mode = None
 
 
-def _compare_forward(unchanged: tuple[list, Tensor], changed: tuple[list, Tensor]) -> None:
-    """Every row but the last (the replaced example) must be the same in both runs."""
-    (before, losses_before), (after, losses_after) = unchanged, changed
-    last = losses_before.shape[0] - 1
-    if _call_shapes(before) == _call_shapes(after):  # else the calls depend on the data (routing): see backward
-        for (name, x0, y0), (_, x1, y1) in zip(before, after):
-            for what, t0, t1 in (("input", x0, x1), ("output", y0, y1)):
-                rows = _changed_rows(t0, t1)
-                if rows:
-                    raise RowsAreNotExamples(
-                        f"{name}: changing example {last} changed row(s) {_few(rows)} of this module's {what}: "
-                        "the model mixes examples before or inside it (BatchNorm in training mode, statistics or "
-                        f"memory shared across the batch). {_NOT_EXAMPLES} {_SHARED_FIELD_HINT}")
-    rows = _changed_rows(losses_before, losses_after)
+def _compare_losses(before: Tensor, after: Tensor, tolerance: float) -> None:
+    rows = _changed_rows(before, after, tolerance)
     if rows:
         raise RowsAreNotExamples(
-            f"changing example {last} changed the loss of example(s) {_few(rows)}: the model or the loss mixes "
-            "examples in the forward pass (BatchNorm in training mode, statistics over the batch such as a "
-            f"normaliser counted over all examples). Each example's loss must depend on that example alone. "
+            f"changing example {before.shape[0] - 1} changed the loss of example(s) {_few(rows)}: the model or the "
+            "loss mixes examples in the forward pass (BatchNorm in training mode, statistics over the batch such as "
+            "a normaliser counted over all examples). Each example's loss must depend on that example alone. "
             f"{_SHARED_FIELD_HINT}")
 
 
-PADDING_TOLERANCE = 1e-4  # relative change of a loss allowed when the batch gets one more padding column (fp32)
+def _compute_eps(model: nn.Module) -> float:
+    """Unit of rounding of the model's compute: its autocast dtype if autocast is on, else its coarsest
+    floating-point parameters."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    for device_type in {p.device.type for p in model.parameters()}:
+        if device_type in ("cpu", "cuda", "xpu") and torch.is_autocast_enabled(device_type):
+            dtypes.add(torch.get_autocast_dtype(device_type))
+    return max((torch.finfo(dtype).eps for dtype in dtypes), default=torch.finfo(torch.float32).eps)
+
+
+def _changed_rows(before: Tensor, after: Tensor, tolerance: float) -> list[int]:
+    """Rows other than the last that differ by more than `tolerance` (relative, at least the tensor's own
+    ROUNDING_UNITS units of rounding) times the row's scale."""
+    before, after = before.detach().cpu(), after.detach().cpu()
+    rows_before, rows_after = before.reshape(before.shape[0], -1), after.reshape(after.shape[0], -1)
+    if not before.is_floating_point():
+        differs = rows_before.ne(rows_after).any(1)
+    else:
+        relative = max(tolerance, ROUNDING_UNITS * torch.finfo(before.dtype).eps)
+        scale = torch.maximum(rows_before.abs().amax(1), rows_after.abs().amax(1)).double()
+        differs = (rows_before.double() - rows_after.double()).abs().amax(1) > relative * scale
+        differs |= ~torch.isfinite(rows_after).all(1)
+    differs[-1] = False
+    return differs.nonzero().flatten().tolist()
 
 
 def _check_padding(model: nn.Module, batch, per_example_loss: PerExampleLossOfBatch, b: int) -> None:
@@ -265,50 +335,69 @@ def _eval_mode(model: nn.Module):
             module.training = training
 
 
-def _call_shapes(calls) -> list[tuple]:
-    return [(name, x.shape, y.shape) for name, x, y in calls]
-
-
-def _changed_rows(before: Tensor, after: Tensor) -> list[int]:
-    """Rows other than the last that differ by more than ROUNDING_UNITS units of rounding of the row's scale."""
-    before, after = before.detach(), after.detach()
-    rows_before, rows_after = before.reshape(before.shape[0], -1), after.reshape(after.shape[0], -1)
-    if not before.is_floating_point():
-        differs = rows_before.ne(rows_after).any(1)
-    else:
-        scale = torch.maximum(rows_before.abs().amax(1), rows_after.abs().amax(1)).double()
-        tolerance = ROUNDING_UNITS * torch.finfo(before.dtype).eps * scale
-        differs = (rows_before - rows_after).abs().amax(1).double() > tolerance
-        differs |= ~torch.isfinite(rows_after).all(1)
-    differs[-1] = False
-    return differs.nonzero().flatten().tolist()
-
-
 def replace_examples(batch, index: Tensor, b: int):
-    """`batch` with its examples taken in the order `index`: every tensor (and list of examples) whose
-    dimension 0 is b is indexed; other fields (shared inputs, scalars, settings) are kept."""
-    if torch.is_tensor(batch):
-        return batch[index.to(batch.device)] if batch.dim() > 0 and batch.shape[0] == b else batch
-    if isinstance(batch, Mapping):
-        return type(batch)({key: replace_examples(value, index, b) for key, value in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(replace_examples(value, index, b) for value in batch))
-    if isinstance(batch, (list, tuple)):
-        if len(batch) == b and not any(torch.is_tensor(v) or isinstance(v, (Mapping, list, tuple)) for v in batch):
-            return type(batch)(batch[i] for i in index.tolist())
-        return type(batch)(replace_examples(value, index, b) for value in batch)
-    return batch
+    """`batch` with its examples taken in the order `index`: every tensor or numpy array whose
+    dimension 0 is b is indexed, and so is a list (or tuple) of b examples; other fields (shared
+    inputs, scalars, settings) are kept. A list whose items all have b rows is a list of fields
+    (what default_collate returns), not of examples, unless its items are dicts (records).
+
+    Raises:
+        ValueError: nothing in the batch has b rows, so no example could be replaced.
+    """
+    replaced = 0
+
+    def take(value):
+        nonlocal replaced
+        if torch.is_tensor(value) or isinstance(value, np.ndarray):
+            if value.ndim > 0 and value.shape[0] == b:
+                replaced += 1
+                return value[index.to(value.device)] if torch.is_tensor(value) else value[index.numpy()]
+            return value
+        if isinstance(value, Mapping):
+            return type(value)({key: take(item) for key, item in value.items()})
+        if isinstance(value, tuple) and hasattr(value, "_fields"):
+            return type(value)(*(take(item) for item in value))
+        if isinstance(value, (list, tuple)):
+            records = all(isinstance(item, Mapping) for item in value)  # a list of dicts is one dict per example
+            if len(value) == b and (records or not all(_has_rows(item, b) for item in value)):
+                replaced += 1
+                return type(value)(value[i] for i in index.tolist())
+            return type(value)(take(item) for item in value)
+        return value
+
+    result = take(batch)
+    if not replaced:
+        raise ValueError(f"cannot find the {b} examples in this {type(batch).__name__} batch: no tensor, array or list "
+                         f"in it has {b} rows. Pass the batch as the loss function takes it, with the examples on "
+                         "dimension 0.")
+    return result
+
+
+def _has_rows(value, b: int) -> bool:
+    """Whether `value` is a field of a batch of b: a tensor / array with b rows, or a list of such."""
+    if torch.is_tensor(value) or isinstance(value, np.ndarray):
+        return value.ndim > 0 and value.shape[0] == b
+    if isinstance(value, (list, tuple)):
+        return len(value) > 0 and all(_has_rows(item, b) for item in value)
+    return False
 
 
 @contextlib.contextmanager
 def _fixed_random_state(model: nn.Module):
-    """The same random draws on every call (dropout, SpecAugment's numpy masks), and the caller's torch,
-    numpy and Python random states left as they were."""
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    """The same random draws on every call (dropout, SpecAugment's numpy masks), and the caller's random
+    states left as they were: the CPU's and those of every device of the types the model is on,
+    numpy's and Python's. Only those generators are seeded."""
+    device_types = sorted({p.device.type for p in model.parameters()} - {"cpu", "meta"})
     numpy_state, python_state = np.random.get_state(), random.getstate()
     try:
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(PROBE_SEED)
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.random.fork_rng(devices=[]))  # the CPU generator
+            for device_type in device_types:
+                module = torch.get_device_module(device_type)
+                stack.enter_context(torch.random.fork_rng(devices=list(range(module.device_count())),
+                                                          device_type=device_type))
+                module.manual_seed_all(PROBE_SEED)
+            torch.default_generator.manual_seed(PROBE_SEED)
             np.random.seed(PROBE_SEED)
             random.seed(PROBE_SEED)
             yield
@@ -319,8 +408,9 @@ def _fixed_random_state(model: nn.Module):
 
 @contextlib.contextmanager
 def _restored_buffers(model: nn.Module):
-    """Put back every buffer (BatchNorm running statistics, counters) the probe's forward passes change."""
-    saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    """Put back every buffer (BatchNorm running statistics, counters) the probe's forward passes change;
+    the copies are kept on the CPU."""
+    saved = [(buffer, buffer.detach().to("cpu", copy=True)) for buffer in model.buffers()]
     try:
         yield
     finally:

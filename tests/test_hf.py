@@ -96,6 +96,26 @@ def test_per_example_loss_ignores_padding_and_other_examples(kind):
     assert torch.allclose(loss, torch.stack(alone).mean(), rtol=1e-10)
 
 
+def test_the_default_causal_loss_is_per_example_with_left_padding():
+    """Left padding: each example's loss is the same alone (unpadded) as in the batch, so the batch's longest
+    example does not reach it (the first token, predicted from padding in the batch, is not counted)."""
+    model = tiny_model("llama")
+    opt = PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+    loss_fn = prism.hf.default_per_example_loss(model)
+    batch = make_batch("llama", 4, T=9, seed=5)
+    lengths = batch["attention_mask"].sum(1)
+    left = {k: torch.stack([torch.roll(row, int(9 - n)) for row, n in zip(v, lengths)]) for k, v in batch.items()}
+    assert (left["attention_mask"][:, 0] == 0).any()
+    in_batch = prism.hf._per_example_losses(loss_fn, model, left)[0]
+    alone = [prism.hf._per_example_losses(loss_fn, model, {k: v[i:i + 1, 9 - n:] for k, v in left.items()})[0]
+             for i, n in enumerate(lengths.tolist())]
+    assert torch.allclose(in_batch, torch.cat(alone), rtol=1e-9)
+    logits = model(input_ids=left["input_ids"], attention_mask=left["attention_mask"]).logits
+    plain = prism.per_example_causal_lm_loss(logits, left["labels"], attention_mask=left["attention_mask"])
+    assert torch.allclose(plain, in_batch, rtol=1e-12)
+    opt.remove_hooks()
+
+
 def test_an_encoder_decoder_model_trains_through_the_trainer(tmp_path):
     """T5 builds its decoder inputs from the labels, which the model no longer gets: make_private's loss
     builds them (labels shifted right), and each example's loss is its own decoder tokens' mean."""

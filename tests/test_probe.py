@@ -320,10 +320,35 @@ def test_a_model_in_eval_mode_is_probed_as_it_is_with_a_warning():
 
 def test_replace_examples_indexes_example_fields_only():
     shared = torch.randn(2, 3)
-    batch = dict(x=torch.arange(4), texts=["a", "b", "c", "d"], shared=shared, nested=(torch.arange(4) * 10,))
+    batch = dict(x=torch.arange(4), texts=["a", "b", "c", "d"], shared=shared, nested=(torch.arange(4) * 10,),
+                 array=np.arange(4))
     out = replace_examples(batch, torch.tensor([3, 1, 2, 3]), 4)
     assert out["x"].tolist() == [3, 1, 2, 3] and out["texts"] == ["d", "b", "c", "d"]
     assert out["shared"] is shared and out["nested"][0].tolist() == [30, 10, 20, 30]
+    assert out["array"].tolist() == [3, 1, 2, 3]
+    fields = [torch.arange(2), torch.arange(2) + 5]  # default_collate's list of fields, as many as examples
+    assert [f.tolist() for f in replace_examples(fields, torch.tensor([0, 0]), 2)] == [[0, 0], [5, 5]]
+    examples = [(torch.zeros(3), torch.tensor(0)), (torch.ones(3), torch.tensor(1))]  # identity collate
+    assert replace_examples(examples, torch.tensor([1, 1]), 2)[0] is examples[1]
+    records = [{"x": torch.zeros(3)}, {"x": torch.ones(3)}, {"x": torch.ones(3)}]
+    assert replace_examples(records, torch.tensor([2, 1, 2]), 3)[0] is records[2]
+    with pytest.raises(ValueError, match="cannot find the 4 examples"):
+        replace_examples(dict(x=torch.zeros(3, 2)), torch.arange(4), 4)
+
+
+def test_batch_norm_is_refused_whatever_the_batch_container():
+    """A list of per-example tuples (an identity collate) must be changed example by example too."""
+    model = lora(_BatchNormBeforeHead(), ["proj"], modules_to_save=["head"])
+    opt = PRISM(model, **BASE)
+    x, labels = torch.randn(5, FEATURES), torch.arange(5) % 3
+    examples = list(zip(x, labels))
+
+    def loss(m, batch):
+        inputs, targets = torch.stack([e[0] for e in batch]), torch.stack([e[1] for e in batch])
+        return F.cross_entropy(m(inputs).logits, targets, reduction="none")
+
+    with pytest.raises(RowsAreNotExamples, match="changing example 4 changed row"):
+        opt.check_examples(examples, loss)
 
 
 def test_the_trainer_probes_the_first_batch(tmp_path):

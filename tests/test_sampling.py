@@ -80,6 +80,15 @@ def test_the_optimizers_loader_draws_at_its_rate_for_its_steps():
     assert len(sizes) == 300 and abs(sum(sizes) / 300 - 10) < 4 * (10 * 0.95 / 300) ** 0.5
     with pytest.raises(ValueError, match="has 100 examples but the optimizer was built for 200"):
         opt.poisson_data_loader(DataLoader(TensorDataset(torch.zeros(100, 1))))
+    with pytest.warns(UserWarning, match="NOT a valid"):  # empty steps only here
+        resumed = PRISM(tiny_model("bert"), lr=0.01, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=10,
+                        dataset_size=200, steps=3, allow_non_poisson=True)
+    resumed.step()
+    assert len(resumed.poisson_data_loader(DataLoader(data))) == 2  # the steps not taken yet
+    resumed.step()
+    resumed.step()
+    with pytest.raises(ValueError, match="all 3 planned steps"):
+        resumed.poisson_data_loader(DataLoader(data))
     unplanned = PRISM(tiny_model("bert"), lr=0.01, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=10,
                       dataset_size=200)
     with pytest.raises(ValueError, match="steps"):
