@@ -348,9 +348,9 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         The hooks check each module's row COUNT on every pass; this one-off probe checks where rows
         come from: the loss of example j reaches no other example's row (backward), and changing one
         example, or padding the batch one column further, changes no other example's rows or loss
-        (forward). Run it once before training on a
-        batch of >= 2 examples, with the loss used for training; it changes nothing (see prism.probe).
-        The Hugging Face integration runs it on the first training batch.
+        (forward). Run it once before training on a batch of >= 2 examples, with the loss used for
+        training; it changes nothing (see prism.probe). The Hugging Face integration runs it on the
+        first training micro-batch.
 
         Args:
             batch: a batch in the form `per_example_loss` takes.

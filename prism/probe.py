@@ -99,14 +99,13 @@ def check_rows_are_examples(model: nn.Module, params: Sequence[Tensor], watched:
                 _check_backward(recorder, losses, params, _probed_examples(b, probes))
             sources = _replacement_sources(losses.detach())
             del losses
-            tolerance = ROUNDING_UNITS * _compute_eps(model)
+            recorder.tolerance = ROUNDING_UNITS * _compute_eps(model)
             with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
                 unchanged = _forward(model, batch, per_example_loss, recorder, "store", torch.arange(b))
                 for source in sources:
-                    recorder.tolerance = tolerance
                     changed = _forward(model, batch, per_example_loss, recorder, "compare",
                                        torch.cat([torch.arange(b - 1), torch.tensor([source])]))
-                    _compare_losses(unchanged, changed, tolerance)
+                    _compare_losses(unchanged, changed, recorder.tolerance)
                 _check_padding(model, batch, per_example_loss, b)
     finally:
         recorder.remove()
