@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from . import _validate
 from .noise import entropy_seeded_generator
-from .sampling import PoissonBatchSampler, batch_size_of, micro_batches
+from .sampling import PoissonBatchSampler, batch_size_of, like, micro_batches
 
 _BISECTIONS = 60
 
@@ -259,7 +259,7 @@ def _rows(batch, index: Tensor):
     if torch.is_tensor(batch):
         return batch[index.to(batch.device)]
     if isinstance(batch, Mapping):
-        return type(batch)({key: _rows(value, index) for key, value in batch.items()})
+        return like(batch, {key: _rows(value, index) for key, value in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(_rows(value, index) for value in batch))
     if isinstance(batch, (list, tuple)):

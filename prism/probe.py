@@ -48,6 +48,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .sampling import like
+
 PerExampleLossOfBatch = Callable[[nn.Module, object], Tensor]
 Watched = tuple[str, nn.Module, str]  # (name, module, "input" or "output": the tensor whose rows must be examples)
 
@@ -319,7 +321,7 @@ def padded_further(batch, b: int):
         column = value[row:row + 1, edge:edge + 1 if edge == 0 else None].expand(b, 1, *value.shape[2:])
         return torch.cat([column, value] if edge == 0 else [value, column], dim=1)
 
-    return type(batch)({key: extend(value) for key, value in batch.items()})
+    return like(batch, {key: extend(value) for key, value in batch.items()})
 
 
 @contextlib.contextmanager
@@ -353,7 +355,7 @@ def replace_examples(batch, index: Tensor, b: int):
                 return value[index.to(value.device)] if torch.is_tensor(value) else value[index.numpy()]
             return value
         if isinstance(value, Mapping):
-            return type(value)({key: take(item) for key, item in value.items()})
+            return like(value, {key: take(item) for key, item in value.items()})
         if isinstance(value, tuple) and hasattr(value, "_fields"):
             return type(value)(*(take(item) for item in value))
         if isinstance(value, (list, tuple)):

@@ -13,6 +13,7 @@ random size (Binomial(N, q), possibly 0). An empty batch must still be followed 
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Mapping
@@ -159,6 +160,18 @@ def batch_size_of(batch) -> int:
     raise TypeError(f"cannot find the batch dimension of a {type(batch).__name__}")
 
 
+def like(mapping: Mapping, items: dict) -> Mapping:
+    """A mapping of `mapping`'s type holding `items` (dict, BatchEncoding, ...; types whose constructor
+    takes other arguments, such as defaultdict, are copied and updated)."""
+    try:
+        return type(mapping)(items)
+    except TypeError:
+        result = copy.copy(mapping)
+        result.clear()
+        result.update(items)
+        return result
+
+
 def micro_batches(batch, max_size: int) -> Iterator:
     """Split a logical batch along its example axis into pieces of at most `max_size` examples.
 
@@ -180,7 +193,7 @@ def _take(batch, index: slice, size: int):
                              "micro_batches needs every field on the example axis")
         return batch[index]
     if isinstance(batch, Mapping):
-        return type(batch)({k: _take(v, index, size) for k, v in batch.items()})
+        return like(batch, {k: _take(v, index, size) for k, v in batch.items()})
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(_take(v, index, size) for v in batch))
     if isinstance(batch, (list, tuple)):

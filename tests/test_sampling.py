@@ -95,6 +95,19 @@ def test_the_optimizers_loader_draws_at_its_rate_for_its_steps():
         unplanned.poisson_data_loader(DataLoader(data))
 
 
+def test_micro_batches_and_the_probe_keep_a_defaultdict_batch():
+    from collections import defaultdict
+
+    from prism.probe import replace_examples
+
+    batch = defaultdict(list, x=torch.arange(4), y=torch.arange(4) * 2)
+    parts = list(micro_batches(batch, 3))
+    assert [type(p) for p in parts] == [defaultdict] * 2 and parts[1]["x"].tolist() == [3]
+    assert parts[0].default_factory is list
+    swapped = replace_examples(batch, torch.tensor([3, 1, 2, 3]), 4)
+    assert type(swapped) is defaultdict and swapped["y"].tolist() == [6, 2, 4, 6] and batch["x"].tolist() == [0, 1, 2, 3]
+
+
 def test_micro_batches_split_nested_batches():
     from collections import namedtuple
 
