@@ -342,7 +342,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         return poisson_data_loader(loader, sample_rate=plan.sample_rate, steps=remaining, generator=generator)
 
     def check_examples(self, batch, per_example_loss: Callable[[nn.Module, object], Tensor], *,
-                       probes: int = 8) -> None:
+                       probes: int = 4) -> None:
         """Raise `prism.probe.RowsAreNotExamples` if a trained module's rows are not the examples of `batch`.
 
         The hooks check each module's row COUNT on every pass; this one-off probe checks where rows

@@ -92,7 +92,7 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
             privacy amplification by subsampling.
         check_examples: probe the first training micro-batch of >= 2 examples once
             (`optimizer.check_examples`): raise if a trained module's rows are not the examples
-            or the model mixes examples. Costs six forward and up to eight backward passes, once.
+            or the model mixes examples. Costs five forward and up to four backward passes, once.
 
     Returns:
         The callback added to the trainer (its `optimizer` and `sampler` attributes).

@@ -113,7 +113,7 @@ class _SpecAugmented(torch.nn.Module):
         return self.head(hidden.mean(1))
 
 
-def _probe(model, batch, loss, probes=8):
+def _probe(model, batch, loss, probes=4):
     PRISM(model, **BASE).check_examples(batch, loss, probes=probes)
 
 
