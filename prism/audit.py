@@ -30,7 +30,7 @@ What a result shows, and what it does not:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from . import _validate
 from .noise import entropy_seeded_generator
-from .sampling import PoissonBatchSampler, batch_size_of, like, micro_batches
+from .sampling import PoissonBatchSampler, batch_size_of, micro_batches, replace_examples
 
 _BISECTIONS = 60
 
@@ -223,7 +223,7 @@ def audit(model: nn.Module, optimizer, canaries, loss_fn: LossFn, *, steps: int,
     delta = (optimizer.plan.delta or 0.0) if delta is None else delta
     before = canary_losses(model, canaries, loss_fn, micro_batch_size)
     included = include_canaries(m, generator)
-    inside = _rows(canaries, included.nonzero().squeeze(1))
+    inside = replace_examples(canaries, included.nonzero().squeeze(1), batch_size_of(canaries))
     n = 0 if data is None else batch_size_of(data)
     pool = n + int(included.sum())
     batches = PoissonBatchSampler(pool, rate, steps, generator=generator) if pool else ([] for _ in range(steps))
@@ -232,7 +232,7 @@ def audit(model: nn.Module, optimizer, canaries, loss_fn: LossFn, *, steps: int,
         indices = torch.tensor(indices, dtype=torch.long)
         for source, chosen in ((data, indices[indices < n]), (inside, indices[indices >= n] - n)):
             if len(chosen):
-                for micro in micro_batches(_rows(source, chosen), micro_batch_size):
+                for micro in micro_batches(replace_examples(source, chosen, batch_size_of(source)), micro_batch_size):
                     losses = loss_fn(model, micro)
                     (losses.sum() if optimizer.loss_reduction == "sum" else losses.mean()).backward()
         optimizer.step()
@@ -252,16 +252,3 @@ def canary_losses(model: nn.Module, canaries, loss_fn: LossFn, micro_batch_size:
                           for micro in micro_batches(canaries, micro_batch_size)])
     finally:
         model.train(was_training)
-
-
-def _rows(batch, index: Tensor):
-    """The examples `index` of a tensor / mapping / tuple / list / namedtuple of tensors."""
-    if torch.is_tensor(batch):
-        return batch[index.to(batch.device)]
-    if isinstance(batch, Mapping):
-        return like(batch, {key: _rows(value, index) for key, value in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_rows(value, index) for value in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_rows(value, index) for value in batch)
-    raise TypeError(f"canaries and data must be tensors, or mappings/tuples/lists of tensors; got {type(batch).__name__}")

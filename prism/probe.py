@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .sampling import like
+from .sampling import like, replace_examples
 
 PerExampleLossOfBatch = Callable[[nn.Module, object], Tensor]
 Watched = tuple[str, nn.Module, str]  # (name, module, "input" or "output": the tensor whose rows must be examples)
@@ -332,53 +332,6 @@ def _eval_mode(model: nn.Module):
     finally:
         for module, training in modes:
             module.training = training
-
-
-def replace_examples(batch, index: Tensor, b: int):
-    """`batch` with its examples taken in the order `index`: every tensor or numpy array whose
-    dimension 0 is b is indexed, and so is a list (or tuple) of b examples; other fields (shared
-    inputs, scalars, settings) are kept. A list whose items all have b rows is a list of fields
-    (what default_collate returns), not of examples, unless its items are dicts (records).
-
-    Raises:
-        ValueError: nothing in the batch has b rows, so no example could be replaced.
-    """
-    replaced = 0
-
-    def take(value):
-        nonlocal replaced
-        if torch.is_tensor(value) or isinstance(value, np.ndarray):
-            if value.ndim > 0 and value.shape[0] == b:
-                replaced += 1
-                return value[index.to(value.device)] if torch.is_tensor(value) else value[index.numpy()]
-            return value
-        if isinstance(value, Mapping):
-            return like(value, {key: take(item) for key, item in value.items()})
-        if isinstance(value, tuple) and hasattr(value, "_fields"):
-            return type(value)(*(take(item) for item in value))
-        if isinstance(value, (list, tuple)):
-            records = all(isinstance(item, Mapping) for item in value)  # a list of dicts is one dict per example
-            if len(value) == b and (records or not all(_has_rows(item, b) for item in value)):
-                replaced += 1
-                return type(value)(value[i] for i in index.tolist())
-            return type(value)(take(item) for item in value)
-        return value
-
-    result = take(batch)
-    if not replaced:
-        raise ValueError(f"cannot find the {b} examples in this {type(batch).__name__} batch: no tensor, array or list "
-                         f"in it has {b} rows. Pass the batch as the loss function takes it, with the examples on "
-                         "dimension 0.")
-    return result
-
-
-def _has_rows(value, b: int) -> bool:
-    """Whether `value` is a field of a batch of b: a tensor / array with b rows, or a list of such."""
-    if torch.is_tensor(value) or isinstance(value, np.ndarray):
-        return value.ndim > 0 and value.shape[0] == b
-    if isinstance(value, (list, tuple)):
-        return len(value) > 0 and all(_has_rows(item, b) for item in value)
-    return False
 
 
 @contextlib.contextmanager
