@@ -4,7 +4,9 @@
     python -m benchmarks.utility --quick    # CI: a few steps per method, no claims
 
 Stage 1 tunes the learning rate of every method on the validation split, at epsilon 3 (non-private:
-without noise) and seed 0, over the same grid for all. Stage 2 runs each method at its tuned rate
+without noise) and seed 0, over the same grid for all; where a method's best rate lies on an edge of
+the grid, its grid is extended one rate past that edge (the same rule for every method, at most
+--edge-steps rates). Stage 2 runs each method at its tuned rate
 for every epsilon and seed (the tuning run is the epsilon-3, seed-0 run). Each run writes
 results/utility/<task>/<method>_eps<epsilon>_seed<seed>_lr<lr>.json; the summary (mean +- std of
 the test accuracy over seeds) goes to results/utility.json and results/utility.png.
@@ -12,6 +14,7 @@ the test accuracy over seeds) goes to results/utility.json and results/utility.p
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +25,7 @@ LR_GRID = (3e-3, 1e-2, 3e-2)
 EPSILONS = (1.0, 3.0, 8.0)
 TUNE_EPSILON = 3.0
 SEEDS = (0, 1, 2)
+EDGE_STEPS = 2
 
 
 def tag(epsilon: float | None) -> str:
@@ -51,10 +55,43 @@ def center_first(grid) -> list[float]:
     return sorted(grid, key=lambda lr: (abs(grid.index(lr) - middle), -lr))
 
 
-def tuned_lr(folder: Path, task: str, method: str, grid) -> float | None:
-    """The grid rate with the best validation accuracy, or None while a tuning run is missing."""
-    epsilon = None if method == "nonprivate" else TUNE_EPSILON
-    paths = {lr: run_path(folder, task, method, epsilon, 0, lr) for lr in grid}
+def tune_epsilon(method: str) -> float | None:
+    return None if method == "nonprivate" else TUNE_EPSILON
+
+
+def rate_past(edge: float, neighbour: float) -> float:
+    """The next rate past an edge of the grid: edge^2 / neighbour (one more step of the grid's spacing),
+    rounded to the nearest 1 or 3 x 10^k in log scale (3e-2 next to 1e-2 gives 1e-1; 3e-3 gives 1e-3)."""
+    target = 2 * math.log10(edge) - math.log10(neighbour)
+    decade = math.floor(target)
+    nice = [10.0 ** k * d for k in (decade - 1, decade, decade + 1) for d in (1, 3)]
+    return float(f"{min(nice, key=lambda lr: abs(math.log10(lr) - target)):.0e}")
+
+
+def tuning_grid(folder: Path, task: str, method: str, grid, edge_steps: int = EDGE_STEPS) -> list[float]:
+    """The rates `method` is tuned over: the common grid, extended by one rate past an edge for as long as
+    the best validation accuracy lies on that edge, by at most `edge_steps` rates. An optimum on the edge of
+    a grid is an artefact of where the grid ends; the rule is the same for every method, so the comparison
+    stays fair. Rates whose tuning run is missing are in the grid; the extension waits for them."""
+    grid, base = sorted(grid), len(grid)
+    while len(grid) > 1 and len(grid) - base < edge_steps:
+        paths = {lr: run_path(folder, task, method, tune_epsilon(method), 0, lr) for lr in grid}
+        if not all(p.exists() for p in paths.values()):
+            break
+        best = max(grid, key=lambda lr: common.read_json(paths[lr])["val_accuracy"])
+        if best == grid[0]:
+            grid.insert(0, rate_past(grid[0], grid[1]))
+        elif best == grid[-1]:
+            grid.append(rate_past(grid[-1], grid[-2]))
+        else:
+            break
+    return grid
+
+
+def tuned_lr(folder: Path, task: str, method: str, grid, edge_steps: int = EDGE_STEPS) -> float | None:
+    """The rate of the method's tuning grid with the best validation accuracy, or None while a tuning run is missing."""
+    grid = tuning_grid(folder, task, method, grid, edge_steps)
+    paths = {lr: run_path(folder, task, method, tune_epsilon(method), 0, lr) for lr in grid}
     if not all(p.exists() for p in paths.values()):
         return None
     return max(grid, key=lambda lr: common.read_json(paths[lr])["val_accuracy"])
@@ -64,15 +101,20 @@ def sweep(args, folder: Path, setup: methods.Setup) -> None:
     for task in args.tasks:
         split = tasks.load_task(task, setup.batch_size, quick=args.quick)
         print(f"{task}: {len(split.train_x)} train / {len(split.val_x)} validation / {len(split.test_x)} test")
-        tune = [(run_path(folder, task, m, None if m == "nonprivate" else TUNE_EPSILON, 0, lr),
-                 job(task, m, None if m == "nonprivate" else TUNE_EPSILON, 0, lr, split, setup))
-                for lr in center_first(args.lr_grid) for m in args.methods]
-        common.run_queue(tune, f"{task} learning-rate tuning")
+        while True:  # one round per extension of a method's grid
+            rates = [(m, lr) for lr in center_first(args.lr_grid) for m in args.methods]
+            rates += [(m, lr) for m in args.methods for lr in tuning_grid(folder, task, m, args.lr_grid, args.edge_steps)
+                      if lr not in args.lr_grid]
+            tune = [(run_path(folder, task, m, tune_epsilon(m), 0, lr), job(task, m, tune_epsilon(m), 0, lr, split, setup))
+                    for m, lr in rates]
+            if all(path.exists() for path, _ in tune):
+                break
+            common.run_queue(tune, f"{task} learning-rate tuning")
         final = []
         for seed in args.seeds:
             for epsilon in sorted(args.epsilons, key=lambda e: (e != TUNE_EPSILON, e)):
                 for m in args.methods:
-                    lr = tuned_lr(folder, task, m, args.lr_grid)
+                    lr = tuned_lr(folder, task, m, args.lr_grid, args.edge_steps)
                     if lr is not None and (m != "nonprivate" or epsilon == TUNE_EPSILON):
                         e = None if m == "nonprivate" else epsilon
                         final.append((run_path(folder, task, m, e, seed, lr), job(task, m, e, seed, lr, split, setup)))
@@ -85,12 +127,12 @@ def summarize(args, folder: Path) -> dict:
     for task in args.tasks:
         summary["tuning"][task], summary["test_accuracy"][task] = {}, {}
         for m in args.methods:
-            eps = None if m == "nonprivate" else TUNE_EPSILON
-            paths = {lr: run_path(folder, task, m, eps, 0, lr) for lr in args.lr_grid}
-            summary["tuning"][task][m] = {f"{lr:g}": common.read_json(p)["val_accuracy"]
-                                          for lr, p in paths.items() if p.exists()}
+            paths = {lr: run_path(folder, task, m, tune_epsilon(m), 0, lr)
+                     for lr in tuning_grid(folder, task, m, args.lr_grid, args.edge_steps)}
+            summary["tuning"][task][m] = {f"{lr:g}": common.read_json(p)["val_accuracy"] if p.exists() else None
+                                          for lr, p in paths.items()}
             rows = summary["test_accuracy"][task][m] = {}
-            lr = tuned_lr(folder, task, m, args.lr_grid)
+            lr = tuned_lr(folder, task, m, args.lr_grid, args.edge_steps)
             if lr is None:
                 continue
             for epsilon in epsilons_of(m, args.epsilons):
@@ -109,12 +151,15 @@ def summarize(args, folder: Path) -> dict:
 def table(summary: dict, epsilons) -> str:
     """Markdown: validation accuracy (%) of the tuning runs, then one row per (task, method) with the
     mean +- sample std test accuracy (%) at the tuned learning rate and the number of seeds."""
-    grid = [f"{lr:g}" for lr in summary["lr_grid"]]
-    lines = [f"validation accuracy at epsilon {TUNE_EPSILON:g} (non-private: no noise), seed 0:", "",
+    rates = {float(lr) for by_method in summary["tuning"].values() for accs in by_method.values() for lr in accs}
+    grid = [f"{lr:g}" for lr in sorted(rates | set(summary["lr_grid"]))]
+    lines = [f"validation accuracy at epsilon {TUNE_EPSILON:g} (non-private: no noise), seed 0"
+             " (blank: outside the method's grid):", "",
              "| task | method | " + " | ".join(f"lr {lr}" for lr in grid) + " |", "|---" * (len(grid) + 2) + "|"]
     for task, by_method in summary["tuning"].items():
         for m, accs in by_method.items():
-            cells = [f"{100 * accs[lr]:.1f}" if lr in accs else "pending" for lr in grid]
+            cells = ["" if lr not in accs else "pending" if accs[lr] is None else f"{100 * accs[lr]:.1f}"
+                     for lr in grid]
             lines.append(f"| {task} | {m} | " + " | ".join(cells) + " |")
     columns = [tag(e) for e in epsilons]
     lines += ["", "test accuracy at the tuned learning rate:", "",
@@ -167,6 +212,8 @@ def main(argv=None) -> dict:
     p.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--lr-grid", nargs="+", type=float, default=list(LR_GRID))
+    p.add_argument("--edge-steps", type=int, default=EDGE_STEPS,
+                   help="at most this many rates added to a method's grid past the edge its optimum lies on")
     p.add_argument("--max-grad-norm", type=float, default=methods.Setup.max_grad_norm, help="C")
     p.add_argument("--dense-max-grad-norm", type=float, default=None,
                    help="C_D, the head's scale in prism's joint clip (prism, naive, ffa only; use with --out)")
@@ -174,7 +221,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     common.quiet()
     if args.quick:
-        args.epsilons, args.seeds, args.lr_grid = [TUNE_EPSILON], [0], [3e-3]
+        args.epsilons, args.seeds, args.lr_grid, args.edge_steps = [TUNE_EPSILON], [0], [3e-3], 0
     if set(methods.OPACUS_METHODS) & set(args.methods) and not methods.opacus_available():
         print("opacus is not installed (pip install 'prism-dp[bench]'): skipping the Opacus and head baselines")
         args.methods = [m for m in args.methods if m not in methods.OPACUS_METHODS]
