@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Iterator
 
 import numpy as np
@@ -142,15 +142,15 @@ class _EmptySafeCollate:
 def _is_field_container(batch) -> bool:
     """A list/tuple of fields (tensors or nested structures), as opposed to a list of examples."""
     return isinstance(batch, (list, tuple)) and len(batch) > 0 and all(
-        torch.is_tensor(v) or isinstance(v, (Mapping, list, tuple)) for v in batch)
+        torch.is_tensor(v) or isinstance(v, (np.ndarray, Mapping, list, tuple)) for v in batch)
 
 
 def batch_size_of(batch) -> int:
-    """Number of examples in a (possibly nested) batch: the leading size of its first tensor (or the
-    length of a list of examples, e.g. raw strings)."""
+    """Number of examples in a (possibly nested) batch: the leading size of its first tensor or numpy
+    array (or the length of a list of examples, e.g. raw strings)."""
     if isinstance(batch, EmptyBatch):
         return 0
-    if torch.is_tensor(batch):
+    if torch.is_tensor(batch) or isinstance(batch, np.ndarray):
         return batch.shape[0]
     if isinstance(batch, Mapping):
         return batch_size_of(next(iter(batch.values())))
@@ -184,26 +184,21 @@ def replace_examples(batch, index: torch.Tensor, b: int):
     """
     replaced = 0
 
-    def take(value):
+    def take(field):
         nonlocal replaced
-        if torch.is_tensor(value) or isinstance(value, np.ndarray):
-            if value.ndim > 0 and value.shape[0] == b:
-                replaced += 1
-                return value[index.to(value.device)] if torch.is_tensor(value) else value[index.numpy()]
-            return value
-        if isinstance(value, Mapping):
-            return like(value, {key: take(item) for key, item in value.items()})
-        if isinstance(value, tuple) and hasattr(value, "_fields"):
-            return type(value)(*(take(item) for item in value))
-        if isinstance(value, (list, tuple)):
-            records = all(isinstance(item, Mapping) for item in value)  # a list of dicts is one dict per example
-            if len(value) == b and (records or not all(_has_rows(item, b) for item in value)):
-                replaced += 1
-                return type(value)(value[i] for i in index.tolist())
-            return type(value)(take(item) for item in value)
-        return value
+        if isinstance(field, (list, tuple)):
+            replaced += 1
+            return type(field)(field[i] for i in index.tolist())
+        if (torch.is_tensor(field) or isinstance(field, np.ndarray)) and field.ndim > 0 and field.shape[0] == b:
+            replaced += 1
+            return field[index.to(field.device)] if torch.is_tensor(field) else field[index.numpy()]
+        return field
 
-    result = take(batch)
+    def holds_examples(items) -> bool:
+        records = all(isinstance(item, Mapping) for item in items)  # a list of dicts is one dict per example
+        return len(items) == b and (records or not all(_has_rows(item, b) for item in items))
+
+    result = _rebuild(batch, take, holds_examples)
     if not replaced:
         raise ValueError(f"cannot find the {b} examples in this {type(batch).__name__} batch: no tensor, array or list "
                          f"in it has {b} rows. Pass the batch as the loss function takes it, with the examples on "
@@ -223,31 +218,40 @@ def _has_rows(value, b: int) -> bool:
 def micro_batches(batch, max_size: int) -> Iterator:
     """Split a logical batch along its example axis into pieces of at most `max_size` examples.
 
-    Tensors are cut on dim 0, lists of examples (e.g. strings) by position; mappings (dict,
-    Hugging Face BatchEncoding), tuples, lists and namedtuples of fields are cut field by field.
+    Tensors and numpy arrays are cut on dim 0, lists of examples (e.g. strings) by position; mappings
+    (dict, Hugging Face BatchEncoding), tuples, lists and namedtuples of fields are cut field by field.
     An `EmptyBatch` yields nothing. Fields whose size disagrees with the batch raise.
     """
     if not isinstance(max_size, int) or max_size <= 0:
         raise ValueError(f"max_size must be an integer > 0, got {max_size!r}")
     size = batch_size_of(batch)
-    for start in range(0, size, max_size):
-        yield _take(batch, slice(start, min(start + max_size, size)), size)
 
-
-def _take(batch, index: slice, size: int):
-    if torch.is_tensor(batch) or (isinstance(batch, (list, tuple)) and not _is_field_container(batch)):
-        if len(batch) != size:
-            raise ValueError(f"a batch field has {len(batch)} entries but the batch has {size} examples; "
+    def cut(field, index: slice):
+        if not (torch.is_tensor(field) or isinstance(field, (np.ndarray, list, tuple))):
+            raise TypeError(f"micro_batches cannot split a {type(field).__name__} field")
+        if len(field) != size:
+            raise ValueError(f"a batch field has {len(field)} entries but the batch has {size} examples; "
                              "micro_batches needs every field on the example axis")
-        return batch[index]
-    if isinstance(batch, Mapping):
-        return like(batch, {k: _take(v, index, size) for k, v in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(_take(v, index, size) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_take(v, index, size) for v in batch)
-    raise TypeError(f"micro_batches cannot split a {type(batch).__name__} field")
+        return field[index]
 
+    for start in range(0, size, max_size):
+        index = slice(start, min(start + max_size, size))
+        yield _rebuild(batch, lambda field: cut(field, index), lambda items: not _is_field_container(items))
+
+
+def _rebuild(value, leaf: Callable, holds_examples: Callable[[list | tuple], bool]):
+    """`value` with `leaf` applied to each field: each tensor, numpy array, list (or tuple) for which
+    `holds_examples` is true, and anything else that is not a container. Mappings (rebuilt with their
+    own type), namedtuples and the other lists and tuples are walked into."""
+    if torch.is_tensor(value) or isinstance(value, np.ndarray):
+        return leaf(value)
+    if isinstance(value, Mapping):
+        return like(value, {key: _rebuild(item, leaf, holds_examples) for key, item in value.items()})
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_rebuild(item, leaf, holds_examples) for item in value))
+    if isinstance(value, (list, tuple)) and not holds_examples(value):
+        return type(value)(_rebuild(item, leaf, holds_examples) for item in value)
+    return leaf(value)
 
 
 class NonPoissonSampling(RuntimeError):

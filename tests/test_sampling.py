@@ -2,6 +2,7 @@
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -124,6 +125,11 @@ def test_micro_batches_split_nested_batches():
     Pair = namedtuple("Pair", "x y")
     assert [p.y.tolist() for p in micro_batches(Pair(torch.zeros(3, 2), torch.arange(3)), 2)] == [[0, 1], [2]]
     assert [len(p) for p in micro_batches(["only", "strings", "here"], 2)] == [2, 1]
+    arrays = list(micro_batches({"x": np.arange(6).reshape(3, 2), "w": torch.ones(3)}, 2))
+    assert [a["x"][:, 0].tolist() for a in arrays] == [[0, 2], [4]]
+    assert [len(x) for x, _ in micro_batches([np.zeros((5, 2)), np.arange(5)], 2)] == [2, 2, 1]
+    with pytest.raises(TypeError, match="cannot split a float field"):
+        list(micro_batches({"x": torch.zeros(3), "temperature": 0.5}, 2))
     with pytest.raises(ValueError, match="max_size"):
         list(micro_batches(batch, 0))
     with pytest.raises(ValueError, match="example axis"):
