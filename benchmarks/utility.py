@@ -60,12 +60,14 @@ def tune_epsilon(method: str) -> float | None:
 
 
 def rate_past(edge: float, neighbour: float) -> float:
-    """The next rate past an edge of the grid: edge^2 / neighbour (one more step of the grid's spacing),
-    rounded to the nearest 1 or 3 x 10^k in log scale (3e-2 next to 1e-2 gives 1e-1; 3e-3 gives 1e-3)."""
+    """The next rate past an edge of the grid: about edge^2 / neighbour (one more step of the grid's
+    spacing), rounded in log scale to the nearest 1 or 3 x 10^k strictly beyond the edge (3e-2 next to
+    1e-2 gives 1e-1; 3e-3 next to 1e-2 gives 1e-3)."""
     target = 2 * math.log10(edge) - math.log10(neighbour)
     decade = math.floor(target)
-    nice = [10.0 ** k * d for k in (decade - 1, decade, decade + 1) for d in (1, 3)]
-    return float(f"{min(nice, key=lambda lr: abs(math.log10(lr) - target)):.0e}")
+    nice = [float(f"{d}e{k}") for k in range(decade - 2, decade + 3) for d in (1, 3)]
+    beyond = [lr for lr in nice if (lr - edge) * (edge - neighbour) > 0]
+    return min(beyond, key=lambda lr: abs(math.log10(lr) - target))
 
 
 def tuning_grid(folder: Path, task: str, method: str, grid, edge_steps: int = EDGE_STEPS) -> list[float]:

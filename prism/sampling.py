@@ -140,9 +140,10 @@ class _EmptySafeCollate:
 
 
 def _is_field_container(batch) -> bool:
-    """A list/tuple of fields (tensors or nested structures), as opposed to a list of examples."""
+    """A list/tuple of fields (tensors or nested structures, as default_collate returns), as opposed to a
+    list of examples (strings, numpy arrays, numbers: what an identity collate_fn returns)."""
     return isinstance(batch, (list, tuple)) and len(batch) > 0 and all(
-        torch.is_tensor(v) or isinstance(v, (np.ndarray, Mapping, list, tuple)) for v in batch)
+        torch.is_tensor(v) or isinstance(v, (Mapping, list, tuple)) for v in batch)
 
 
 def batch_size_of(batch) -> int:
@@ -154,7 +155,7 @@ def batch_size_of(batch) -> int:
         return batch.shape[0]
     if isinstance(batch, Mapping):
         return batch_size_of(next(iter(batch.values())))
-    if _is_field_container(batch):
+    if _is_field_container(batch) or (isinstance(batch, tuple) and hasattr(batch, "_fields")):
         return batch_size_of(batch[0])
     if isinstance(batch, (list, tuple)):
         return len(batch)
@@ -220,7 +221,9 @@ def micro_batches(batch, max_size: int) -> Iterator:
 
     Tensors and numpy arrays are cut on dim 0, lists of examples (e.g. strings) by position; mappings
     (dict, Hugging Face BatchEncoding), tuples, lists and namedtuples of fields are cut field by field.
-    An `EmptyBatch` yields nothing. Fields whose size disagrees with the batch raise.
+    A list of tensors is a list of fields (default_collate's convention), so per-example tensors must be
+    stacked or padded into one tensor first. An `EmptyBatch` yields nothing. Fields whose size disagrees
+    with the batch raise.
     """
     if not isinstance(max_size, int) or max_size <= 0:
         raise ValueError(f"max_size must be an integer > 0, got {max_size!r}")

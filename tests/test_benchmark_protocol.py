@@ -9,6 +9,8 @@ def test_rate_past_continues_the_grid_in_one_three_steps():
     assert utility.rate_past(3e-3, 1e-2) == 1e-3
     assert utility.rate_past(1e-1, 3e-2) == 3e-1
     assert utility.rate_past(1e-3, 3e-3) == 3e-4
+    assert utility.rate_past(1e-2, 8e-3) == 3e-2 and utility.rate_past(4e-3, 3.5e-3) == 1e-2  # never the edge
+    assert utility.rate_past(3e-3, 5e-3) == 1e-3
 
 
 def _tuning_run(folder, method, lr, val_accuracy):

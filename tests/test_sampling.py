@@ -127,7 +127,10 @@ def test_micro_batches_split_nested_batches():
     assert [len(p) for p in micro_batches(["only", "strings", "here"], 2)] == [2, 1]
     arrays = list(micro_batches({"x": np.arange(6).reshape(3, 2), "w": torch.ones(3)}, 2))
     assert [a["x"][:, 0].tolist() for a in arrays] == [[0, 2], [4]]
-    assert [len(x) for x, _ in micro_batches([np.zeros((5, 2)), np.arange(5)], 2)] == [2, 2, 1]
+    per_example = [np.arange(3) + 10 * i for i in range(4)]  # an identity collate_fn's list of examples
+    assert [[a[0] for a in p] for p in micro_batches(per_example, 3)] == [[0, 10, 20], [30]]
+    Record = namedtuple("Record", "x note")
+    assert [p.x.tolist() for p in micro_batches(Record(torch.arange(3), ["a", "b", "c"]), 2)] == [[0, 1], [2]]
     with pytest.raises(TypeError, match="cannot split a float field"):
         list(micro_batches({"x": torch.zeros(3), "temperature": 0.5}, 2))
     with pytest.raises(ValueError, match="max_size"):
