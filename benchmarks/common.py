@@ -103,6 +103,7 @@ def run_queue(jobs: list[tuple[Path, Callable[[], dict]]], label: str = "runs") 
 
     Each job is (result path, function returning a JSON-able dict); the dict is written with the
     provenance added. The time left is the mean time of this session's finished runs times the runs left.
+    A run whose file appears meanwhile (another process sweeping the same folder) is skipped.
     """
     pending = [(path, fn) for path, fn in jobs if not path.exists()]
     print(f"{label}: {len(jobs) - len(pending)} of {len(jobs)} already done, {len(pending)} to run", flush=True)
@@ -110,6 +111,9 @@ def run_queue(jobs: list[tuple[Path, Callable[[], dict]]], label: str = "runs") 
         print(f"  pending: {path.parent.name}/{path.name}", flush=True)
     start = time.time()
     for done, (path, fn) in enumerate(pending, 1):
+        if path.exists():
+            print(f"[{done}/{len(pending)}] {path.stem}: done meanwhile by another process, skipped", flush=True)
+            continue
         t0 = time.time()
         result = fn()
         result.update(seconds=round(time.time() - t0, 1), **provenance())

@@ -1,5 +1,5 @@
-"""The utility benchmark's tuning protocol: the same learning-rate grid for every method, extended past
-the edge where a method's optimum lies (benchmarks/utility.py)."""
+"""The benchmarks' protocol: the same learning-rate grid for every method, extended past the edge where a
+method's optimum lies (benchmarks/utility.py), and resumable sweeps (benchmarks/common.py)."""
 
 from benchmarks import common, utility  # python -m pytest from the repository root puts it on sys.path
 
@@ -45,3 +45,23 @@ def test_an_interior_optimum_keeps_the_common_grid(tmp_path):
         _tuning_run(tmp_path, "prism", lr, acc)
     assert utility.tuning_grid(tmp_path, "task", "prism", grid) == grid
     assert utility.tuned_lr(tmp_path, "task", "prism", grid) == 1e-2
+
+
+def test_the_run_queue_resumes_and_skips_runs_another_process_finished(tmp_path):
+    first, second, third = (tmp_path / f"run{i}.json" for i in range(3))
+    common.write_json(first, dict(val_accuracy=0.1))
+    calls = []
+
+    def finish_second_elsewhere():
+        calls.append("second")
+        common.write_json(third, dict(val_accuracy=0.3))  # as a parallel sweep would, before this one reaches it
+        return dict(val_accuracy=0.2)
+
+    def run_third():
+        calls.append("third")
+        return dict(val_accuracy=0.0)
+
+    results = common.run_queue([(first, lambda: calls.append("first")), (second, finish_second_elsewhere),
+                                (third, run_third)])
+    assert calls == ["second"]
+    assert [r["val_accuracy"] for r in results] == [0.1, 0.2, 0.3]
