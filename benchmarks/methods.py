@@ -45,6 +45,8 @@ class Setup:
     max_length: int = 40  # tokens per sentence, padded per micro-batch
     max_grad_norm: float = 1.0
     dense_max_grad_norm: float | None = None  # the head's scale in prism's joint clip (None: max_grad_norm)
+    floor_mode: str = "scalar"  # PRISM's DP-aware second-moment floor (method 3.5); the other methods have none
+    floor_factor: float = 0.5
     delta: float = 1e-5
     rank: int = 8
     log_every: int = 20
@@ -146,11 +148,13 @@ def _train_prism_family(method, model, tokenizer, split, setup, epsilon, seed, l
     if method == "nonprivate":
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     else:
-        cls = prism.PRISM if method == "prism" else prism.NaiveDPLoRA
+        cls, floor = prism.NaiveDPLoRA, {}
+        if method == "prism":
+            cls, floor = prism.PRISM, dict(floor_mode=setup.floor_mode, floor_factor=setup.floor_factor)
         sigma = noise_multiplier(epsilon, setup.delta, setup.batch_size / n, setup.steps)
         opt = cls(model, lr=lr, max_grad_norm=setup.max_grad_norm, dense_max_grad_norm=setup.dense_max_grad_norm,
                   noise_multiplier=sigma, delta=setup.delta, expected_batch_size=setup.batch_size, dataset_size=n,
-                  loss_reduction="sum", generator=noise_gen)
+                  loss_reduction="sum", generator=noise_gen, **floor)
     labels = torch.tensor(split.train_y)
     log, clipped, seen = _Log(setup), 0, 0
     for batch in prism.PoissonBatchSampler(n, setup.batch_size / n, setup.steps, generator=sample_gen):

@@ -219,6 +219,10 @@ def main(argv=None) -> dict:
     p.add_argument("--max-grad-norm", type=float, default=methods.Setup.max_grad_norm, help="C")
     p.add_argument("--dense-max-grad-norm", type=float, default=None,
                    help="C_D, the head's scale in prism's joint clip (prism, naive, ffa only; use with --out)")
+    p.add_argument("--floor-mode", choices=("scalar", "geometry"), default=methods.Setup.floor_mode,
+                   help="PRISM's second-moment floor (prism only; use with --out)")
+    p.add_argument("--floor-factor", type=float, default=methods.Setup.floor_factor,
+                   help="f in PRISM's floor f * std^2 (prism only; use with --out)")
     p.add_argument("--summary-only", action="store_true", help="only rebuild the summary, table and plot")
     args = p.parse_args(argv)
     common.quiet()
@@ -230,7 +234,8 @@ def main(argv=None) -> dict:
     folder = common.out_dir(args)
     if not args.summary_only:
         setup = replace(methods.QUICK if args.quick else methods.Setup(), max_grad_norm=args.max_grad_norm,
-                        dense_max_grad_norm=args.dense_max_grad_norm)
+                        dense_max_grad_norm=args.dense_max_grad_norm, floor_mode=args.floor_mode,
+                        floor_factor=args.floor_factor)
         sweep(args, folder, setup)
     summary = summarize(args, folder)
     print(table(summary, args.epsilons))
