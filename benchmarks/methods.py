@@ -64,16 +64,19 @@ def opacus_available() -> bool:
 
 
 def train(method: str, split: Split, setup: Setup, *, epsilon: float | None, seed: int, lr: float,
-          full_rank: bool | None = None, gauge: float = 1.0) -> dict:
+          full_rank: bool | None = None, gauge: float = 1.0, after_step=None) -> dict:
     """Train one method from the pretrained model and return its accuracies and privacy spent.
 
     Args:
         epsilon: target epsilon at setup.delta (None: non-private).
         full_rank: PiSSA init (default: only for prism).
         gauge: re-factor every initial adapter (A, B) as (gauge A, B / gauge) first (same Z).
+        after_step: called with the optimizer after each step (the prism-family methods only).
     """
     if (epsilon is None) != (method == "nonprivate"):
         raise ValueError(f"{method}: epsilon={epsilon}")
+    if after_step is not None and method in OPACUS_METHODS:
+        raise ValueError(f"{method}: after_step is for the methods trained by prism's optimizers")
     torch.manual_seed(seed)
     tokenizer, model = minilm(method == "prism" if full_rank is None else full_rank, setup.rank)
     refactor(model, gauge)
@@ -83,8 +86,10 @@ def train(method: str, split: Split, setup: Setup, *, epsilon: float | None, see
         if any(part in name for part in frozen):
             param.requires_grad_(False)
     start = time.time()
-    loop = _train_opacus if method in OPACUS_METHODS else _train_prism_family
-    model, info = loop(method, model, tokenizer, split, setup, epsilon, seed, lr)
+    if method in OPACUS_METHODS:
+        model, info = _train_opacus(method, model, tokenizer, split, setup, epsilon, seed, lr)
+    else:
+        model, info = _train_prism_family(method, model, tokenizer, split, setup, epsilon, seed, lr, after_step)
     return dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, gauge=gauge,
                 val_accuracy=accuracy(model, tokenizer, split.val_x, split.val_y, setup.max_length),
                 test_accuracy=accuracy(model, tokenizer, split.test_x, split.test_y, setup.max_length),
@@ -142,7 +147,7 @@ class _Log:
         return sum(tail) / len(tail)
 
 
-def _train_prism_family(method, model, tokenizer, split, setup, epsilon, seed, lr):
+def _train_prism_family(method, model, tokenizer, split, setup, epsilon, seed, lr, after_step=None):
     n = len(split.train_x)
     sample_gen, noise_gen = _generators(seed)
     if method == "nonprivate":
@@ -169,6 +174,8 @@ def _train_prism_family(method, model, tokenizer, split, setup, epsilon, seed, l
         if method != "nonprivate":
             clipped, seen = clipped + opt.stats.clipped, seen + opt.stats.examples
         opt.step()
+        if after_step is not None:
+            after_step(opt)
         opt.zero_grad()
         log(loss_sum, len(batch))
     info = dict(final_train_loss=log.final_loss())
