@@ -2,7 +2,7 @@
 
     python -m benchmarks.llm --stage tune            # lr grid on the validation split (resumable)
     python -m benchmarks.llm --stage test            # tuned rates, all epsilons and seeds
-    python -m benchmarks.llm --stage probe --steps 8 # a few steps per method at one rate: diagnostics only
+    python -m benchmarks.llm --stage probe --stop-after 8  # 8 of 40 steps per method: diagnostics
     python -m benchmarks.llm --summary-only          # the tables from the result files
     python -m benchmarks.llm --quick                 # CI: a tiny random Llama, a few steps, no claims
 
@@ -66,6 +66,7 @@ class Setup:
     rank: int = 8
     val_size: int = 500  # the first examples of benchmarks.tasks' validation split
     test: bool = True  # score the test split (2000) too
+    stop_after: int | None = None  # probes: noise calibrated for `steps`, training stopped after this many
     threads: int = 1
 
 
@@ -279,7 +280,7 @@ def _train_loop(method, cfg, model, pairs, data, pad, setup, epsilon, seed, lr) 
         opt.step()
         opt.zero_grad()
         log.record(loss_total, examples, clipped, norms, z_before, opt, floor_factor)
-        if not math.isfinite(loss_total):
+        if not math.isfinite(loss_total) or len(log.rows) == setup.stop_after:
             break
     if method != "nonprivate":
         info["epsilon"] = opt.privacy_spent()[0]
@@ -359,7 +360,7 @@ def job(method, setup, epsilon, seed, lr, quick, cache):
 def sweep(args, folder, setup) -> None:
     cache = {}
     if args.stage == "probe":
-        jobs = [(run_path(folder, f"probe{setup.steps}", m, eps_of(m, e), s, lr),
+        jobs = [(run_path(folder, f"probe{setup.stop_after or setup.steps}of{setup.steps}", m, eps_of(m, e), s, lr),
                  job(m, setup, eps_of(m, e), s, lr, args.quick, cache))
                 for e in args.epsilons for s in args.seeds for lr in (args.lr_grid or [1e-2]) for m in args.methods
                 if m != "zeroshot"]
@@ -418,6 +419,8 @@ def main(argv=None):
     p.add_argument("--lr-grid", nargs="+", type=float, default=None, help="one grid for every method")
     p.add_argument("--edge-steps", type=int, default=1)
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop training after this many steps (noise still calibrated for --steps)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--val-size", type=int, default=None)
     p.add_argument("--no-test", action="store_true", help="score the validation split only")
@@ -426,7 +429,7 @@ def main(argv=None):
     common.quiet()
     setup = QUICK if args.quick else Setup()
     setup = replace(setup, **{k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size,
-                                                     val_size=args.val_size).items() if v is not None})
+                                                     val_size=args.val_size, stop_after=args.stop_after).items() if v is not None})
     if args.no_test:
         setup = replace(setup, test=False)
     if args.quick:
