@@ -19,7 +19,9 @@ Methods (all from peft's PiSSA adapter, "pissa_niter_4", unless named otherwise)
     nonprivate     AdamW, no clipping, no noise
     prism          prism.PRISM, floor f = 0.5 (default)       prism_f5   the same, f = 5
     prism_sgd      prism.PRISM(adaptive=False): Riemannian DP-SGD
-    prism_fix      EXPERIMENTAL (benchmarks.llm_fix): PRISM with its lifted directions in naive's scale
+    prism_geo      prism.PRISM(floor_mode="geometry"): the floor at the lifted noise's own scale
+    prism_bal      PRISM from prism.init_balanced_lora (c = 1/sqrt(3), base compensated), not PiSSA
+    naive_bal      naive DP-LoRA from the same balanced init
     naive          prism.NaiveDPLoRA (DP-AdamW on both factors)
     naive_default  the same from peft's default init (lora_B = 0), the way its users run it
     ffa            FFA-LoRA: lora_A frozen (at PiSSA's), lora_B trained by NaiveDPLoRA
@@ -46,7 +48,8 @@ import prism
 from . import common, llm_tasks, utility
 
 STAGES = ("tune", "test", "probe")
-METHODS = ("zeroshot", "nonprivate", "prism", "prism_f5", "prism_sgd", "prism_fix", "naive", "naive_default", "ffa")
+METHODS = ("zeroshot", "nonprivate", "prism", "prism_f5", "prism_sgd", "prism_geo", "prism_bal", "naive",
+           "naive_default", "naive_bal", "ffa")
 PRIVATE = tuple(m for m in METHODS if m not in ("zeroshot", "nonprivate"))
 LR_GRID = {"nonprivate": (3e-4, 1e-3, 3e-3)}  # the others: DEFAULT_GRID
 DEFAULT_GRID = (3e-3, 1e-2, 3e-2)
@@ -80,7 +83,9 @@ def method_config(method: str) -> dict:
         prism=dict(init="pissa", cls="PRISM", kwargs=dict(floor_factor=0.5)),
         prism_f5=dict(init="pissa", cls="PRISM", kwargs=dict(floor_factor=5.0)),
         prism_sgd=dict(init="pissa", cls="PRISM", kwargs=dict(adaptive=False)),
-        prism_fix=dict(init="pissa", cls="PRISMFix", kwargs=dict(floor_factor=0.5)),
+        prism_geo=dict(init="pissa", cls="PRISM", kwargs=dict(floor_mode="geometry", floor_factor=0.5)),
+        prism_bal=dict(init="balanced", cls="PRISM", kwargs=dict(floor_factor=0.5)),
+        naive_bal=dict(init="balanced", cls="NaiveDPLoRA", kwargs={}),
         naive=dict(init="pissa", cls="NaiveDPLoRA", kwargs={}),
         naive_default=dict(init="default", cls="NaiveDPLoRA", kwargs={}),
         ffa=dict(init="pissa", cls="NaiveDPLoRA", kwargs={}, freeze_A=True),
@@ -88,10 +93,6 @@ def method_config(method: str) -> dict:
 
 
 def _optimizer_class(name: str):
-    if name == "PRISMFix":
-        from .llm_fix import PRISMFix
-
-        return PRISMFix
     return getattr(prism, name)
 
 
@@ -367,10 +368,13 @@ def sweep(args, folder, setup) -> None:
         common.run_queue(list(dict(jobs).items()), "llm probes")
         return
     if args.stage == "tune":
-        while True:
-            jobs = [(run_path(folder, "tune", m, eps_of(m, TUNE_EPSILON), 0, lr),
-                     job(m, setup, eps_of(m, TUNE_EPSILON), 0, lr, args.quick, cache))
-                    for m in args.methods for lr in _ordered(tuning_grid(folder, m, args))]
+        setup = replace(setup, test=False)  # tuning sees the validation split only
+        while True:  # rate-major (every method at the grid's middle rate first), then the grid extensions
+            grids = {m: _ordered(tuning_grid(folder, m, args)) for m in args.methods}
+            order = sorted(((i, m) for m in args.methods for i in range(len(grids[m]))), key=lambda x: x[0])
+            jobs = [(run_path(folder, "tune", m, eps_of(m, TUNE_EPSILON), 0, grids[m][i]),
+                     job(m, setup, eps_of(m, TUNE_EPSILON), 0, grids[m][i], args.quick, cache))
+                    for i, m in order]
             if all(p.exists() for p, _ in jobs):
                 return
             common.run_queue(jobs, "llm learning-rate tuning")
@@ -385,9 +389,7 @@ def sweep(args, folder, setup) -> None:
                 e = eps_of(m, epsilon)
                 if e is None and epsilon != args.epsilons[0]:
                     continue
-                path = (run_path(folder, "tune", m, e, 0, lr) if seed == 0 and (e == TUNE_EPSILON or e is None)
-                        else run_path(folder, "test", m, e, seed, lr))
-                jobs.append((path, job(m, setup, e, seed, lr, args.quick, cache)))
+                jobs.append((run_path(folder, "test", m, e, seed, lr), job(m, setup, e, seed, lr, args.quick, cache)))
     common.run_queue(jobs, "llm test runs")
 
 

@@ -131,7 +131,8 @@ def load_model(quick: bool, init: str, rank: int = 8, alpha: float | None = None
     with LoRA r on q_proj and v_proj, no dropout, scaling alpha / r (default alpha = r: delta W = Z).
 
     init: "pissa" (peft's "pissa_niter_4": the top-r part of W0 moved into the adapter, full-rank
-    factors, the model output unchanged) or "default" (peft's: lora_A random, lora_B = 0).
+    factors, the model output unchanged), "default" (peft's: lora_A random, lora_B = 0) or "balanced"
+    (prism.init_balanced_lora: small random orthonormal factors, the base compensated).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -145,9 +146,13 @@ def load_model(quick: bool, init: str, rank: int = 8, alpha: float | None = None
         model = LlamaForCausalLM(config)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    inits = {"pissa": "pissa_niter_4", "default": True}
+    inits = {"pissa": "pissa_niter_4", "default": True, "balanced": True}
     config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=0.0, target_modules=list(TARGETS),
                         init_lora_weights=inits[init])
     model = get_peft_model(model, config)
+    if init == "balanced":  # A = c Q1, B = c Q2, c = 1/sqrt(3), the base compensated (the output unchanged)
+        import prism
+
+        prism.init_balanced_lora(model, generator=torch.Generator().manual_seed(0))
     model.train()
     return tokenizer, model
