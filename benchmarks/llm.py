@@ -51,7 +51,9 @@ STAGES = ("tune", "test", "probe")
 METHODS = ("zeroshot", "nonprivate", "prism", "prism_f5", "prism_sgd", "prism_geo", "prism_bal", "naive",
            "naive_default", "naive_bal", "ffa")
 PRIVATE = tuple(m for m in METHODS if m not in ("zeroshot", "nonprivate"))
-LR_GRID = {"nonprivate": (3e-4, 1e-3, 3e-3)}  # the others: DEFAULT_GRID
+# the others: DEFAULT_GRID. Riemannian DP-SGD (prism_sgd) has no 1 / noise-std normalisation: at lr 1e-2 its
+# step in Z is ~200x smaller than the adaptive methods' (results/llm/probe8of40), hence its own grid
+LR_GRID = {"nonprivate": (3e-4, 1e-3, 3e-3), "prism_sgd": (0.3, 1.0, 3.0)}
 DEFAULT_GRID = (3e-3, 1e-2, 3e-2)
 EPSILONS = (3.0, 8.0)
 TUNE_EPSILON = 8.0
