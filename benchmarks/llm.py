@@ -396,20 +396,33 @@ def sweep(args, folder, setup) -> None:
 
 
 def table(folder: Path) -> str:
-    """Markdown: every result file under results/llm, one row each."""
-    lines = ["| stage | method | eps | seed | lr | val | test | final loss | clipped | dZ/Z q | dZ/Z v | s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    """Markdown: every result file under results/llm, one row each: accuracies, the final training loss,
+    the mean clipped fraction, ||dZ|| / ||Z|| (median over modules) at the first and the last step, and
+    the second moments at the last step over noise_std^2 (PRISM: median eigenvalue of V_A on q_proj and
+    the fraction of all eigenvalues below the floor; naive: median per-coordinate moment of lora_B)."""
+    lines = ["| stage | method | eps | seed | lr | val | test | final loss | clipped | dZ/Z q first-last | "
+             "dZ/Z v first-last | V/std^2 q | below floor | s |", "|---" * 14 + "|"]
+
+    def f(x, fmt):
+        return "" if x is None else format(x, fmt)
+
     for path in sorted((folder / "llm").glob("*/*.json")):
         r = common.read_json(path)
-        dz = r.get("dZ_over_Z_mean") or {}
+        steps = r.get("steps") or []
+        first, last = (steps[0], steps[-1]) if steps else ({}, {})
 
-        def f(x, fmt):
-            return "" if x is None else format(x, fmt)
-        lines.append(f"| {path.parent.name} | {r['method']} | {tag(r['target_epsilon'])} | {r['seed']} | "
-                     f"{f(r['lr'], 'g')} | {100 * r['val_accuracy']:.1f} | "
-                     f"{f(r.get('test_accuracy') and 100 * r['test_accuracy'], '.1f')} | "
-                     f"{f(r.get('final_train_loss'), '.3f')} | {f(r.get('clipped_fraction'), '.2f')} | "
-                     f"{f(dz.get('q_proj'), '.2e')} | {f(dz.get('v_proj'), '.2e')} | {r.get('seconds', '')} |")
+        def dz(row, kind):
+            return (row.get(f"{kind}.dZ_over_Z") or {}).get("median")
+        moments = last.get("moments") or {}
+        eig = (moments.get("q_proj.eig_A") or moments.get("q_proj.v_A") or {}).get("median")
+        below = [v["below_floor"] for k, v in moments.items() if "below_floor" in v]
+        lines.append(
+            f"| {path.parent.name} | {r['method']} | {tag(r['target_epsilon'])} | {r['seed']} | {f(r['lr'], 'g')} | "
+            f"{100 * r['val_accuracy']:.1f} | {f(r.get('test_accuracy') and 100 * r['test_accuracy'], '.1f')} | "
+            f"{f(r.get('final_train_loss'), '.3f')} | {f(r.get('clipped_fraction'), '.2f')} | "
+            f"{f(dz(first, 'q_proj'), '.3f')}-{f(dz(last, 'q_proj'), '.3f')} | "
+            f"{f(dz(first, 'v_proj'), '.3f')}-{f(dz(last, 'v_proj'), '.3f')} | {f(eig, '.3f')} | "
+            f"{f(statistics.mean(below) if below else None, '.2f')} | {r.get('seconds', '')} |")
     return "\n".join(lines)
 
 
