@@ -61,11 +61,11 @@ from transformers import Trainer, TrainerCallback
 from transformers.models.auto import modeling_auto
 
 from . import distributed, export
-from ._base import DPLoRAOptimizer
+from .optim.base import DPLoRAOptimizer
 from .accounting import PrivacyBudgetExceeded, steps_in_epochs
 from .losses import (drop_labels_after_padding, per_example_causal_lm_loss, per_example_sequence_loss,
                      per_example_token_loss)
-from .noise import entropy_seeded_generator
+from .pipeline.noise import entropy_seeded_generator
 from .sampling import poisson_indices, split_evenly
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Full-rank LoRA factors for PRISM (method.md section 4).
+"""Full-rank LoRA factors for PRISM (docs/method.md section 4).
 
 The tangent space of M_r is undefined at Z = 0, and peft's default init has lora_B = 0.
 Use a full-rank init: `init_lora_weights="pissa"` or `"olora"` in LoraConfig (the top-r part of
@@ -74,9 +74,10 @@ def init_balanced_lora(model: nn.Module, scale: float = 3 ** -0.5, *, compensate
 
 
 def _subtract_from_base(pair: LoRAPair, delta: Tensor) -> None:
-    layer = pair.layer
-    base = layer.get_base_layer().weight
-    if not base.is_floating_point():
-        raise ValueError(f"{pair.name}: cannot compensate a quantized base weight; pass compensate_base=False.")
-    delta = delta.T if getattr(layer, "fan_in_fan_out", False) else delta
-    base.sub_(delta.to(device=base.device, dtype=base.dtype))
+    """W0 -= delta, delta (out, in), in the orientation the base layer stores its weight."""
+    kind = pair.base_kind
+    base = pair.layer.get_base_layer().weight
+    if not kind.may_rewrite_base or not base.is_floating_point():
+        raise ValueError(f"{pair.name}: cannot compensate a {kind.name} base weight in place (quantized); pass "
+                         "compensate_base=False.")
+    base.sub_(kind.weight_delta(delta).to(device=base.device, dtype=base.dtype))

@@ -13,7 +13,7 @@ from helpers import (TensorDataset, assemble, make_batch, per_example_losses, st
                      token_halves)
 from prism import NaiveDPLoRA, PRISM, kernels
 from prism.manifold import tangent_basis
-from prism.noise import noise_energy, tangent_noise
+from prism.pipeline.noise import noise_energy, tangent_noise
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 

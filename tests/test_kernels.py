@@ -9,7 +9,8 @@ import torch
 
 import prism
 from helpers import make_batch, per_example_losses, tiny_model
-from prism import PRISM, kernels, per_example
+from prism import PRISM, kernels
+from prism.pipeline import per_example
 from prism.manifold import TangentBasis, tangent_basis
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -6,7 +6,7 @@ import torch
 
 from helpers import brute_force_gradients, lora_layers, lora_Z, make_batch, per_example_losses, project, tiny_model
 from prism import PRISM, NaiveDPLoRA
-from prism.noise import noise_energy
+from prism.pipeline.noise import noise_energy
 
 
 def _step_on(model, opt, batch, weights):

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from .manifold import TangentBasis
+from ..manifold import TangentBasis
 
 
 def in_compute_dtype(dtype: torch.dtype, *captured: Tensor, grad_scale: float | Tensor = 1) -> list[Tensor]:
