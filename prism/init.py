@@ -60,6 +60,10 @@ def init_balanced_lora(model: nn.Module, scale: float = 3 ** -0.5, *, compensate
     pairs, _ = find_trainables(model)
     for pair in pairs:
         check_rank_fits(pair)
+        if compensate_base and not pair.base_kind.may_rewrite_base:
+            raise ValueError(f"{pair.name}: cannot compensate a {pair.base_kind.name} base weight in place; pass "
+                             "compensate_base=False.")
+    for pair in pairs:
         m, n, r = pair.shape
         weight = pair.lora_B.weight
         Q_1 = torch.linalg.qr(torch.randn(m, r, generator=generator, dtype=torch.float64))[0]
@@ -75,9 +79,5 @@ def init_balanced_lora(model: nn.Module, scale: float = 3 ** -0.5, *, compensate
 
 def _subtract_from_base(pair: LoRAPair, delta: Tensor) -> None:
     """W0 -= delta, delta (out, in), in the orientation the base layer stores its weight."""
-    kind = pair.base_kind
     base = pair.layer.get_base_layer().weight
-    if not kind.may_rewrite_base or not base.is_floating_point():
-        raise ValueError(f"{pair.name}: cannot compensate a {kind.name} base weight in place (quantized); pass "
-                         "compensate_base=False.")
-    base.sub_(kind.weight_delta(delta).to(device=base.device, dtype=base.dtype))
+    base.sub_(pair.base_kind.weight_delta(delta).to(device=base.device, dtype=base.dtype))

@@ -30,7 +30,7 @@ def one_step(cls, kind, device, mode, noise_multiplier=0.0, generator="seeded", 
     with kernels.use(mode):
         per_example_losses(kind, model, batch).sum().backward()
         norms = opt.stats.last_norms.clone()
-        sums = [s.clone() for unit in opt._lora_units for s in unit.sums]
+        sums = [s for name, module_sums in opt.clipped_sums().items() for s in module_sums]
         opt.step()
     factors = [p.detach().clone() for pair in opt.pairs for p in (pair.lora_A.weight, pair.lora_B.weight)]
     return opt, [norms, *sums, *factors]

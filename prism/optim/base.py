@@ -140,6 +140,16 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         """Counters of the logical step in progress (examples seen, clipped, non-finite)."""
         return self._collector.stats
 
+    def clipped_sums(self) -> dict[str, list[Tensor]]:
+        """Copies of the clipped per-example sums accumulated since the last step, by module name.
+
+        PRISM's LoRA modules: [Y_sum (m, r), W_sum (n, r)], the tangent blocks' sums (docs/method.md
+        3.1); NaiveDPLoRA's: [grad of lora_B.weight, grad of lora_A.weight]; dense layers: [weight,
+        bias if trained]. Modules no example reached are absent. NOT private (no noise is in them
+        yet): for tests and debugging only; never log or publish them.
+        """
+        return {unit.name: [s.clone() for s in unit.sums] for unit in self._units if unit.sums is not None}
+
     @property
     def _units(self) -> list[Unit]:
         return self._lora_units + self._dense_units
