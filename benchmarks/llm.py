@@ -1,0 +1,447 @@
+"""Privacy-utility on a real LLM, with diagnostics: SmolLM2-135M-Instruct, sentiment as text (issue 22).
+
+    python -m benchmarks.llm --stage tune            # lr grid on the validation split (resumable)
+    python -m benchmarks.llm --stage test            # tuned rates, all epsilons and seeds
+    python -m benchmarks.llm --stage probe --stop-after 8  # 8 of 40 steps per method: diagnostics
+    python -m benchmarks.llm --summary-only          # the tables from the result files
+    python -m benchmarks.llm --quick                 # CI: a tiny random Llama, a few steps, no claims
+
+Task (benchmarks.llm_tasks): Rotten Tomatoes as "Review: ... Sentiment:" -> " positive" | " negative",
+the loss on the answer token only (one token each), scored by comparing the two answers' likelihoods.
+Model: SmolLM2-135M-Instruct (prism.pretrained.smollm2), LoRA r = 8, alpha = 8 on q_proj and v_proj of
+all 30 layers (60 modules, 460,800 parameters), no dropout, no new head (the LM head stays frozen).
+Every method trains with a plain loop: prism.poisson_data_loader draws each logical batch (expected
+size b), sorted by length and cut into micro-batches, one optimizer step per batch; per-example
+SUM loss for the private methods, the batch mean for the non-private one.
+
+Methods (all from peft's PiSSA adapter, "pissa_niter_4", unless named otherwise):
+    zeroshot       no training
+    nonprivate     AdamW, no clipping, no noise
+    prism          prism.PRISM, floor f = 0.5 (default)       prism_f5   the same, f = 5
+    prism_sgd      prism.PRISM(adaptive=False): Riemannian DP-SGD
+    prism_fix      EXPERIMENTAL (benchmarks.llm_fix): PRISM with its lifted directions in naive's scale
+    naive          prism.NaiveDPLoRA (DP-AdamW on both factors)
+    naive_default  the same from peft's default init (lora_B = 0), the way its users run it
+    ffa            FFA-LoRA: lora_A frozen (at PiSSA's), lora_B trained by NaiveDPLoRA
+
+Each run writes results/llm/<stage>/<method>_eps<e>_seed<s>_lr<lr>.json with the provenance, settings,
+val/test accuracy and, for every step: the training loss, the fraction of examples clipped and the
+median per-example norm (optimizer.stats), ||dZ|| and ||dZ|| / ||Z|| per module, and the second
+moments read from the optimizer state against noise_std^2 (PRISM: eigenvalues of the r x r moments;
+naive: the per-coordinate moments).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+import prism
+
+from . import common, llm_tasks, utility
+
+STAGES = ("tune", "test", "probe")
+METHODS = ("zeroshot", "nonprivate", "prism", "prism_f5", "prism_sgd", "prism_fix", "naive", "naive_default", "ffa")
+PRIVATE = tuple(m for m in METHODS if m not in ("zeroshot", "nonprivate"))
+LR_GRID = {"nonprivate": (3e-4, 1e-3, 3e-3)}  # the others: DEFAULT_GRID
+DEFAULT_GRID = (3e-3, 1e-2, 3e-2)
+EPSILONS = (3.0, 8.0)
+TUNE_EPSILON = 8.0
+SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Setup:
+    steps: int = 40
+    batch_size: int = 64  # expected logical batch b = q N
+    micro_batch: int = 32
+    max_length: int = 64  # prompt tokens (the review is truncated)
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+    rank: int = 8
+    val_size: int = 500  # the first examples of benchmarks.tasks' validation split
+    test: bool = True  # score the test split (2000) too
+    stop_after: int | None = None  # probes: noise calibrated for `steps`, training stopped after this many
+    threads: int = 1
+
+
+QUICK = Setup(steps=3, batch_size=16, micro_batch=8, max_length=32, val_size=64)
+
+
+def method_config(method: str) -> dict:
+    """init and optimizer of a method."""
+    return dict(
+        zeroshot=dict(init="pissa"), nonprivate=dict(init="pissa"),
+        prism=dict(init="pissa", cls="PRISM", kwargs=dict(floor_factor=0.5)),
+        prism_f5=dict(init="pissa", cls="PRISM", kwargs=dict(floor_factor=5.0)),
+        prism_sgd=dict(init="pissa", cls="PRISM", kwargs=dict(adaptive=False)),
+        prism_fix=dict(init="pissa", cls="PRISMFix", kwargs=dict(floor_factor=0.5)),
+        naive=dict(init="pissa", cls="NaiveDPLoRA", kwargs={}),
+        naive_default=dict(init="default", cls="NaiveDPLoRA", kwargs={}),
+        ffa=dict(init="pissa", cls="NaiveDPLoRA", kwargs={}, freeze_A=True),
+    )[method]
+
+
+def _optimizer_class(name: str):
+    if name == "PRISMFix":
+        from .llm_fix import PRISMFix
+
+        return PRISMFix
+    return getattr(prism, name)
+
+
+# ---------------------------------------------------------------------------------------------- diagnostics
+
+def _module_kind(name: str) -> str:
+    return next((t for t in llm_tasks.TARGETS if t in name), "other")
+
+
+@torch.no_grad()
+def _z(pair) -> torch.Tensor:
+    return (pair.lora_B.weight.float() @ pair.lora_A.weight.float())
+
+
+def _quantiles(values) -> dict:
+    values = sorted(values)
+    if not values:
+        return {}
+    return dict(median=statistics.median(values), min=values[0], max=values[-1])
+
+
+def _round(x, digits=4):
+    if isinstance(x, float):
+        return float(f"{x:.{digits}g}") if math.isfinite(x) else x
+    if isinstance(x, dict):
+        return {k: _round(v, digits) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_round(v, digits) for v in x]
+    return x
+
+
+def moment_diagnostics(opt, pairs, floor_factor: float | None) -> dict:
+    """Second moments from the optimizer state (read only) in units of noise_std^2, per module kind.
+
+    PRISM: eigenvalues of the bias-corrected r x r moments V_A, V_B (keys exp_avg_sq_A/B) and the
+    fraction below the floor f; naive/ffa: the bias-corrected per-coordinate moments v of each factor.
+    """
+    std2 = opt.noise_std ** 2
+    if std2 == 0:
+        return {}
+    beta2 = opt.param_groups[0]["betas"][1]
+    out = {}
+    for kind in llm_tasks.TARGETS:
+        rows = {}
+        for pair in (p for p in pairs if _module_kind(p.name) == kind):
+            state = opt.state.get(pair.lora_B.weight, {})
+            if "exp_avg_sq_A" in state:  # PRISM
+                for side in ("A", "B"):
+                    V = state[f"exp_avg_sq_{side}"] / (1 - beta2 ** state["step"])
+                    rows.setdefault(f"eig_{side}", []).extend(
+                        torch.linalg.eigvalsh((V + V.mT) / 2).div(std2).tolist())
+            for label, param in (("A", pair.lora_B.weight), ("B", pair.lora_A.weight)):
+                st = opt.state.get(param, {})
+                if "exp_avg_sq" in st:  # naive / ffa (dense AdamW state)
+                    v = st["exp_avg_sq"] / (1 - beta2 ** st["step"])
+                    rows.setdefault(f"v_{label}", []).append(float(v.median()) / std2)
+        for key, values in rows.items():
+            q = _quantiles(values)
+            if key.startswith("eig") and floor_factor is not None:
+                q["below_floor"] = sum(v < floor_factor for v in values) / len(values)
+            out[f"{kind}.{key}"] = q
+    return out
+
+
+class StepLog:
+    """Per-step diagnostics; prints a progress line every `every` steps."""
+
+    def __init__(self, pairs, setup: Setup, every: int = 5):
+        self.pairs, self.setup, self.every, self.rows, self.start = pairs, setup, every, [], time.time()
+        self.z0 = [float(_z(p).norm()) for p in pairs]
+
+    def record(self, loss_sum, examples, clipped, norms, z_before, opt=None, floor_factor=None):
+        z_after = [_z(p) for p in self.pairs]
+        dz = [float((a - b).norm()) for a, b in zip(z_after, z_before)]
+        zn = [float(b.norm()) for b in z_before]
+        row = dict(step=len(self.rows) + 1, examples=examples, loss=loss_sum / max(examples, 1),
+                   clipped_fraction=clipped / examples if examples else None,
+                   norm=_quantiles(norms) if norms else None)
+        for kind in llm_tasks.TARGETS:
+            idx = [i for i, p in enumerate(self.pairs) if _module_kind(p.name) == kind]
+            row[f"{kind}.dZ"] = _quantiles([dz[i] for i in idx])
+            row[f"{kind}.dZ_over_Z"] = _quantiles([dz[i] / zn[i] for i in idx if zn[i] > 0])
+        row["dZ_total"] = math.sqrt(sum(d * d for d in dz))
+        row["dZ_over_Z_total"] = row["dZ_total"] / max(math.sqrt(sum(z * z for z in zn)), 1e-30)
+        if opt is not None and not isinstance(opt, torch.optim.AdamW):
+            row["moments"] = moment_diagnostics(opt, self.pairs, floor_factor)
+        self.rows.append(_round(row))
+        step = row["step"]
+        if self.every and (step % self.every == 0 or step == 1):
+            elapsed = time.time() - self.start
+            clip = "" if row["clipped_fraction"] is None else f" clipped {row['clipped_fraction']:.2f}"
+            med = "" if not row["norm"] else f" norm {row['norm']['median']:.3g}"
+            print(f"    step {step}/{self.setup.steps} loss {row['loss']:.4f}{clip}{med} "
+                  f"dZ/Z q {row['q_proj.dZ_over_Z'].get('median', float('nan')):.2e} "
+                  f"v {row['v_proj.dZ_over_Z'].get('median', float('nan')):.2e} "
+                  f"(~{elapsed / step * (self.setup.steps - step):.0f}s left)", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def init_summary(pairs) -> dict:
+    """Singular values of the initial Z per module kind (PiSSA: W0's top r)."""
+    out = {}
+    for kind in llm_tasks.TARGETS:
+        svs = [torch.linalg.svdvals(_z(p)).tolist() for p in pairs if _module_kind(p.name) == kind]
+        if svs and svs[0][0] > 0:
+            out[kind] = dict(top=_quantiles([s[0] for s in svs]), rth=_quantiles([s[-1] for s in svs]))
+    return out
+
+
+def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: float, quick: bool = False,
+          data_cache: dict | None = None) -> dict:
+    torch.set_num_threads(setup.threads)
+    cfg = method_config(method)
+    torch.manual_seed(seed)
+    tokenizer, model = llm_tasks.load_model(quick, cfg["init"], setup.rank)
+    key = (quick, setup.max_length, setup.batch_size, setup.val_size)
+    if data_cache is not None and key in data_cache:
+        data = data_cache[key]
+    else:
+        data = llm_tasks.load_data(tokenizer, setup.max_length, setup.batch_size, quick, setup.val_size)
+        if data_cache is not None:
+            data_cache[key] = data
+    pad = tokenizer.pad_token_id
+    pairs = prism.find_trainables(model)[0]  # before FFA freezes lora_A (then they count as dense layers)
+    if cfg.get("freeze_A"):
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
+    result = dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, setup=asdict(setup), init=cfg["init"],
+                  lora=dict(r=setup.rank, alpha=setup.rank, targets=list(llm_tasks.TARGETS), modules=len(pairs)),
+                  train_size=len(data.train), val_size=len(data.val), test_size=len(data.test),
+                  init_singular_values=init_summary(pairs))
+    start = time.time()
+    if method != "zeroshot":
+        result.update(_train_loop(method, cfg, model, pairs, data, pad, setup, epsilon, seed, lr))
+    result["train_seconds"] = round(time.time() - start, 1)
+    t0 = time.time()
+    val = llm_tasks.accuracy(model, data.val, data.answer_ids, pad)
+    result.update(val_accuracy=val["accuracy"], val=val)
+    if setup.test:
+        test = llm_tasks.accuracy(model, data.test, data.answer_ids, pad)
+        result.update(test_accuracy=test["accuracy"], test=test)
+    result["eval_seconds"] = round(time.time() - t0, 1)
+    return result
+
+
+def _train_loop(method, cfg, model, pairs, data, pad, setup, epsilon, seed, lr) -> dict:
+    n = len(data.train)
+    sample_gen, noise_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    floor_factor = None
+    if method == "nonprivate":
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        info = {}
+    else:
+        from .methods import noise_multiplier  # cached calibration, as benchmarks.utility does
+
+        sigma = noise_multiplier(epsilon, setup.delta, setup.batch_size / n, setup.steps)
+        kwargs = dict(cfg["kwargs"])
+        if cfg["cls"] != "NaiveDPLoRA":
+            floor_factor = kwargs.get("floor_factor", 0.5)
+        opt = _optimizer_class(cfg["cls"])(
+            model, lr=lr, max_grad_norm=setup.max_grad_norm, noise_multiplier=sigma, delta=setup.delta,
+            expected_batch_size=setup.batch_size, dataset_size=n, loss_reduction="sum", generator=noise_gen,
+            **kwargs)
+        info = dict(noise_multiplier=sigma, noise_std=opt.noise_std)
+    loader = torch.utils.data.DataLoader(list(range(n)), batch_size=setup.batch_size, collate_fn=list)
+    loader = prism.poisson_data_loader(loader, expected_batch_size=setup.batch_size, steps=setup.steps,
+                                       generator=sample_gen)
+    targets = torch.tensor([data.answer_ids[y] for y in data.train.labels])
+    log = StepLog(pairs, setup)
+    for batch in loader:
+        batch = sorted(batch, key=lambda i: len(data.train.ids[i])) if len(batch) else []
+        z_before = [_z(p) for p in pairs]
+        loss_total, norms = 0.0, []
+        for s in range(0, len(batch), setup.micro_batch):
+            index = batch[s:s + setup.micro_batch]
+            loss = llm_tasks.loss_sum(model, llm_tasks.collate([data.train.ids[i] for i in index], pad),
+                                      targets[index])
+            (loss / len(batch) if method == "nonprivate" else loss).backward()
+            loss_total += loss.item()
+            if method != "nonprivate" and opt.stats.last_norms is not None:
+                norms += opt.stats.last_norms.float().tolist()
+        clipped = opt.stats.clipped if method != "nonprivate" else 0
+        examples = len(batch)
+        opt.step()
+        opt.zero_grad()
+        log.record(loss_total, examples, clipped, norms, z_before, opt, floor_factor)
+        if not math.isfinite(loss_total) or len(log.rows) == setup.stop_after:
+            break
+    if method != "nonprivate":
+        info["epsilon"] = opt.privacy_spent()[0]
+    losses = [r["loss"] for r in log.rows]
+    info.update(final_train_loss=statistics.mean(losses[-10:]), steps=log.rows,
+                clipped_fraction=_mean([r["clipped_fraction"] for r in log.rows]),
+                dZ_over_Z_mean={k: _mean([r[f"{k}.dZ_over_Z"].get("median") for r in log.rows])
+                                for k in llm_tasks.TARGETS},
+                dZ_mean={k: _mean([r[f"{k}.dZ"].get("median") for r in log.rows]) for k in llm_tasks.TARGETS})
+    return info
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+
+def tag(epsilon):
+    return "inf" if epsilon is None else f"{epsilon:g}"
+
+
+def run_path(folder: Path, stage: str, method: str, epsilon, seed: int, lr) -> Path:
+    lr_tag = "none" if lr is None else f"{lr:g}"
+    return folder / "llm" / stage / f"{method}_eps{tag(epsilon)}_seed{seed}_lr{lr_tag}.json"
+
+
+def eps_of(method, epsilon):
+    return None if method in ("zeroshot", "nonprivate") else epsilon
+
+
+def grid_of(method, args):
+    if method == "zeroshot":
+        return [None]
+    return list(args.lr_grid or LR_GRID.get(method, DEFAULT_GRID))
+
+
+def tuning_grid(folder, method, args) -> list:
+    """The method's grid, extended past the edge where its best validation accuracy lies (utility's rule)."""
+    grid = grid_of(method, args)
+    if grid == [None]:
+        return grid
+    base = len(grid)
+    while len(grid) - base < args.edge_steps:
+        paths = {lr: run_path(folder, "tune", method, eps_of(method, TUNE_EPSILON), 0, lr) for lr in grid}
+        if not all(p.exists() for p in paths.values()):
+            break
+        best = max(grid, key=lambda lr: common.read_json(paths[lr])["val_accuracy"])
+        if best == grid[0]:
+            grid.insert(0, utility.rate_past(grid[0], grid[1]))
+        elif best == grid[-1]:
+            grid.append(utility.rate_past(grid[-1], grid[-2]))
+        else:
+            break
+    return grid
+
+
+def tuned_lr(folder, method, args):
+    grid = tuning_grid(folder, method, args)
+    paths = {lr: run_path(folder, "tune", method, eps_of(method, TUNE_EPSILON), 0, lr) for lr in grid}
+    if not all(p.exists() for p in paths.values()):
+        return None
+    return max(grid, key=lambda lr: common.read_json(paths[lr])["val_accuracy"])
+
+
+def _ordered(grid):
+    return grid if grid == [None] else utility.center_first(grid)
+
+
+def job(method, setup, epsilon, seed, lr, quick, cache):
+    def fn():
+        return train(method, setup, epsilon=epsilon, seed=seed, lr=lr, quick=quick, data_cache=cache)
+    return fn
+
+
+def sweep(args, folder, setup) -> None:
+    cache = {}
+    if args.stage == "probe":
+        jobs = [(run_path(folder, f"probe{setup.stop_after or setup.steps}of{setup.steps}", m, eps_of(m, e), s, lr),
+                 job(m, setup, eps_of(m, e), s, lr, args.quick, cache))
+                for e in args.epsilons for s in args.seeds for lr in (args.lr_grid or [1e-2]) for m in args.methods
+                if m != "zeroshot"]
+        common.run_queue(list(dict(jobs).items()), "llm probes")
+        return
+    if args.stage == "tune":
+        while True:
+            jobs = [(run_path(folder, "tune", m, eps_of(m, TUNE_EPSILON), 0, lr),
+                     job(m, setup, eps_of(m, TUNE_EPSILON), 0, lr, args.quick, cache))
+                    for m in args.methods for lr in _ordered(tuning_grid(folder, m, args))]
+            if all(p.exists() for p, _ in jobs):
+                return
+            common.run_queue(jobs, "llm learning-rate tuning")
+    jobs = []
+    for seed in args.seeds:
+        for epsilon in args.epsilons:
+            for m in args.methods:
+                lr = None if m == "zeroshot" else tuned_lr(folder, m, args)
+                if lr is None and m != "zeroshot":
+                    print(f"{m}: not tuned yet, skipped")
+                    continue
+                e = eps_of(m, epsilon)
+                if e is None and epsilon != args.epsilons[0]:
+                    continue
+                path = (run_path(folder, "tune", m, e, 0, lr) if seed == 0 and (e == TUNE_EPSILON or e is None)
+                        else run_path(folder, "test", m, e, seed, lr))
+                jobs.append((path, job(m, setup, e, seed, lr, args.quick, cache)))
+    common.run_queue(jobs, "llm test runs")
+
+
+def table(folder: Path) -> str:
+    """Markdown: every result file under results/llm, one row each."""
+    lines = ["| stage | method | eps | seed | lr | val | test | final loss | clipped | dZ/Z q | dZ/Z v | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted((folder / "llm").glob("*/*.json")):
+        r = common.read_json(path)
+        dz = r.get("dZ_over_Z_mean") or {}
+
+        def f(x, fmt):
+            return "" if x is None else format(x, fmt)
+        lines.append(f"| {path.parent.name} | {r['method']} | {tag(r['target_epsilon'])} | {r['seed']} | "
+                     f"{f(r['lr'], 'g')} | {100 * r['val_accuracy']:.1f} | "
+                     f"{f(r.get('test_accuracy') and 100 * r['test_accuracy'], '.1f')} | "
+                     f"{f(r.get('final_train_loss'), '.3f')} | {f(r.get('clipped_fraction'), '.2f')} | "
+                     f"{f(dz.get('q_proj'), '.2e')} | {f(dz.get('v_proj'), '.2e')} | {r.get('seconds', '')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--stage", choices=STAGES, default="tune")
+    p.add_argument("--methods", nargs="+", choices=METHODS,
+                   default=["zeroshot", "nonprivate", "prism", "naive", "prism_f5", "naive_default", "ffa"])
+    p.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    p.add_argument("--lr-grid", nargs="+", type=float, default=None, help="one grid for every method")
+    p.add_argument("--edge-steps", type=int, default=1)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop training after this many steps (noise still calibrated for --steps)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--val-size", type=int, default=None)
+    p.add_argument("--no-test", action="store_true", help="score the validation split only")
+    p.add_argument("--summary-only", action="store_true")
+    args = p.parse_args(argv)
+    common.quiet()
+    setup = QUICK if args.quick else Setup()
+    setup = replace(setup, **{k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size,
+                                                     val_size=args.val_size, stop_after=args.stop_after).items() if v is not None})
+    if args.no_test:
+        setup = replace(setup, test=False)
+    if args.quick:
+        args.epsilons, args.seeds, args.edge_steps = [8.0], [0], 0
+        args.lr_grid = args.lr_grid or [1e-2]
+    folder = common.out_dir(args)
+    if not args.summary_only:
+        sweep(args, folder, setup)
+    text = table(folder)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The LLM benchmark's task, model and scoring: sentiment classification as text with SmolLM2.
+
+Rotten Tomatoes (benchmarks.tasks' fixed split, so results compare like for like with
+benchmarks.utility) as a completion task, without the chat template:
+
+    "Review: <review sentence>\\nSentiment:" -> " positive" | " negative"
+
+Both answers are single tokens of SmolLM2's tokenizer (checked at load time), so the loss on the
+answer only is the cross-entropy of one next-token prediction (over the whole vocabulary, the LM
+head unchanged, no new head) and the prediction compares the two answer tokens' logits (= their
+likelihoods). No chat template: it would add ~25 tokens of system prompt to every ~30-token example
+(about twice the compute on these 2-core machines) for a task that is a plain continuation; the
+instruct model continues this prompt with one of the two words in most cases (see the zero-shot row).
+
+Sequences are right-padded; the answer is predicted at each example's last prompt token (the LM head
+runs only on the few distinct last positions of a length-sorted micro-batch). Each example's loss depends on its own tokens only (the
+padding is masked and comes after it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.nn import functional as F
+
+from . import tasks
+
+ANSWERS = (" negative", " positive")  # label 0, 1
+PREFIX, SUFFIX = "Review: ", "\nSentiment:"
+TARGETS = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Prompts as token ids (lists, unpadded) with labels 0/1."""
+
+    ids: list[list[int]]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class Data:
+    train: Encoded
+    val: Encoded
+    test: Encoded
+    answer_ids: tuple[int, int]
+
+
+def tokenizer_path(quick: bool):
+    from prism.pretrained import smollm2
+
+    return smollm2()
+
+
+def load_data(tokenizer, max_length: int, batch_size: int, quick: bool = False, val_size: int | None = None) -> Data:
+    """benchmarks.tasks' Rotten Tomatoes split (train truncated to a multiple of `batch_size`),
+    encoded; the validation split cut to its first `val_size` examples if given."""
+    split = tasks.load_task("rotten_tomatoes", batch_size, quick=quick)
+    answer_ids = []
+    for answer in ANSWERS:
+        ids = tokenizer(answer, add_special_tokens=False).input_ids
+        if len(ids) != 1:  # then the likelihood of an answer would be the sum over its tokens
+            raise ValueError(f"{answer!r} is {len(ids)} tokens in this tokenizer; the scoring assumes one")
+        answer_ids.append(ids[0])
+    suffix = tokenizer(SUFFIX, add_special_tokens=False).input_ids
+
+    def encode(texts, labels):
+        ids = [tokenizer(PREFIX + t, add_special_tokens=False).input_ids[:max_length - len(suffix)] + suffix
+               for t in texts]
+        return Encoded(ids, list(labels))
+
+    val_x, val_y = split.val_x[:val_size], split.val_y[:val_size]
+    return Data(encode(split.train_x, split.train_y), encode(val_x, val_y), encode(split.test_x, split.test_y),
+                tuple(answer_ids))
+
+
+def collate(ids: list[list[int]], pad_id: int) -> dict:
+    """Right-padded input_ids and attention_mask, and each row's last prompt position."""
+    length = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), length), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, :len(x)] = torch.tensor(x)
+        mask[row, :len(x)] = 1
+    return dict(input_ids=input_ids, attention_mask=mask, last=torch.tensor([len(x) - 1 for x in ids]))
+
+
+def answer_logits(model, batch: dict):
+    """(b, vocab) next-token logits at each example's last prompt token. The model is called as a
+    whole (prism counts its forward passes); the LM head runs only on the distinct last positions."""
+    positions, column = torch.unique(batch["last"], return_inverse=True)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=positions).logits
+    return logits[torch.arange(logits.shape[0]), column]
+
+
+def loss_sum(model, batch: dict, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over the examples of the answer token's cross-entropy (each term one example's own)."""
+    return F.cross_entropy(answer_logits(model, batch), targets, reduction="sum")
+
+
+@torch.no_grad()
+def accuracy(model, enc: Encoded, answer_ids, pad_id: int, batch_size: int = 64) -> dict:
+    """Accuracy (the answer with the larger likelihood wins), the mean answer loss over the two
+    answers renormalised, and how often the unconstrained top-1 token is one of the two answers."""
+    was_training = model.training
+    model.eval()
+    order = sorted(range(len(enc)), key=lambda i: len(enc.ids[i]))  # batches of similar length: little padding
+    correct = top1 = 0
+    loss = 0.0
+    answers = torch.tensor(answer_ids)
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        logits = answer_logits(model, collate([enc.ids[i] for i in index], pad_id))
+        labels = torch.tensor([enc.labels[i] for i in index])
+        pair = logits[:, answers]
+        correct += int((pair.argmax(-1) == labels).sum())
+        loss += float(F.cross_entropy(pair, labels, reduction="sum"))
+        top1 += int(torch.isin(logits.argmax(-1), answers).sum())
+    model.train(was_training)
+    n = max(len(enc), 1)
+    return dict(accuracy=correct / n, answer_loss=loss / n, top1_is_an_answer=top1 / n)
+
+
+def load_model(quick: bool, init: str, rank: int = 8, alpha: float | None = None):
+    """(tokenizer, peft model): SmolLM2-135M-Instruct (quick: a tiny random Llama with its vocabulary)
+    with LoRA r on q_proj and v_proj, no dropout, scaling alpha / r (default alpha = r: delta W = Z).
+
+    init: "pissa" (peft's "pissa_niter_4": the top-r part of W0 moved into the adapter, full-rank
+    factors, the model output unchanged) or "default" (peft's: lora_A random, lora_B = 0).
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tokenizer_path(quick)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if quick:
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                             pad_token_id=tokenizer.pad_token_id)
+        model = LlamaForCausalLM(config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    inits = {"pissa": "pissa_niter_4", "default": True}
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=0.0, target_modules=list(TARGETS),
+                        init_lora_weights=inits[init])
+    model = get_peft_model(model, config)
+    model.train()
+    return tokenizer, model
