@@ -2,11 +2,11 @@
 
 Two ops, each with a pure-PyTorch reference that is both its specification and its fallback:
 
-    lora_tangent_blocks(x, h, go, R_B_inv, Q_A, Q_B) -> (Y, W, sqnorms)             (method.md 3.1)
+    lora_tangent_blocks(x, h, go, R_B_inv, Q_A, Q_B) -> (Y, W, sqnorms)             (docs/method.md 3.1)
         Y_i = go_i^T (h_i R_B_inv)  (m, r),   W_i = x_i^T (go_i Q_A)  (n, r),
         sqnorms_i = max(0, ||Y_i||^2 + ||W_i||^2 - ||Q_B^T W_i||^2)
         reference: pipeline.per_example.tangent_blocks and tangent_sqnorms
-    clipped_sum(alpha, per_example) -> sum_i alpha_i per_example_i                   (method.md 3.2)
+    clipped_sum(alpha, per_example) -> sum_i alpha_i per_example_i                   (docs/method.md 3.2)
         examples with alpha_i = 0 contribute exactly 0, even if their tensors hold inf/NaN;
         reference: pipeline.clip.clipped_sum
 
@@ -67,7 +67,7 @@ def use(mode: str) -> Iterator[None]:
 def tangent_blocks(x: Tensor, h: Tensor, go: Tensor, basis: TangentBasis, grad_scale: float | Tensor = 1
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """Y (b, m, r), W (b, n, r) and squared tangent norms (b,) of each example's gradient of
-    grad_scale * loss (method.md 3.1), in the basis' dtype.
+    grad_scale * loss (docs/method.md 3.1), in the basis' dtype.
 
     Args:
         x: (b, T, n) lora_A input; h: (b, T, r) its output; go: (b, T, m) gradient at lora_B's

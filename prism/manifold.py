@@ -59,7 +59,7 @@ def split_tangent(Y: Tensor, W: Tensor, basis: TangentBasis) -> tuple[Tensor, Te
 
 
 def symmetric_lift(S: Tensor, U: Tensor, V: Tensor, basis: TangentBasis) -> tuple[Tensor, Tensor]:
-    """A factor pair (dA, dB) with dA B^T + A dB^T = xi (method.md 3.5).
+    """A factor pair (dA, dB) with dA B^T + A dB^T = xi (docs/method.md 3.5).
 
     dA = (U + Q_A S / 2) R_B^{-T},   dB = (V + Q_B S^T / 2) R_A^{-T}.
     """

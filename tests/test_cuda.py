@@ -65,7 +65,7 @@ def test_noise_is_drawn_on_the_gpu(generator):
 
 
 def test_tangent_noise_energy_on_cuda_is_the_closed_form():
-    """E||noise in Z||^2 = std^2 r (m + n - r) (method.md 3.3), drawn with a CUDA generator."""
+    """E||noise in Z||^2 = std^2 r (m + n - r) (docs/method.md 3.3), drawn with a CUDA generator."""
     g = torch.Generator("cuda").manual_seed(0)
     m, n, r, std, draws = 30, 20, 3, 0.7, 2000
     A = torch.randn(m, r, device="cuda", dtype=torch.float64, generator=g)

@@ -1,4 +1,4 @@
-"""Retraction: back onto the rank-r manifold after a step, in balanced factors (method.md 3.6).
+"""Retraction: back onto the rank-r manifold after a step, in balanced factors (docs/method.md 3.6).
 
     (A, B), direction (dA, dB), lr --retract--> balanced factors of the best rank-r approximation
     of Z - lr (dA B^T + A dB^T) --procrustes_align--> rotated as close as possible to (A, B)
