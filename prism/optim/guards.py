@@ -28,6 +28,18 @@ def check_model_argument(model) -> None:
                         "torch.distributed prism sums the clipped per-example gradients over ranks itself, while "
                         "DDP would all-reduce the non-private gradients and hang when a rank's Poisson share is "
                         "empty (see prism.distributed).")
+    if _is_sharded(model):
+        raise NotImplementedError(
+            "the model is sharded (FSDP2 fully_shard or DTensor parameters), which prism does not support yet: "
+            "its per-example hooks and noise need whole LoRA factors on every rank. Use data parallel instead "
+            "(one whole model per process under torchrun, without fully_shard; prism sums the clipped gradients).")
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    return (any(isinstance(m, FSDPModule) for m in model.modules())
+            or any(isinstance(p, DTensor) for p in model.parameters()))
 
 
 def trainable_names(model: nn.Module) -> set[str]:
