@@ -25,6 +25,29 @@ class PrivacyPlan:
     max_epsilon: float | None
     steps: int | None = None
 
+    def check_dataset_size(self, dataset_size: int, *, what: str = "the dataset") -> None:
+        """Raise unless `dataset_size` is the N this plan samples from: N = expected_batch_size / sample_rate.
+
+        The one check, wherever a dataset meets the plan (the optimizer's loader, the Trainer
+        integration), that the rate q the accountant composes is expected_batch_size / len(dataset).
+
+        Args:
+            dataset_size: the number of examples about to be sampled.
+            what: how the error names that dataset (e.g. "train_dataset", "loader.dataset").
+
+        Raises:
+            ValueError: the plan has no sampling rate, or was made for another number of examples.
+        """
+        if self.sample_rate is None:
+            raise ValueError(f"the optimizer has no sampling rate, so it cannot sample {what}: build it with "
+                             f"dataset_size=len({what}) (or sample_rate).")
+        implied = self.expected_batch_size / self.sample_rate
+        if not math.isclose(dataset_size, implied, rel_tol=1e-9):
+            raise ValueError(f"{what} has {dataset_size} examples but the optimizer was built for {implied:.10g} "
+                             f"(expected_batch_size / sample_rate = {self.expected_batch_size:g} / "
+                             f"{self.sample_rate:g}), so the accounted rate would be wrong; build the optimizer "
+                             f"for this dataset, with dataset_size=len({what}).")
+
 
 def resolve_plan(*, noise_multiplier=None, target_epsilon=None, delta=None, expected_batch_size=None,
                  sample_rate=None, dataset_size=None, steps=None, epochs=None, max_epsilon=None) -> PrivacyPlan:

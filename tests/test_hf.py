@@ -1,5 +1,6 @@
 """The Hugging Face Trainer integration: a vanilla Trainer made private with prism.hf.make_private."""
 
+import functools
 import math
 import os
 
@@ -101,13 +102,24 @@ def test_the_default_causal_loss_is_per_example_with_left_padding():
     example does not reach it (the first token, predicted from padding in the batch, is not counted)."""
     model = tiny_model("llama")
     opt = PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
-    loss_fn = prism.hf.default_per_example_loss(model)
+    default = prism.hf.default_per_example_loss(model)
+    seen = []
+
+    @functools.wraps(default)  # a wrapper that keeps what the default loss declares about itself
+    def loss_fn(outputs, labels):
+        seen.append(default(outputs, labels))
+        return seen[-1]
+
+    def losses_of(examples):
+        prism.hf.per_example_compute_loss(opt, loss_fn, model, examples)
+        return seen[-1]
+
     batch = make_batch("llama", 4, T=9, seed=5)
     lengths = batch["attention_mask"].sum(1)
     left = {k: torch.stack([torch.roll(row, int(9 - n)) for row, n in zip(v, lengths)]) for k, v in batch.items()}
     assert (left["attention_mask"][:, 0] == 0).any()
-    in_batch = prism.hf._per_example_losses(loss_fn, model, left)[0]
-    alone = [prism.hf._per_example_losses(loss_fn, model, {k: v[i:i + 1, 9 - n:] for k, v in left.items()})[0]
+    in_batch = losses_of(left).detach()
+    alone = [losses_of({k: v[i:i + 1, 9 - n:] for k, v in left.items()}).detach()
              for i, n in enumerate(lengths.tolist())]
     assert torch.allclose(in_batch, torch.cat(alone), rtol=1e-9)
     logits = model(input_ids=left["input_ids"], attention_mask=left["attention_mask"]).logits
@@ -226,17 +238,21 @@ def test_per_example_losses_are_computed_in_at_least_fp32(dtype, loss_dtype):
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
 def test_gradient_of_one_example_is_independent_of_its_micro_batch(kind):
     """g(j with others) - g(others) = g(j alone), with other lengths, paddings and a trainer-style
-    loss scale (1/3) that watch_loss must divide out."""
+    loss scale (1/3) that watch_loss must divide out. The summed gradients are read off a noiseless
+    DP-SGD step that clips nothing: with lr 1 and b 1 it moves the parameters by minus their sum."""
     batch = make_batch(kind, 5, T=9, seed=8)
     others = make_batch(kind, 3, T=6, seed=9)
 
     def clipped_sums(examples):
         model = tiny_model(kind)
-        opt = PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1e6, expected_batch_size=4)
-        loss_fn = prism.hf.default_per_example_loss(model)
-        if examples is not None:
-            (prism.hf.per_example_compute_loss(opt, loss_fn, model, examples) / 3).backward()
-        return [s for unit in opt._collector.units for s in (unit.sums or [])]
+        trained = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in trained]
+        opt = NaiveDPLoRA(model, lr=1.0, noise_multiplier=0.0, max_grad_norm=1e6, expected_batch_size=1,
+                          adaptive=False)
+        loss = prism.hf.per_example_compute_loss(opt, prism.hf.default_per_example_loss(model), model, examples)
+        (loss / 3).backward()
+        opt.step()
+        return [b - p.detach() for b, p in zip(before, trained)]
 
     j = select(batch, slice(0, 1))
     pad = torch.zeros(1, 9 - 6, dtype=torch.long)
@@ -331,7 +347,7 @@ def test_empty_micro_batches_still_step_and_account(tmp_path):
     callback = prism.hf.make_private(trainer, sampling_seed=0)
     trainer.train()
     assert opt.steps_taken == opt.accountant.steps == 10
-    draws = [len(chunk) for chunk in prism.hf.PoissonMicroBatchSampler(200, 0.01, 4, seed=0)]
+    draws = [len(chunk) for chunk in prism.PoissonBatchSampler(200, 0.01, epochs=1, seed=0, micro_batches=4)]
     assert 0 in draws and callback.sampler.micro_batches == 4
 
 
@@ -343,21 +359,6 @@ def test_the_poisson_loader_keeps_the_trainers_worker_settings(tmp_path):
     prism.hf.make_private(trainer, sampling_seed=0)
     loader = trainer.get_train_dataloader()
     assert (loader.num_workers, loader.persistent_workers, loader.prefetch_factor) == (2, True, 3)
-
-
-def test_split_evenly():
-    assert prism.hf.split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
-    assert prism.hf.split_evenly([1], 3) == [[1], [], []]
-
-
-def test_seeded_sampler_draws_are_keyed_by_step():
-    a = prism.hf.PoissonMicroBatchSampler(500, 0.1, 1, seed=3)
-    first = list(a)
-    b = prism.hf.PoissonMicroBatchSampler(500, 0.1, 1, seed=3)
-    b.next_step = 4
-    assert list(b)[:3] == first[4:7]
-    sizes = torch.tensor([len(x) for x in first], dtype=torch.float)
-    assert len(set(sizes.tolist())) > 1 and abs(sizes.mean().item() - 50) < 10
 
 
 def test_max_epsilon_stops_training(tmp_path):
@@ -380,9 +381,24 @@ def test_a_trainer_without_poisson_sampling_is_refused(tmp_path):
         trainer.train()
 
 
+def test_a_dataset_of_another_size_is_refused_by_the_loop_and_the_trainer(tmp_path):
+    """One check (the optimizer's plan) refuses to sample a dataset the rate was not set for."""
+    model = tiny_model("bert", dtype=torch.float32)
+    opt = PRISM(model, **private_settings(150, noise_multiplier=1.0, expected_batch_size=10, steps=20))
+    data = make_batch("bert", 100, seed=2)
+    with pytest.raises(ValueError, match="has 100 examples but the optimizer was built for 150"):
+        opt.poisson_data_loader(torch.utils.data.DataLoader(TensorDataset(data)))
+    with pytest.raises(ValueError, match=r"train_dataset has 100 examples but the optimizer was built for 150 .*"
+                                         r"dataset_size=len\(train_dataset\)"):
+        prism.hf.make_private(trainer_for(model, opt, data, tmp_path))
+    opt.plan.check_dataset_size(150)
+    with pytest.raises(ValueError, match="no sampling rate"):
+        PRISM(tiny_model("bert"), lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0,
+              expected_batch_size=4).plan.check_dataset_size(150)
+
+
 @pytest.mark.parametrize("change, error, match", [
     (dict(optimizer=lambda model: torch.optim.AdamW(model.parameters())), TypeError, "prism optimizer"),
-    (dict(opt_args=dict(dataset_size=150)), ValueError, "dataset_size=len"),
     (dict(args=dict(max_steps=50)), ValueError, "calibrated for"),
     (dict(opt_args=dict(dataset_size=None, sample_rate=None)), ValueError, "cannot account"),
     (dict(args=dict(include_num_input_tokens_seen=True)), ValueError, "token count"),
@@ -449,29 +465,37 @@ def test_main_job_runs_through_the_trainer(method, tmp_path, capsys):
         assert "head_max_grad_norm=10.0" in printed
 
 
-def test_a_collator_that_packs_examples_into_one_row_is_refused():
-    model = tiny_model("bert")
-    opt = PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
-
+def test_a_collator_that_packs_examples_into_one_row_is_refused(tmp_path):
     def packing(examples):  # several examples in one row, as padding-free collators do
         return {"input_ids": torch.cat([e["input_ids"] for e in examples])[None], "labels": examples[0]["labels"][None]}
 
-    examples = [TensorDataset(make_batch("bert", 3))[i] for i in range(3)]
-    batch = prism.hf._MicroBatchCollate(packing, "input_ids")(examples)
+    model = tiny_model("bert", dtype=torch.float32)
+    opt = PRISM(model, **private_settings(64, noise_multiplier=1.0, expected_batch_size=16, steps=3))
+    trainer = trainer_for(model, opt, make_batch("bert", 64, seed=4), tmp_path)
+    trainer.data_collator = packing
+    prism.hf.make_private(trainer, sampling_seed=1)
     with pytest.raises(ValueError, match="one row per example"):
-        prism.hf.per_example_compute_loss(opt, prism.hf.default_per_example_loss(model), model, batch)
+        trainer.train()
 
 
-def test_clipped_sums_of_an_unfinished_step_are_dropped():
-    model = tiny_model("bert")
-    opt = PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
-    callback = prism.hf.PrivacyCallback(opt, prism.hf.PoissonMicroBatchSampler(100, 0.04, 1, seed=0))
-    loss = prism.hf.per_example_compute_loss(opt, prism.hf.default_per_example_loss(model), model,
-                                             make_batch("bert", 3))
-    loss.backward()  # ...and the step never comes (an exception, an early stop)
-    with pytest.warns(RuntimeWarning, match="unfinished step"):
-        callback.on_step_begin(None, None, None)
-    assert opt.stats.backward_passes == 0 and all(u.sums is None for u in opt._collector.units)
+@pytest.mark.parametrize("cls", [PRISM, NaiveDPLoRA])
+def test_clipped_sums_of_an_unfinished_step_are_dropped(cls):
+    """After the drop a noiseless step is that of an optimizer that saw no example."""
+    def noiseless_step(examples):
+        model = tiny_model("bert")
+        opt = cls(model, lr=0.1, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=4)
+        callback = prism.hf.PrivacyCallback(opt, prism.PoissonBatchSampler(100, 0.04, epochs=1, seed=0))
+        if examples is not None:
+            prism.hf.per_example_compute_loss(opt, prism.hf.default_per_example_loss(model), model,
+                                              examples).backward()  # ...and the step never comes (an exception)
+            with pytest.warns(RuntimeWarning, match="unfinished step"):
+                callback.on_step_begin(None, None, None)
+            assert opt.stats.backward_passes == 0
+        opt.step()
+        return [p.detach() for p in model.parameters() if p.requires_grad]
+
+    dropped, nothing = noiseless_step(make_batch("bert", 3)), noiseless_step(None)
+    assert all(torch.equal(a, b) for a, b in zip(dropped, nothing))
 
 
 def test_replaced_parameters_are_refused_then_restored():

@@ -11,6 +11,7 @@ from helpers import make_batch, per_example_losses, tiny_model
 from prism import (PRISM, EmptyBatch, NaiveDPLoRA, NonPoissonSampling, PoissonBatchSampler, PrivacyBudgetExceeded,
                    calibrate_noise_multiplier, micro_batches, poisson_data_loader)
 from prism.accounting import epsilon_for
+from prism.sampling import split_evenly
 
 
 def test_sampler_rate_and_independence():
@@ -34,6 +35,66 @@ def test_sampler_produces_empty_batches_and_epochs():
     assert len(batches) == 100 and any(len(b) == 0 for b in batches)
     with pytest.raises(ValueError, match="sample_rate"):
         PoissonBatchSampler(10, 0.0, 5)
+
+
+def test_micro_batched_draws_are_the_plain_draws_cut():
+    """The Trainer's micro-batches and the plain loop's batches are the same draws, whatever the source."""
+    for source in (dict(seed=7), dict(generator=0)):
+        def sampler(**kwargs):
+            given = {k: torch.Generator().manual_seed(v) if k == "generator" else v for k, v in source.items()}
+            return PoissonBatchSampler(300, 0.05, 20, **given, **kwargs)
+
+        plain, cut = list(sampler()), list(sampler(micro_batches=3))
+        assert len(cut) == len(sampler(micro_batches=3)) == 60 and len(plain) == 20
+        assert [sum(cut[3 * t:3 * t + 3], []) for t in range(20)] == plain
+        assert all(max(map(len, cut[3 * t:3 * t + 3])) - min(map(len, cut[3 * t:3 * t + 3])) <= 1 for t in range(20))
+
+
+def test_a_seeded_sampler_resumed_at_step_t_draws_what_the_uninterrupted_one_did():
+    whole = PoissonBatchSampler(500, 0.1, 10, seed=3)
+    uninterrupted = list(whole) + list(whole)  # a second pass goes on with draws 10-19
+    assert whole.next_step == 20 and uninterrupted[:10] != uninterrupted[10:]
+    assert list(PoissonBatchSampler(500, 0.1, 6, seed=3, start_step=14)) == uninterrupted[14:]
+    resumed = PoissonBatchSampler(500, 0.1, 3, seed=3, micro_batches=2)
+    resumed.next_step = 4  # what the Trainer integration sets on resume
+    pieces = list(resumed)
+    assert [sum(pieces[2 * i:2 * i + 2], []) for i in range(3)] == uninterrupted[4:7]
+    sizes = [len(draw) for draw in uninterrupted]
+    assert len(set(sizes)) > 1 and abs(sum(sizes) / 20 - 50) < 10
+
+
+@pytest.mark.parametrize("micro", [1, 2])
+def test_every_rank_takes_its_share_of_the_same_draw(monkeypatch, micro):
+    """Under torch.distributed (simulated: 2 ranks, rank 0's seed or generator state already shared)
+    each rank keeps its chunk of every draw; the shares are disjoint and together are the draw."""
+    from prism import distributed
+
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj: obj)
+    monkeypatch.setattr(distributed, "broadcast_generator", lambda generator: generator)
+    single = list(PoissonBatchSampler(40, 0.1, 30, seed=2))
+    shares = []
+    for rank in (0, 1):
+        monkeypatch.setattr(distributed, "world", lambda rank=rank: (2, rank))
+        pieces = list(PoissonBatchSampler(40, 0.1, 30, seed=2, micro_batches=micro))
+        shares.append([sum(pieces[micro * t:micro * t + micro], []) for t in range(30)])
+    assert [a + b for a, b in zip(*shares)] == single
+    assert all(abs(len(a) - len(b)) <= 1 for a, b in zip(*shares)) and [] in shares[1]
+
+
+def test_split_evenly():
+    assert split_evenly(list(range(7)), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split_evenly([1], 3) == [[1], [], []]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seed=1, generator=torch.Generator()), "a generator or a seed, not both"),
+    (dict(micro_batches=0), "micro_batches must be an integer >= 1"),
+    (dict(seed=-1), "seed must be an integer >= 0"),
+    (dict(start_step=1.5), "start_step must be an integer >= 0"),
+])
+def test_bad_sampler_arguments_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PoissonBatchSampler(10, 0.5, 3, **kwargs)
 
 
 def test_poisson_data_loader_keeps_dataset_and_collate_and_yields_empty_batches():
@@ -99,7 +160,7 @@ def test_the_optimizers_loader_draws_at_its_rate_for_its_steps():
 def test_micro_batches_and_the_probe_keep_a_defaultdict_batch():
     from collections import defaultdict
 
-    from prism.probe import replace_examples
+    from prism.sampling import replace_examples
 
     batch = defaultdict(list, x=torch.arange(4), y=torch.arange(4) * 2)
     parts = list(micro_batches(batch, 3))

@@ -18,7 +18,6 @@ privatised sums of the LoRA units become new factors (`_lora_updates`).
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import replace
 from typing import Callable, Sequence
 
@@ -307,10 +306,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         remaining = plan.steps - self.steps_taken
         if remaining <= 0:
             raise ValueError(f"the optimizer has taken all {plan.steps} planned steps; nothing is left to load.")
-        implied = plan.expected_batch_size / plan.sample_rate
-        if not math.isclose(len(loader.dataset), implied, rel_tol=1e-9):
-            raise ValueError(f"the loader's dataset has {len(loader.dataset)} examples but the optimizer was built for "
-                             f"{implied:g} (dataset_size); build it with dataset_size=len(dataset).")
+        plan.check_dataset_size(len(loader.dataset), what="loader.dataset")
         return poisson_data_loader(loader, sample_rate=plan.sample_rate, steps=remaining, generator=generator)
 
     def check_examples(self, batch, per_example_loss: Callable[[nn.Module, object], Tensor], *,
