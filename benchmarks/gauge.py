@@ -23,7 +23,7 @@ import statistics
 import torch
 
 import prism
-from prism.noise import noise_energy
+from prism.pipeline.noise import noise_energy
 
 from . import common, methods, tasks, utility
 

@@ -5,8 +5,7 @@ from .accounting import PrivacyAccountant, PrivacyBudgetExceeded, calibrate_nois
 from .init import init_balanced_lora
 from .layers import find_trainables
 from .losses import per_example_causal_lm_loss
-from .naive import NaiveDPLoRA
-from .optimizer import PRISM
+from .optim import NaiveDPLoRA, PRISM
 from .sampling import EmptyBatch, NonPoissonSampling, PoissonBatchSampler, micro_batches, poisson_data_loader
 
 __all__ = ["PRISM", "NaiveDPLoRA", "PrivacyAccountant", "PrivacyBudgetExceeded", "calibrate_noise_multiplier",

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _validate
-from .noise import entropy_seeded_generator
+from .pipeline.noise import entropy_seeded_generator
 from .sampling import PoissonBatchSampler, batch_size_of, micro_batches, replace_examples
 
 _BISECTIONS = 60

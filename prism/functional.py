@@ -1,5 +1,5 @@
 """One optimizer step for one LoRA module, or a stack of modules of one shape, as pure functions
-of tensors (method.md section 3).
+of tensors (docs/method.md section 3).
 
     clipped sums (Y, W) --split--> (S, U, V) / b + tangent noise      = xi_dp   (3.2, 3.3)
     xi_dp --symmetric lift--> --horizontal lift--> (dA, dB)                     (3.5)
@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import manifold, noise, precondition
+from . import manifold
+from .pipeline import noise, precondition, retract
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,8 @@ def prism_module_step(A: Tensor, B: Tensor, Y_sum: Tensor, W_sum: Tensor, basis:
         dA, dB = _adaptive_direction(A, B, dA, dB, basis, state, cfg)
     if not bool(torch.isfinite(dA).all() and torch.isfinite(dB).all()):
         raise FloatingPointError("the privatised direction is not finite")
-    A_new, B_new = manifold.retract(A, B, dA, dB, cfg.lr, cfg.weight_decay)
-    return manifold.procrustes_align(A_new, B_new, A, B)
+    A_new, B_new = retract.retract(A, B, dA, dB, cfg.lr, cfg.weight_decay)
+    return retract.procrustes_align(A_new, B_new, A, B)
 
 
 def _adaptive_direction(A, B, dA, dB, basis, state, cfg: StepConfig) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""Full-rank LoRA factors for PRISM (method.md section 4).
+"""Full-rank LoRA factors for PRISM (docs/method.md section 4).
 
 The tangent space of M_r is undefined at Z = 0, and peft's default init has lora_B = 0.
 Use a full-rank init: `init_lora_weights="pissa"` or `"olora"` in LoraConfig (the top-r part of
@@ -60,6 +60,10 @@ def init_balanced_lora(model: nn.Module, scale: float = 3 ** -0.5, *, compensate
     pairs, _ = find_trainables(model)
     for pair in pairs:
         check_rank_fits(pair)
+        if compensate_base and not pair.base_kind.may_rewrite_base:
+            raise ValueError(f"{pair.name}: cannot compensate a {pair.base_kind.name} base weight in place; pass "
+                             "compensate_base=False.")
+    for pair in pairs:
         m, n, r = pair.shape
         weight = pair.lora_B.weight
         Q_1 = torch.linalg.qr(torch.randn(m, r, generator=generator, dtype=torch.float64))[0]
@@ -74,9 +78,6 @@ def init_balanced_lora(model: nn.Module, scale: float = 3 ** -0.5, *, compensate
 
 
 def _subtract_from_base(pair: LoRAPair, delta: Tensor) -> None:
-    layer = pair.layer
-    base = layer.get_base_layer().weight
-    if not base.is_floating_point():
-        raise ValueError(f"{pair.name}: cannot compensate a quantized base weight; pass compensate_base=False.")
-    delta = delta.T if getattr(layer, "fan_in_fan_out", False) else delta
-    base.sub_(delta.to(device=base.device, dtype=base.dtype))
+    """W0 -= delta, delta (out, in), in the orientation the base layer stores its weight."""
+    base = pair.layer.get_base_layer().weight
+    base.sub_(pair.base_kind.weight_delta(delta).to(device=base.device, dtype=base.dtype))

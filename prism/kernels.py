@@ -2,13 +2,13 @@
 
 Two ops, each with a pure-PyTorch reference that is both its specification and its fallback:
 
-    lora_tangent_blocks(x, h, go, R_B_inv, Q_A, Q_B) -> (Y, W, sqnorms)             (method.md 3.1)
+    lora_tangent_blocks(x, h, go, R_B_inv, Q_A, Q_B) -> (Y, W, sqnorms)             (docs/method.md 3.1)
         Y_i = go_i^T (h_i R_B_inv)  (m, r),   W_i = x_i^T (go_i Q_A)  (n, r),
         sqnorms_i = max(0, ||Y_i||^2 + ||W_i||^2 - ||Q_B^T W_i||^2)
-        reference: per_example.tangent_blocks and per_example.tangent_sqnorms
-    clipped_sum(alpha, per_example) -> sum_i alpha_i per_example_i                   (method.md 3.2)
+        reference: pipeline.per_example.tangent_blocks and tangent_sqnorms
+    clipped_sum(alpha, per_example) -> sum_i alpha_i per_example_i                   (docs/method.md 3.2)
         examples with alpha_i = 0 contribute exactly 0, even if their tensors hold inf/NaN;
-        reference: clipping.clipped_sum
+        reference: pipeline.clip.clipped_sum
 
 The CPU op reads x, h, go through their strides, in their own dtype (bfloat16 and float16 are
 accumulated in float32) and fuses the products with the norms; the CUDA op does the products with
@@ -33,9 +33,11 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from . import _validate, per_example
-from .clipping import clipped_sum as reference_clipped_sum
+from . import _validate
+from ._torch_compat import has_kernel
 from .manifold import TangentBasis
+from .pipeline import per_example
+from .pipeline.clip import clipped_sum as reference_clipped_sum
 
 _MODES = ("auto", "reference")
 _DISPATCH_KEYS = {"cpu": ("CPU", "cpp"), "cuda": ("CUDA", "cuda")}
@@ -65,7 +67,7 @@ def use(mode: str) -> Iterator[None]:
 def tangent_blocks(x: Tensor, h: Tensor, go: Tensor, basis: TangentBasis, grad_scale: float | Tensor = 1
                    ) -> tuple[Tensor, Tensor, Tensor]:
     """Y (b, m, r), W (b, n, r) and squared tangent norms (b,) of each example's gradient of
-    grad_scale * loss (method.md 3.1), in the basis' dtype.
+    grad_scale * loss (docs/method.md 3.1), in the basis' dtype.
 
     Args:
         x: (b, T, n) lora_A input; h: (b, T, r) its output; go: (b, T, m) gradient at lora_B's
@@ -100,7 +102,7 @@ def clipped_sum(alpha: Tensor, finite: Tensor, per_example_tensor: Tensor) -> Te
 @functools.cache
 def _compiled_backend(device_type: str) -> str:
     key, name = _DISPATCH_KEYS.get(device_type, (None, "reference"))
-    if key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("prism::lora_tangent_blocks", key):
+    if key is not None and has_kernel("prism::lora_tangent_blocks", key):
         return name
     return "reference"
 

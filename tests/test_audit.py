@@ -151,7 +151,9 @@ def test_audit_runs_on_a_peft_transformer_with_dict_batches(one_thread):
     result = audit(model, optimizer, canaries, loss_fn, steps=15, data=data, choices=[(5, 5), (10, 10)],
                    micro_batch_size=16, generator=torch.Generator().manual_seed(0))
     assert optimizer.steps_taken == 15 and result.canaries == 40 and 0 < result.included.sum() < 40
-    torch.testing.assert_close(result.scores, before - canary_losses(model, canaries, loss_fn))
+    # float64 casts of float32 losses (computed in other micro-batches): float32's tolerances apply
+    float32 = dict(rtol=1.3e-6, atol=1e-5)
+    torch.testing.assert_close(result.scores, before - canary_losses(model, canaries, loss_fn), **float32)
     assert count_correct(guess(result.scores, result.k_in, result.k_out), result.included) == (result.correct,
                                                                                                result.guesses)
     assert result.epsilon_reported is None  # delta 0: nothing to compare with

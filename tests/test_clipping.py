@@ -4,8 +4,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prism import per_example
-from prism.clipping import clip_factors, clipped_sum
+from prism.pipeline import per_example
+from prism.pipeline.clip import clip_factors, clipped_sum
 from prism.manifold import split_tangent, tangent_basis
 
 

@@ -13,7 +13,7 @@ from helpers import (TensorDataset, assemble, make_batch, per_example_losses, st
                      token_halves)
 from prism import NaiveDPLoRA, PRISM, kernels
 from prism.manifold import tangent_basis
-from prism.noise import noise_energy, tangent_noise
+from prism.pipeline.noise import noise_energy, tangent_noise
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -30,7 +30,7 @@ def one_step(cls, kind, device, mode, noise_multiplier=0.0, generator="seeded", 
     with kernels.use(mode):
         per_example_losses(kind, model, batch).sum().backward()
         norms = opt.stats.last_norms.clone()
-        sums = [s.clone() for unit in opt._lora_units for s in unit.sums]
+        sums = [s for name, module_sums in opt.clipped_sums().items() for s in module_sums]
         opt.step()
     factors = [p.detach().clone() for pair in opt.pairs for p in (pair.lora_A.weight, pair.lora_B.weight)]
     return opt, [norms, *sums, *factors]
@@ -65,7 +65,7 @@ def test_noise_is_drawn_on_the_gpu(generator):
 
 
 def test_tangent_noise_energy_on_cuda_is_the_closed_form():
-    """E||noise in Z||^2 = std^2 r (m + n - r) (method.md 3.3), drawn with a CUDA generator."""
+    """E||noise in Z||^2 = std^2 r (m + n - r) (docs/method.md 3.3), drawn with a CUDA generator."""
     g = torch.Generator("cuda").manual_seed(0)
     m, n, r, std, draws = 30, 20, 3, 0.7, 2000
     A = torch.randn(m, r, device="cuda", dtype=torch.float64, generator=g)

@@ -19,17 +19,18 @@ BASE = dict(lr=0.01, noise_multiplier=0.0, max_grad_norm=1e-3, expected_batch_si
 def _released_norms(opt):
     """Global norm of the clipped sum each unit would release (tangent blocks + dense tensors)."""
     total = 0.0
-    for k, unit in enumerate(opt._lora_units):
+    sums = opt.clipped_sums()
+    for k, pair in enumerate(opt.pairs):
         _, _, basis = current_factors(opt, k)
-        S, U, V = split_tangent(*(s.double() for s in unit.sums), basis)
+        S, U, V = split_tangent(*(s.double() for s in sums.pop(pair.name)), basis)
         total += S.square().sum() + U.square().sum() + V.square().sum()
-    for unit in opt._dense_units:
-        total += sum(s.double().square().sum() for s in unit.sums)
+    for dense_sums in sums.values():
+        total += sum(s.double().square().sum() for s in dense_sums)
     return total.sqrt().item()
 
 
 def _sums(opt):
-    return [s.clone() for u in opt._lora_units + opt._dense_units for s in u.sums]
+    return [s for module_sums in opt.clipped_sums().values() for s in module_sums]
 
 
 def _reference_sums(kind, batch):

@@ -5,6 +5,7 @@ import torch
 
 from helpers import assemble, project
 from prism import manifold
+from prism.pipeline import retract
 
 
 def _factors(m=9, n=7, r=3, seed=0):
@@ -65,7 +66,7 @@ def test_retraction_is_the_best_rank_r_approximation(m, n, r):
     A, B, g = _factors(m, n, r, seed=m)
     dA, dB = torch.randn(m, r, generator=g, dtype=torch.float64), torch.randn(n, r, generator=g, dtype=torch.float64)
     lr, wd = 0.3, 0.1
-    A2, B2 = manifold.retract(A, B, dA, dB, lr, wd)
+    A2, B2 = retract.retract(A, B, dA, dB, lr, wd)
     target = (1 - lr * wd) * (A @ B.T) - lr * (dA @ B.T + A @ dB.T)
     U, S, Vh = torch.linalg.svd(target)
     torch.testing.assert_close(A2 @ B2.T, U[:, :r] * S[:r] @ Vh[:r])
@@ -74,11 +75,11 @@ def test_retraction_is_the_best_rank_r_approximation(m, n, r):
 
 def test_balance_and_procrustes_keep_Z():
     A, B, g = _factors()
-    A1, B1 = manifold.balance(3.0 * A, B / 3.0)
+    A1, B1 = retract.balance(3.0 * A, B / 3.0)
     torch.testing.assert_close(A1 @ B1.T, A @ B.T)
     torch.testing.assert_close(A1.T @ A1, B1.T @ B1)
     O = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))[0]
-    A2, B2 = manifold.procrustes_align(A1 @ O, B1 @ O, A1, B1)
+    A2, B2 = retract.procrustes_align(A1 @ O, B1 @ O, A1, B1)
     torch.testing.assert_close(A2, A1)
     torch.testing.assert_close(B2, B1)
 
@@ -122,7 +123,7 @@ def test_a_stack_of_modules_takes_the_steps_each_module_takes_alone(adaptive):
 
 
 def test_geometry_noise_floors_of_a_stack_are_each_modules():
-    from prism.precondition import noise_floors
+    from prism.pipeline.precondition import noise_floors
 
     A, B, _ = _factors()
     stack = manifold.tangent_basis(torch.stack([A, 2 * A]), torch.stack([B, B / 3]))

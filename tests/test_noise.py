@@ -5,7 +5,7 @@ import math
 import torch
 
 from helpers import assemble, project
-from prism import noise
+from prism.pipeline import noise
 from prism.manifold import tangent_basis
 
 

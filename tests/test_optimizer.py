@@ -60,7 +60,7 @@ def test_mean_and_sum_reductions_give_the_same_clipped_sums(cls):
         opt = cls(model, **{**BASE, "loss_reduction": reduction, "max_grad_norm": 0.3})
         losses = per_example_losses("bert", model, batch)
         (losses.mean() if reduction == "mean" else losses.sum()).backward()
-        sums.append([s for u in opt._lora_units + opt._dense_units for s in u.sums])
+        sums.append([s for module_sums in opt.clipped_sums().values() for s in module_sums])
     for a, b in zip(*sums):
         torch.testing.assert_close(a, b)
 
@@ -75,7 +75,7 @@ def test_a_non_finite_example_is_dropped_and_counted():
         weights = torch.tensor([1.0, 1.0, float("nan") if poisoned else 0.0, 1.0], dtype=torch.float64)
         (weights * losses).sum().backward()
         assert opt.stats.nonfinite == int(poisoned) and opt.stats.examples == 4
-        sums.append([s for u in opt._lora_units + opt._dense_units for s in u.sums])
+        sums.append([s for module_sums in opt.clipped_sums().values() for s in module_sums])
         opt.step()
         assert all(torch.isfinite(z).all() for z in lora_Z(model))
     for a, b in zip(*sums):
@@ -122,7 +122,7 @@ def test_zero_grad_discards_the_accumulated_step_and_step_clears_grads():
     opt = PRISM(model, **BASE)
     per_example_losses("bert", model, make_batch("bert", b=2)).sum().backward()
     opt.zero_grad()
-    assert opt.stats.examples == 0 and all(u.sums is None for u in opt._lora_units)
+    assert opt.stats.examples == 0 and opt.clipped_sums() == {}
     per_example_losses("bert", model, make_batch("bert", b=2)).sum().backward()
     opt.step()
     assert all(p.grad is None for p in opt.param_groups[0]["params"])

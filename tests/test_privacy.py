@@ -6,7 +6,7 @@ import torch
 
 from helpers import brute_force_gradients, lora_layers, lora_Z, make_batch, per_example_losses, project, tiny_model
 from prism import PRISM, NaiveDPLoRA
-from prism.noise import noise_energy
+from prism.pipeline.noise import noise_energy
 
 
 def _step_on(model, opt, batch, weights):
@@ -57,7 +57,7 @@ def _noise_only_steps(optimizer_cls, steps, lr, gauge=1.0):
     for _ in range(steps):
         before = lora_Z(model)
         naive = [(B.weight.shape[0] * A.weight.square().sum() + A.weight.shape[1] * B.weight.square().sum()).item()
-                 for A, B, _ in lora_layers(model)]  # m ||B||^2 + n ||A||^2 in method.md's notation
+                 for A, B, _ in lora_layers(model)]  # m ||B||^2 + n ||A||^2 in docs/method.md's notation
         opt.step()  # an empty batch: noise only
         energies.append([((z1 - z0).square().sum() / lr ** 2).item() for z0, z1 in zip(before, lora_Z(model))])
         predicted.append(naive)

@@ -8,7 +8,7 @@ import torch
 
 from helpers import tiny_model
 from prism import NaiveDPLoRA
-from prism.noise import entropy_seeded_generator, fill_from_os_entropy
+from prism.pipeline.noise import entropy_seeded_generator, fill_from_os_entropy
 
 MT_MULTIPLIER = 1812433253  # MT19937's seeding recurrence: w[i] = M (w[i-1] ^ (w[i-1] >> 30)) + i
 

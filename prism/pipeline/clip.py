@@ -21,8 +21,13 @@ Edge cases of clip_factors:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Sequence
+
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .units import StepStats, Unit
 
 
 def clip_factors(sqnorms: Tensor, max_norm: float) -> tuple[Tensor, Tensor]:
@@ -47,3 +52,39 @@ def clipped_sum(alpha: Tensor, finite: Tensor, per_example: Tensor) -> Tensor:
         keep = finite.reshape(-1, *([1] * (per_example.dim() - 1)))
         per_example = torch.where(keep, per_example, 0)
     return torch.tensordot(alpha.to(per_example.dtype), per_example, dims=1)
+
+
+@torch.no_grad()
+def clip_backward_pass(units: Sequence[Unit], task: int, max_grad_norm: float, stats: StepStats) -> None:
+    """The clip stage, run once at the end of every backward pass (one micro-batch).
+
+    Each example's squared norm is summed over every unit that saw backward pass `task`, the
+    examples are clipped to the global bound C, and sum_i alpha_i t_i is added to each unit's
+    clipped sums; the per-example tensors are dropped, so memory is bounded by one micro-batch.
+
+    Raises:
+        RuntimeError: a trained parameter got a gradient in this pass that no hook saw, or the
+            units saw different batch sizes (their rows would not be the same examples).
+    """
+    active = [u for u in units if u.pending is not None and u.pending_key[0] == task]
+    unseen = [u.name for u in units if u.gradient_task == task and u not in active]
+    if unseen:
+        raise RuntimeError(
+            f"{', '.join(unseen)}: the parameters got a gradient in this backward pass that prism's per-example "
+            "hooks never saw. The model changed the module's output in place (e.g. hidden[~mask] = 0), which "
+            "detaches the hook, or used its weights outside the module's forward call. That gradient cannot be "
+            "clipped per example: leave the module out of target_modules / modules_to_save.")
+    if not active:
+        return
+    sizes = {u.pending[0].shape[0] for u in active}
+    if len(sizes) != 1:
+        raise RuntimeError(f"hooked modules saw different batch sizes {sorted(sizes)} in one backward pass; "
+                           "prism needs the batch on dimension 0 of every LoRA and head input.")
+    sqnorms = sum(u.pending_norms() for u in active)
+    alpha, finite = clip_factors(sqnorms, max_grad_norm)
+    for u in active:
+        u.flush(alpha, finite)
+    stats.examples += sizes.pop()
+    stats.count(alpha, finite)
+    stats.backward_passes += 1
+    stats.last_norms = sqnorms.sqrt()

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from .manifold import TangentBasis
+from ..manifold import TangentBasis
 
 
 def in_compute_dtype(dtype: torch.dtype, *captured: Tensor, grad_scale: float | Tensor = 1) -> list[Tensor]:
@@ -29,7 +29,7 @@ def in_compute_dtype(dtype: torch.dtype, *captured: Tensor, grad_scale: float | 
 
 
 def tangent_blocks(x: Tensor, h: Tensor, go: Tensor, basis: TangentBasis) -> tuple[Tensor, Tensor]:
-    """Tangent-space blocks of each example's gradient G_i = dL_i/dZ (method.md 3.1).
+    """Tangent-space blocks of each example's gradient G_i = dL_i/dZ (docs/method.md 3.1).
 
     With xt_t the input of lora_A (x), h_t = B^T xt_t its output and go_t = s g_t the
     gradient at lora_B's output (peft's scaling s included):

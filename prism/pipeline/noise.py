@@ -31,7 +31,8 @@ import os
 import torch
 from torch import Tensor
 
-from .manifold import TangentBasis
+from .._torch_compat import refill_cpu_generator
+from ..manifold import TangentBasis
 
 
 def entropy_seeded_generator(device="cpu") -> torch.Generator:
@@ -39,10 +40,6 @@ def entropy_seeded_generator(device="cpu") -> torch.Generator:
     fill_from_os_entropy): nobody can predict its stream unless they obtain its state, e.g. from
     a checkpoint."""
     return fill_from_os_entropy(torch.Generator(device=device))
-
-
-_MT_WORDS = 624  # MT19937's state: 624 32-bit words
-_MT_OFFSET = 24  # bytes before them in torch's CPU state: initial seed (u64), left (i32), seeded (i32), next (u64)
 
 
 def fill_from_os_entropy(generator: torch.Generator) -> torch.Generator:
@@ -60,15 +57,7 @@ def fill_from_os_entropy(generator: torch.Generator) -> torch.Generator:
     if generator.device.type != "cpu":
         generator.manual_seed(int.from_bytes(os.urandom(8), "little"))
         return generator
-    generator.manual_seed(1)  # a valid state to overwrite: MT19937 words 1, 1812433254, ..., no cached normal
-    state = generator.get_state()
-    words = state[_MT_OFFSET:_MT_OFFSET + 8 * _MT_WORDS].view(_MT_WORDS, 8)  # little-endian u64, high half 0
-    if state.numel() != 5056 or words[:2, :4].contiguous().view(torch.int32).flatten().tolist() != [1, 1812433254]:
-        raise RuntimeError(f"torch {torch.__version__} stores the CPU generator state in a layout prism does not "
-                           "know; fill_from_os_entropy cannot refill it.")
-    words[:, :4] = torch.frombuffer(bytearray(os.urandom(4 * _MT_WORDS)), dtype=torch.uint8).view(_MT_WORDS, 4)
-    generator.set_state(state)
-    return generator
+    return refill_cpu_generator(generator, os.urandom)
 
 
 def gaussian(shape, std: float, generator: torch.Generator, like: Tensor) -> Tensor:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from . import per_example
-from ._base import DPLoRAOptimizer, Update, compute_dtype
-from .functional import StepConfig
-from .hooks import Unit
-from .layers import LoRAPair
+from ..functional import StepConfig
+from ..layers import LoRAPair
+from ..pipeline import per_example
+from ..pipeline.units import Unit
+from .base import DPLoRAOptimizer
+from .updates import Update, compute_dtype
 
 
 class NaiveDPLoRA(DPLoRAOptimizer):
@@ -18,7 +19,7 @@ class NaiveDPLoRA(DPLoRAOptimizer):
     AdamW or SGD step follows: what Opacus' DPOptimizer wrapping AdamW does on the factors.
     dense_max_grad_norm weighs the dense layers as in PRISM (FFA-LoRA's lora_B counts as LoRA).
 
-    It is gauge-dependent (method.md section 2): under (A, B) -> (c A, B / c) the clipped norm
+    It is gauge-dependent (docs/method.md section 2): under (A, B) -> (c A, B / c) the clipped norm
     ||gA||^2 / c^2 + c^2 ||gB||^2 and the first-order noise energy in Z,
     tau^2 (m ||B||_F^2 + n ||A||_F^2) with tau = sigma C / b, change although Z does not.
     It accepts peft's default init (lora_B = 0), and LoRA layers whose lora_A is frozen: that is
@@ -40,5 +41,5 @@ class NaiveDPLoRA(DPLoRAOptimizer):
         return Unit(pair.name, [pair.lora_B.weight, pair.lora_A.weight], factor_grads,
                     per_example.sum_of_squares, dtype)
 
-    def _lora_updates(self, cfg: StepConfig) -> list[Update]:
-        return [update for unit in self._lora_units for update in self._dense_updates(unit, cfg)]
+    def _lora_updates(self, configs: dict[int, StepConfig]) -> list[Update]:
+        return [update for unit in self._lora_units for update in self._dense_updates(unit, configs)]

@@ -1,4 +1,4 @@
-"""DP-aware r x r preconditioning of factor-shaped directions (method.md 3.5).
+"""DP-aware r x r preconditioning of factor-shaped directions (docs/method.md 3.5).
 
 For one side (A with d = m rows, or B with d = n rows) and a lifted direction D (d, r):
 
@@ -29,7 +29,7 @@ def noise_floors(mode: str, factor: float, std: float, basis, m: int, n: int
     - "scalar": lambda = factor * std^2 on both sides (the published default, factor 0.5).
     - "geometry": lambda_A = factor std^2 tr(N^{-1})/r (m - r)/m and
       lambda_B = factor std^2 tr(M^{-1})/r (n - r)/n, the mean noise eigenvalue per side.
-      (method.md writes lambda_B without (n - r)/n; we keep the factor both sides share.)
+      (the paper states lambda_B without (n - r)/n; docs/method.md 3.5 says why prism keeps it.)
     """
     base = factor * std ** 2
     if mode == "scalar":

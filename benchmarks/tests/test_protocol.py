@@ -1,7 +1,7 @@
 """The benchmarks' protocol: the same learning-rate grid for every method, extended past the edge where a
 method's optimum lies (benchmarks/utility.py), and resumable sweeps (benchmarks/common.py)."""
 
-from benchmarks import common, utility  # the repository root is on sys.path (pyproject: pythonpath)
+from benchmarks import common, utility
 
 
 def test_rate_past_continues_the_grid_in_one_three_steps():

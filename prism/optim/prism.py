@@ -1,17 +1,20 @@
-"""PRISM: gauge-invariant tangent-space DP-LoRA as a torch.optim.Optimizer (method.md)."""
+"""PRISM: gauge-invariant tangent-space DP-LoRA as a torch.optim.Optimizer (docs/method.md)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from . import _validate, kernels, per_example
-from ._base import DPLoRAOptimizer, Update, compute_dtype
-from .functional import StepConfig, prism_module_step
-from .hooks import Unit
-from .init import check_full_rank, lora_factors
-from .layers import LoRAPair
-from .manifold import TangentBasis, balance, procrustes_align, tangent_basis
+from .. import _validate, kernels
+from ..functional import StepConfig, prism_module_step
+from ..init import check_full_rank, lora_factors
+from ..layers import LoRAPair
+from ..manifold import TangentBasis, tangent_basis
+from ..pipeline import per_example
+from ..pipeline.retract import balance, procrustes_align
+from ..pipeline.units import Unit
+from .base import DPLoRAOptimizer
+from .updates import Update, compute_dtype
 
 
 class PRISM(DPLoRAOptimizer):
@@ -135,7 +138,7 @@ class PRISM(DPLoRAOptimizer):
             return per_example.tangent_sqnorms(Y, W, self._basis(index))
 
         params = [pair.lora_A.weight, pair.lora_B.weight]
-        return Unit(pair.name, params, blocks, sqnorms, dtype)
+        return Unit(pair.name, params, blocks, sqnorms, dtype, sum_shapes=[tuple(A.shape), tuple(B.shape)])
 
     def _basis(self, index: int) -> TangentBasis:
         """The tangent basis at the current Z, fixed for the whole logical step (computed for the
@@ -153,12 +156,15 @@ class PRISM(DPLoRAOptimizer):
         return self._points[group]
 
     def _shape_groups(self) -> list[tuple[int, ...]]:
-        """Indices of the LoRA modules, grouped by (shapes, dtype, device): each group's manifold
-        math runs as one batched call (on a GPU, a few large launches instead of many small ones)."""
+        """Indices of the LoRA modules, grouped by (shapes, dtype, device, parameter group): each
+        group's manifold math runs as one batched call (on a GPU, a few large launches instead of
+        many small ones)."""
+        param_group = {id(p): i for i, group in enumerate(self.param_groups) for p in group["params"]}
         groups: dict[tuple, list[int]] = {}
         for index, unit in enumerate(self._lora_units):
             A, B = self._factors(index)
-            groups.setdefault((A.shape, B.shape, unit.compute_dtype, A.device), []).append(index)
+            key = (A.shape, B.shape, unit.compute_dtype, A.device, param_group[id(unit.params[0])])
+            groups.setdefault(key, []).append(index)
         return [tuple(indices) for indices in groups.values()]
 
     def _factors(self, index: int) -> tuple[Tensor, Tensor]:
@@ -166,21 +172,16 @@ class PRISM(DPLoRAOptimizer):
         pair, dtype = self.pairs[index], self._lora_units[index].compute_dtype
         return self.value_of(pair.lora_B.weight, dtype), self.value_of(pair.lora_A.weight, dtype).T
 
-    def _zero_sums(self, unit: Unit) -> list[Tensor]:
-        """(Y, W) sums of a LoRA unit that saw no example: zeros shaped like (A, B)."""
-        if unit not in self._lora_units:
-            return super()._zero_sums(unit)
-        return [torch.zeros_like(f) for f in self._factors(self._lora_units.index(unit))]
-
     def _extra_config(self, group: dict) -> dict:
         return dict(floor_mode=group["floor_mode"], floor_factor=group["floor_factor"],
                     max_condition=group["max_condition"])
 
-    def _lora_updates(self, cfg: StepConfig) -> list[Update]:
+    def _lora_updates(self, configs: dict[int, StepConfig]) -> list[Update]:
         updates = []
         for group in self._groups:
             A, B, basis = self._group_point(group)
-            sums = [self._lora_units[index].sums or self._zero_sums(self._lora_units[index]) for index in group]
+            cfg = configs[id(self.pairs[group[0]].lora_B.weight)]
+            sums = [self._lora_units[index].sums_or_zeros() for index in group]
             Y_sum, W_sum = torch.stack([Y for Y, _ in sums]), torch.stack([W for _, W in sums])
             states = [self.state[self.pairs[index].lora_B.weight] for index in group]
             state = _stacked_moments(states)

@@ -1,16 +1,17 @@
-"""In-place hooks that turn each backward pass into clipped per-example sums.
+"""Stage 1, collect: in-place hooks that feed each backward pass to the per-example and clip stages.
 
 The hooks sit on the user's own modules (peft's lora_A / lora_B and dense nn.Linear layers);
 the model is never wrapped. For each forward call with gradients enabled they keep references
 to the tensors autograd keeps anyway (the inputs of lora_A and lora_B) and register a hook on
 the output. When that output's gradient arrives, a `Unit` turns (inputs, output gradient) into
-per-example tensors. At the end of the backward pass (an autograd callback) the collector knows
-every module's contribution, computes each example's GLOBAL norm, clips, and adds the clipped
-sums to the step's accumulators; per-example tensors are then dropped. Gradient accumulation
+per-example tensors (stage 2, pipeline.per_example). At the end of the backward pass the
+collector runs the clip stage (pipeline.clip.clip_backward_pass, scheduled by `_schedule_clip`):
+each example's GLOBAL norm over all units, its clip factor, and the clipped sums added to each
+unit's accumulators; per-example tensors are then dropped. Gradient accumulation
 over several micro-batches therefore only ever accumulates clipped sums.
 
 Formal guarantees: per backward pass, every example i of the micro-batch contributes
-alpha_i (t_i over all units) with global norm <= max_grad_norm (see clipping.py). Refused
+alpha_i (t_i over all units) with global norm <= max_grad_norm (see pipeline.clip). Refused
 with an error instead of silently breaking that bound:
 - a gradient reaching a hooked output twice (backward twice through one forward pass);
 - one backward pass through two forward passes (their examples would be merged by position);
@@ -35,87 +36,15 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import kernels
-from .clipping import clip_factors
-
-PerExampleFn = Callable[..., tuple[tuple[Tensor, ...], Tensor | None]]
-
-
-class Unit:
-    """Per-example tensors of one module: pending for this backward pass, then clipped sums.
-
-    Args:
-        name: the module's name, for error messages.
-        params: the parameters this unit trains.
-        per_example: (*captured inputs, output grad, grad_scale=s), each (b, T, features) in
-            the model's dtype, s a number or 0-d tensor -> ((b, ...) per-example tensors of the
-            gradient of s * loss in the compute dtype, their (b,) squared norms or None).
-        sqnorms: per-example tensors -> (b,) squared norms of the gradient they represent (used
-            when per_example gives none, or when a module called twice has summed its calls).
-        compute_dtype: dtype of all per-example math (fp32, or fp64 for fp64 parameters).
-        clip_scale: k, the unit's scale in the joint clip and the noise: its squared norms enter the
-            clip divided by k^2, and its noise std is k sigma C / b (1 for LoRA modules, FFA-LoRA's
-            lora_B included; C_D / C for dense layers: the optimizers' dense_max_grad_norm).
-    """
-
-    def __init__(self, name: str, params: Sequence[Tensor], per_example: PerExampleFn,
-                 sqnorms: Callable[..., Tensor], compute_dtype: torch.dtype, clip_scale: float = 1.0):
-        self.name = name
-        self.params = list(params)
-        self.per_example = per_example
-        self.sqnorms = sqnorms
-        self.compute_dtype = compute_dtype
-        self.clip_scale = clip_scale
-        self.pending: list[Tensor] | None = None
-        self.pending_sqnorms: Tensor | None = None
-        self.pending_key: tuple[int, int] | None = None  # (autograd graph task, forward pass)
-        self.sums: list[Tensor] | None = None
-        self.gradient_arrived = False  # a non-private .grad landed (and was dropped) since the last reset
-        self.gradient_task: int | None = None  # the backward pass (graph task) it last landed in
-
-    def add_pending(self, tensors: tuple[Tensor, ...], sqnorms: Tensor | None, key: tuple[int, int]) -> None:
-        """Add one forward call's per-example tensors and their squared norms if known (a module
-        called twice in one forward pass sums its calls); `key` = (backward graph task, forward
-        pass) they come from."""
-        if self.pending is not None and self.pending_key[0] != key[0]:
-            warnings.warn(f"{self.name}: discarding per-example gradients of a backward pass that did not finish",
-                          RuntimeWarning, stacklevel=2)
-            self.pending = None
-        if self.pending is not None and self.pending_key[1] != key[1]:
-            raise RuntimeError("one backward pass went through two forward passes; prism would merge their examples "
-                               "by position. Call backward once per forward pass (accumulate over micro-batches).")
-        self.pending_key = key
-        if self.pending is None:
-            self.pending, self.pending_sqnorms = list(tensors), sqnorms
-        elif self.pending[0].shape[0] != tensors[0].shape[0]:
-            raise RuntimeError(f"{self.name} was called on micro-batches of different sizes within one "
-                               "backward pass; prism needs the batch on dimension 0 of every call.")
-        else:
-            self.pending, self.pending_sqnorms = [p + t for p, t in zip(self.pending, tensors)], None
-
-    def pending_norms(self) -> Tensor:
-        """(b,) squared norms of the pending per-example gradients, divided by clip_scale^2."""
-        sqnorms = self.pending_sqnorms if self.pending_sqnorms is not None else self.sqnorms(*self.pending)
-        return sqnorms if self.clip_scale == 1.0 else sqnorms / self.clip_scale ** 2
-
-    def flush(self, alpha: Tensor, finite: Tensor) -> None:
-        """sums += sum_i alpha_i pending_i; drop the per-example tensors."""
-        clipped = [kernels.clipped_sum(alpha, finite, t) for t in self.pending]
-        self.sums = clipped if self.sums is None else [s + c for s, c in zip(self.sums, clipped)]
-        self.pending = self.pending_sqnorms = None
-
-    def reset(self) -> None:
-        self.pending = self.pending_sqnorms = None
-        self.pending_key = None
-        self.sums = None
-        self.gradient_arrived = False
-        self.gradient_task = None
-
+from .._torch_compat import NOT_IN_BACKWARD, current_backward_pass, queue_end_of_backward
+from .clip import clip_backward_pass
+from .units import StepStats, Unit
 
 MAIN_INPUTS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
 
@@ -131,34 +60,12 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
     return None
 
 
-class StepStats:
-    """Counters of the current logical step (for monitoring; not privacy-relevant)."""
+_COLLECTORS_OF: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its collectors (WeakSet)
 
-    def __init__(self):
-        self.examples = 0
-        self.backward_passes = 0
-        self.last_norms: Tensor | None = None  # the last backward pass's per-example norms, as clipped (weighted)
-        self._flag_counts: Tensor | None = None  # [clipped, non-finite], on the device: counted without a host sync
 
-    def count(self, alpha: Tensor, finite: Tensor) -> None:
-        """Add one backward pass's clipped (alpha < 1) and non-finite examples."""
-        counts = torch.stack([(alpha < 1).sum(), (~finite).sum()])
-        self._flag_counts = counts if self._flag_counts is None else self._flag_counts + counts
-
-    def set_flag_counts(self, clipped: int, nonfinite: int) -> None:
-        self._flag_counts = torch.tensor([clipped, nonfinite])
-
-    @property
-    def clipped(self) -> int:
-        return 0 if self._flag_counts is None else int(self._flag_counts[0])
-
-    @property
-    def nonfinite(self) -> int:
-        return 0 if self._flag_counts is None else int(self._flag_counts[1])
-
-    def __repr__(self) -> str:
-        return (f"StepStats(examples={self.examples}, clipped={self.clipped}, nonfinite={self.nonfinite}, "
-                f"backward_passes={self.backward_passes})")
+def collectors_of(model: nn.Module) -> list["PerExampleCollector"]:
+    """The live collectors (one per prism optimizer) that were attached to `model`."""
+    return list(_COLLECTORS_OF.get(model, ()))
 
 
 class PerExampleCollector:
@@ -196,6 +103,7 @@ class PerExampleCollector:
         """Number the forward passes of `model` (its root), so examples of different passes never mix,
         and note each pass's batch size (dimension 0 of its main input) to check every hooked module
         against: a module whose dimension 0 is not the examples would clip rows, not examples."""
+        _COLLECTORS_OF.setdefault(model, weakref.WeakSet()).add(self)
 
         def before(module, args, kwargs):
             self._forward_pass += 1
@@ -242,8 +150,8 @@ class PerExampleCollector:
 
         def drop_gradient(param: Tensor) -> None:
             unit.gradient_arrived = True
-            unit.gradient_task = torch._C._current_graph_task_id()
-            self._finish_at_the_end_of(unit.gradient_task)
+            unit.gradient_task = current_backward_pass()
+            self._schedule_clip(unit.gradient_task)
             param.grad = None
 
         self.units.append(unit)
@@ -260,7 +168,7 @@ class PerExampleCollector:
             if not bool(torch.isfinite(grad)) or float(grad) == 0:
                 raise RuntimeError(f"the loss's gradient was scaled by {float(grad)}; prism cannot recover each "
                                    "example's gradient. Do not scale the loss by zero or a non-finite factor.")
-            self._loss_scales[torch._C._current_graph_task_id()] = grad.detach()
+            self._loss_scales[current_backward_pass()] = grad.detach()
 
         loss.register_hook(on_loss_grad)
 
@@ -269,7 +177,7 @@ class PerExampleCollector:
             return
         captured_box = [captured]
         forward_pass = self._forward_pass
-        recomputed_in_backward = torch._C._current_graph_task_id() != -1
+        recomputed_in_backward = current_backward_pass() != NOT_IN_BACKWARD
         if not recomputed_in_backward:
             self._check_rows_are_examples(unit, output)
 
@@ -305,8 +213,8 @@ class PerExampleCollector:
                 "modules_to_save.")
 
     def _on_grad(self, unit: Unit, inputs: tuple[Tensor, ...], grad: Tensor, forward_pass: int) -> None:
-        task = torch._C._current_graph_task_id()
-        self._finish_at_the_end_of(task)
+        task = current_backward_pass()
+        self._schedule_clip(task)
         b = grad.shape[0]
         tensors = [t.reshape(b, -1, t.shape[-1]) for t in (*inputs, grad)]
         grad_scale = b if self.loss_reduction == "mean" else 1
@@ -316,38 +224,16 @@ class PerExampleCollector:
             per_example, sqnorms = unit.per_example(*tensors, grad_scale=grad_scale)
             unit.add_pending(per_example, sqnorms, (task, forward_pass))
 
-    def _finish_at_the_end_of(self, task: int) -> None:
+    def _schedule_clip(self, task: int) -> None:
+        """Run the clip stage once, at the end of backward pass `task` (after every module's gradient)."""
         if self._queued_task != task:
-            torch.autograd.Variable._execution_engine.queue_callback(lambda: self.finish_backward(task))
+            queue_end_of_backward(lambda: self._clip_finished_backward(task))
             self._queued_task = task
 
-    @torch.no_grad()
-    def finish_backward(self, task: int) -> None:
-        """Clip the examples of the finished backward pass `task` by their global norm and accumulate."""
+    def _clip_finished_backward(self, task: int) -> None:
         self._queued_task = None
         self._loss_scales.pop(task, None)
-        active = [u for u in self.units if u.pending is not None and u.pending_key[0] == task]
-        unseen = [u.name for u in self.units if u.gradient_task == task and u not in active]
-        if unseen:
-            raise RuntimeError(
-                f"{', '.join(unseen)}: the parameters got a gradient in this backward pass that prism's per-example "
-                "hooks never saw. The model changed the module's output in place (e.g. hidden[~mask] = 0), which "
-                "detaches the hook, or used its weights outside the module's forward call. That gradient cannot be "
-                "clipped per example: leave the module out of target_modules / modules_to_save.")
-        if not active:
-            return
-        sizes = {u.pending[0].shape[0] for u in active}
-        if len(sizes) != 1:
-            raise RuntimeError(f"hooked modules saw different batch sizes {sorted(sizes)} in one backward pass; "
-                               "prism needs the batch on dimension 0 of every LoRA and head input.")
-        sqnorms = sum(u.pending_norms() for u in active)
-        alpha, finite = clip_factors(sqnorms, self.max_grad_norm)
-        for u in active:
-            u.flush(alpha, finite)
-        self.stats.examples += sizes.pop()
-        self.stats.count(alpha, finite)
-        self.stats.backward_passes += 1
-        self.stats.last_norms = sqnorms.sqrt()
+        clip_backward_pass(self.units, task, self.max_grad_norm, self.stats)
 
     def discard_unfinished(self) -> None:
         """Drop per-example tensors of backward passes that never finished (e.g. raised midway)."""

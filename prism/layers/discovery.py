@@ -1,8 +1,8 @@
 """Find what a peft model trains, and refuse anything that cannot be trained privately.
 
 Every trainable parameter must belong to exactly one of:
-- a LoRA pair: lora_A / lora_B (nn.Linear, no bias) of a peft LoRA `Linear` layer of the
-  single active adapter; the base layer may be nn.Linear or GPT-2's Conv1D (fan_in_fan_out);
+- a LoRA pair: lora_A / lora_B (nn.Linear, no bias) of a peft LoRA layer of the single active
+  adapter, whose base layer is of a registered kind (layers.registry: nn.Linear, GPT-2's Conv1D);
 - a dense nn.Linear whose weight (and bias) are trainable, e.g. a classification head in
   `modules_to_save`;
 - only with `frozen_lora_A=True` (FFA-LoRA): the lora_B of a LoRA layer whose lora_A is frozen,
@@ -17,11 +17,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-try:
-    from peft.tuners.lora import Linear as _PeftLoraLinear
-    from peft.tuners.lora import LoraLayer as _PeftLoraLayer
-except ImportError as exc:  # pragma: no cover - peft is a hard dependency
-    raise ImportError("prism needs peft: pip install peft") from exc
+from peft.tuners.lora import LoraLayer as _PeftLoraLayer
+
+from .registry import BaseKind, base_kind_of, supported_kinds
 
 
 @dataclass(frozen=True)
@@ -33,6 +31,7 @@ class LoRAPair:
     lora_A: nn.Linear  # weight (r, n) = B^T
     lora_B: nn.Linear  # weight (m, r) = A
     scaling: float
+    base_kind: BaseKind  # what the frozen layer under the adapter is (layers.registry)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -132,9 +131,11 @@ def _find_lora_pairs(model: nn.Module, frozen_lora_A: bool) -> tuple[list[LoRAPa
 
 def _lora_pair(name: str, layer, adapter: str) -> LoRAPair | None:
     """The pair of `adapter` in `layer`; None when both factors are frozen."""
-    if not isinstance(layer, _PeftLoraLinear) or adapter not in layer.lora_A:
-        raise ValueError(f"{name}: LoRA on {type(layer).__name__} layers is not supported; target "
-                         "nn.Linear or GPT-2 Conv1D modules.")
+    base = layer.get_base_layer()
+    kind = base_kind_of(base)
+    if kind is None or adapter not in layer.lora_A:
+        raise ValueError(f"{name}: LoRA on {type(base).__name__} layers is not supported; target modules of a "
+                         f"supported kind ({', '.join(supported_kinds())}).")
     if adapter in getattr(layer, "lora_variant", {}):
         variant = type(layer.lora_variant[adapter]).__name__
         raise ValueError(f"{name}: the LoRA variant {variant} (e.g. DoRA) is not supported; set "
@@ -149,7 +150,7 @@ def _lora_pair(name: str, layer, adapter: str) -> LoRAPair | None:
     if not lora_B.weight.requires_grad:
         raise ValueError(f"{name}: lora_B is frozen but lora_A is trained; freeze neither (or freeze lora_A: "
                          "FFA-LoRA, with NaiveDPLoRA).")
-    return LoRAPair(name, layer, lora_A, lora_B, float(layer.scaling[adapter]))
+    return LoRAPair(name, layer, lora_A, lora_B, float(layer.scaling[adapter]), kind)
 
 
 def _is_lora_factor(module_name: str) -> bool:

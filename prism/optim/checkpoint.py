@@ -1,0 +1,63 @@
+"""Checkpoints: torch's optimizer state_dict plus the privacy bookkeeping under a "prism" key.
+
+The extra entry holds the steps taken, the privacy settings (a checkpoint loads only into an
+optimizer with the same ones), the accountant's history, the sampling check and the noise
+generator's state (None with generator="secure"). Floating state keeps its saved dtype (torch's
+loader would cast fp32 moments of bf16 parameters down to bf16).
+"""
+
+from __future__ import annotations
+
+import torch
+
+KEY = "prism"
+
+
+def privacy_entry(optimizer) -> dict:
+    """The "prism" entry of `optimizer`'s state_dict."""
+    generator_state = None if optimizer.secure_noise else optimizer.generator.get_state()
+    return dict(steps_taken=optimizer.steps_taken, generator_state=generator_state, **optimizer._settings(),
+                accountant=None if optimizer.accountant is None else optimizer.accountant.state_dict(),
+                sampling_check=optimizer._sampling_check.state_dict())
+
+
+def split_privacy_entry(optimizer, state_dict: dict) -> tuple[dict, dict]:
+    """(torch's part, the "prism" entry) of a checkpoint, checked against `optimizer`'s settings.
+
+    Raises:
+        ValueError: not a prism checkpoint, other privacy settings, or a secure-noise checkpoint
+            loaded into an optimizer without generator="secure".
+    """
+    state_dict = dict(state_dict)
+    if KEY not in state_dict:
+        raise ValueError("this state_dict has no 'prism' entry: it was not saved by a prism optimizer.")
+    extra = state_dict.pop(KEY)
+    for key, value in optimizer._settings().items():
+        saved = extra.get(key, extra["max_grad_norm"] if key == "dense_max_grad_norm" else None)
+        if saved != value:
+            raise ValueError(f"the checkpoint was saved with {key}={saved}, this optimizer has "
+                             f"{value}; build the optimizer with the checkpoint's settings.")
+    if extra["generator_state"] is None and not optimizer.secure_noise:
+        raise ValueError("the checkpoint was saved with generator='secure' and holds no noise state; build the "
+                         "optimizer with generator='secure' to resume it.")
+    return state_dict, extra
+
+
+def restore_state_dtypes(optimizer, saved_state: dict) -> None:
+    """Put the saved per-parameter state back as saved (dtype kept), on each parameter's device."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, values in saved_state.items():
+        param = params[index]
+        optimizer.state[param] = {k: v.to(param.device, copy=True) if torch.is_tensor(v) else v
+                                  for k, v in values.items()}
+
+
+def load_privacy_entry(optimizer, extra: dict) -> None:
+    """Continue the saved run: steps, noise stream (unless secure), accountant and sampling check."""
+    optimizer.steps_taken = extra["steps_taken"]
+    if not optimizer.secure_noise:
+        # .cpu(): accelerate's AcceleratedOptimizer reloads the state moved to the model's device
+        optimizer.generator.set_state(extra["generator_state"].cpu())
+    if optimizer.accountant is not None:
+        optimizer.accountant.load_state_dict(extra["accountant"])
+    optimizer._sampling_check.load_state_dict(extra["sampling_check"])
