@@ -126,7 +126,19 @@ def _round(x, digits=4):
     return x
 
 
-def moment_diagnostics(opt, pairs, floor_factor: float | None) -> dict:
+def _floors(pair, floor_factor: float, floor_mode: str) -> dict:
+    """The floor of each side's eigenvalues in units of noise_std^2 (method.md 3.5; "geometry": the mean
+    eigenvalue of the lifted noise, f tr(N^-1)/r (m - r)/m for A and f tr(M^-1)/r (n - r)/n for B)."""
+    if floor_mode != "geometry":
+        return dict(A=floor_factor, B=floor_factor)
+    A, B = pair.lora_B.weight.double(), pair.lora_A.weight.double().T
+    (m, r), n = A.shape, B.shape[0]
+    M, N = A.T @ A, B.T @ B
+    return dict(A=floor_factor * float(torch.linalg.inv(N).trace()) / r * (m - r) / m,
+                B=floor_factor * float(torch.linalg.inv(M).trace()) / r * (n - r) / n)
+
+
+def moment_diagnostics(opt, pairs, floor_factor: float | None, floor_mode: str = "scalar") -> dict:
     """Second moments from the optimizer state (read only) in units of noise_std^2, per module kind.
 
     PRISM: eigenvalues of the bias-corrected r x r moments V_A, V_B (keys exp_avg_sq_A/B) and the
@@ -142,20 +154,22 @@ def moment_diagnostics(opt, pairs, floor_factor: float | None) -> dict:
         for pair in (p for p in pairs if _module_kind(p.name) == kind):
             state = opt.state.get(pair.lora_B.weight, {})
             if "exp_avg_sq_A" in state:  # PRISM
+                floors = _floors(pair, floor_factor, floor_mode)
                 for side in ("A", "B"):
                     V = state[f"exp_avg_sq_{side}"] / (1 - beta2 ** state["step"])
-                    rows.setdefault(f"eig_{side}", []).extend(
-                        torch.linalg.eigvalsh((V + V.mT) / 2).div(std2).tolist())
+                    lam = torch.linalg.eigvalsh((V + V.mT) / 2).div(std2).tolist()
+                    rows.setdefault(f"eig_{side}", []).extend(lam)
+                    rows.setdefault("below", []).extend(v < floors[side] for v in lam)
             for label, param in (("A", pair.lora_B.weight), ("B", pair.lora_A.weight)):
                 st = opt.state.get(param, {})
                 if "exp_avg_sq" in st:  # naive / ffa (dense AdamW state)
                     v = st["exp_avg_sq"] / (1 - beta2 ** st["step"])
                     rows.setdefault(f"v_{label}", []).append(float(v.median()) / std2)
+        below = rows.pop("below", None)
         for key, values in rows.items():
-            q = _quantiles(values)
-            if key.startswith("eig") and floor_factor is not None:
-                q["below_floor"] = sum(v < floor_factor for v in values) / len(values)
-            out[f"{kind}.{key}"] = q
+            out[f"{kind}.{key}"] = _quantiles(values)
+        if below:
+            out[f"{kind}.eig_A"]["below_floor"] = sum(below) / len(below)  # both sides
     return out
 
 
@@ -166,7 +180,7 @@ class StepLog:
         self.pairs, self.setup, self.every, self.rows, self.start = pairs, setup, every, [], time.time()
         self.z0 = [float(_z(p).norm()) for p in pairs]
 
-    def record(self, loss_sum, examples, clipped, norms, z_before, opt=None, floor_factor=None):
+    def record(self, loss_sum, examples, clipped, norms, z_before, opt=None, floor_factor=None, floor_mode="scalar"):
         z_after = [_z(p) for p in self.pairs]
         dz = [float((a - b).norm()) for a, b in zip(z_after, z_before)]
         zn = [float(b.norm()) for b in z_before]
@@ -180,7 +194,7 @@ class StepLog:
         row["dZ_total"] = math.sqrt(sum(d * d for d in dz))
         row["dZ_over_Z_total"] = row["dZ_total"] / max(math.sqrt(sum(z * z for z in zn)), 1e-30)
         if opt is not None and not isinstance(opt, torch.optim.AdamW):
-            row["moments"] = moment_diagnostics(opt, self.pairs, floor_factor)
+            row["moments"] = moment_diagnostics(opt, self.pairs, floor_factor, floor_mode)
         self.rows.append(_round(row))
         step = row["step"]
         if self.every and (step % self.every == 0 or step == 1):
@@ -282,7 +296,8 @@ def _train_loop(method, cfg, model, pairs, data, pad, setup, epsilon, seed, lr) 
         examples = len(batch)
         opt.step()
         opt.zero_grad()
-        log.record(loss_total, examples, clipped, norms, z_before, opt, floor_factor)
+        log.record(loss_total, examples, clipped, norms, z_before, opt, floor_factor,
+                   cfg.get("kwargs", {}).get("floor_mode", "scalar"))
         if not math.isfinite(loss_total) or len(log.rows) == setup.stop_after:
             break
     if method != "nonprivate":
