@@ -4,7 +4,7 @@
     python -m benchmarks.floor --quick    # CI: a few steps, no claims
 
 PRISM preconditions each side of a LoRA module by V_hat^{-1/2}, V_hat the bias-corrected r x r second
-moment of the privatised factor directions, with its eigenvalues raised to the floor f std^2 (method.md
+moment of the privatised factor directions, with its eigenvalues raised to the floor f std^2 (docs/method.md
 3.5; std = sigma C / b). The benchmark's Rotten Tomatoes run (epsilon 3, seed 0, lr 1e-2) is trained for
 a few steps per floor factor f; after every step the eigenvalues of every module's V_hat are read from
 the optimizer's state, in units of std^2. The fraction below f is the share of directions whose step the

@@ -13,7 +13,7 @@ step per Poisson-sampled logical batch of expected size b, and sums per-example 
 (the non-private one averages them over the realised batch).
 
 Benchmark runs seed the sampling and noise generators (seed, seed + 1) so that a run can be
-repeated; a real deployment must not (see the README's rules).
+repeated; a real deployment must not (see docs/guarantees.md).
 """
 
 from __future__ import annotations

@@ -60,7 +60,8 @@ def init_balanced_lora(model: nn.Module, scale: float = 3 ** -0.5, *, compensate
     pairs, _ = find_trainables(model)
     for pair in pairs:
         check_rank_fits(pair)
-        if compensate_base and not pair.base_kind.may_rewrite_base:
+        base_weight = pair.layer.get_base_layer().weight
+        if compensate_base and not (pair.base_kind.may_rewrite_base and base_weight.is_floating_point()):
             raise ValueError(f"{pair.name}: cannot compensate a {pair.base_kind.name} base weight in place; pass "
                              "compensate_base=False.")
     for pair in pairs:

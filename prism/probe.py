@@ -6,7 +6,7 @@ influence only if row i depends on example i alone:
 - backward: loss_j reaches no row but its own, dloss_j/dy_i = 0 for j != i, so that
   dL/dy_i = dloss_i/dy_i;
 - forward: x_i, y_i and loss_i do not change when another example changes.
-The hooks check row COUNTS on every pass (hooks.py); layouts whose rows are not examples but whose
+The hooks check row COUNTS on every pass (pipeline/collect.py); layouts whose rows are not examples but whose
 count equals the batch (LoRA in a text tower fed fixed class prompts, two images in one example
 and none in another, mixture-of-experts experts that get exactly b tokens, a sequence-first input)
 and models that mix examples (BatchNorm in training mode, in-batch negatives in the loss) pass

@@ -93,7 +93,7 @@ class PRISM(DPLoRAOptimizer):
             the micro-batch, "sum" if it is their sum (default: "mean").
         generator (torch.Generator or "secure", optional): source of all noise, on the parameters'
             device (default: a generator whose state is drawn from os.urandom once). "secure" refills
-            the whole state from os.urandom before every step and never saves it (see noise.py).
+            the whole state from os.urandom before every step and never saves it (see pipeline/noise.py).
 
     Raises:
         ValueError: bad hyperparameters, no LoRA layer, several active adapters, trainable
