@@ -1,0 +1,37 @@
+"""The README's headline table is the results JSON, not a copy that can drift from it."""
+
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+COLUMNS = {"PRISM": "prism", "naive DP-LoRA": "naive", "Opacus DP-AdamW": "opacus", "FFA-LoRA": "ffa",
+           "DP head only": "head", "non-private LoRA": "nonprivate"}
+TASKS = {"Rotten Tomatoes (sentiment)": "rotten_tomatoes", "SMS spam": "sms_spam"}
+
+
+def _headline_rows():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| task |"))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        yield header, cells
+
+
+def test_the_readme_headline_matches_utility_json_at_epsilon_3():
+    results = json.loads((ROOT / "benchmarks/results/utility.json").read_text())["test_accuracy"]
+    checked = 0
+    for header, cells in _headline_rows():
+        if cells[0] not in TASKS:
+            continue
+        task = results[TASKS[cells[0]]]
+        for name, cell in zip(header[1:], cells[1:]):
+            method = COLUMNS[name]
+            summary = task[method]["inf" if method == "nonprivate" else "3"]
+            mean, std = (float(x) for x in re.fullmatch(r"([\d.]+) ± ([\d.]+)", cell).groups())
+            assert (mean, std) == (round(100 * summary["mean"], 1), round(100 * summary["std"], 1)), (cells[0], name)
+            checked += 1
+    assert checked == len(TASKS) * len(COLUMNS)
