@@ -18,7 +18,6 @@ privatised sums of the LoRA units become new factors (`_lora_updates`).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
@@ -27,15 +26,15 @@ from torch.utils.data import DataLoader
 
 from .. import _validate, distributed, probe
 from ..accounting import PrivacyAccountant
-from ..functional import StepConfig, dense_step
-from ..layers import DenseLinear, LoRAPair, find_trainables
-from ..pipeline import account, per_example, reduce
+from ..functional import StepConfig
+from ..layers import LoRAPair, find_trainables
+from ..pipeline import account, reduce
 from ..pipeline.collect import PerExampleCollector, collectors_of
-from ..pipeline.noise import entropy_seeded_generator, fill_from_os_entropy, gaussian
+from ..pipeline.noise import entropy_seeded_generator, fill_from_os_entropy
 from ..pipeline.units import StepStats, Unit
 from ..plan import resolve_plan
 from ..sampling import SamplingCheck, poisson_data_loader
-from . import checkpoint, guards
+from . import checkpoint, dense, guards
 from .groups import build_param_groups
 from .updates import Update, apply_updates, compute_dtype, value_of
 
@@ -98,7 +97,12 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
             unit = self._lora_unit(index, pair)
             self._collector.add_lora_pair(pair.lora_A, pair.lora_B, unit)
             self._lora_units.append(unit)
-        self._dense_units = [self._dense_unit(d) for d in self.dense]
+        self._dense_units = []
+        for layer in self.dense:
+            scale = 1.0 if layer.lora_factor else self.dense_max_grad_norm / self.max_grad_norm
+            unit = dense.dense_unit(layer, clip_scale=scale)
+            self._collector.add_linear(layer.module, unit)
+            self._dense_units.append(unit)
         owners = [(module, name, getattr(module, name)) for module in
                   [m for pair in self.pairs for m in (pair.lora_A, pair.lora_B)] + [d.module for d in self.dense]
                   for name in ("weight", "bias")
@@ -160,24 +164,6 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         """New factors of every LoRA pair; `configs` maps id(parameter) to its group's StepConfig."""
         raise NotImplementedError
 
-    def _dense_unit(self, dense: DenseLinear) -> Unit:
-        name, module = dense.name, dense.module
-        params = [p for p in (module.weight, module.bias) if p is not None and p.requires_grad]
-        if len(params) == 1 and params[0] is not module.weight:
-            raise ValueError(f"{name}: a dense nn.Linear with a trainable bias but a frozen weight is not "
-                             "supported; train both or neither.")
-        has_bias = len(params) == 2
-        dtype = compute_dtype(module.weight)
-
-        def grads(x, go, grad_scale):
-            return per_example.linear_grads(*per_example.in_compute_dtype(dtype, x, go, grad_scale=grad_scale),
-                                            has_bias), None
-
-        scale = 1.0 if dense.lora_factor else self.dense_max_grad_norm / self.max_grad_norm
-        unit = Unit(name, params, grads, per_example.sum_of_squares, dtype, clip_scale=scale)
-        self._collector.add_linear(module, unit)
-        return unit
-
     @torch.no_grad()
     def step(self, closure=None):
         """Privatise the clipped sums accumulated since the last step and update the model.
@@ -204,7 +190,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
             configs = self._step_configs()
             updates = self._lora_updates(configs)  # noise -> precondition -> retract, per LoRA pair
             for unit in self._dense_units:
-                updates += self._dense_updates(unit, configs)
+                updates += dense.euclidean_updates(unit, configs, self.state, self.generator)
         finally:
             self._end_step()
         apply_updates(updates, self.state)
@@ -219,20 +205,6 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                              weight_decay=group["weight_decay"], **self._extra_config(group))
             configs.update((id(p), cfg) for p in group["params"])
         return configs
-
-    def _dense_updates(self, unit: Unit, configs: dict[int, StepConfig]) -> list[Update]:
-        """DP-SGD / DP-AdamW on each parameter: (clipped sum) / b + N(0, (k std)^2 I), k = unit.clip_scale."""
-        updates = []
-        for param, grad_sum in zip(unit.params, unit.sums_or_zeros()):
-            cfg = configs[id(param)]
-            if unit.clip_scale != 1.0:
-                cfg = replace(cfg, noise_std=unit.clip_scale * cfg.noise_std)
-            value = self.value_of(param, unit.compute_dtype)
-            grad = grad_sum / cfg.expected_batch_size
-            if cfg.noise_std > 0:
-                grad = grad + gaussian(tuple(value.shape), cfg.noise_std, self.generator, value)
-            updates.append(Update(param, dense_step(value, grad, self.state[param], cfg), unit.name))
-        return updates
 
     def value_of(self, param: Tensor, dtype: torch.dtype) -> Tensor:
         """The parameter's current value in `dtype` (its fp32 master copy for bf16/fp16 parameters)."""

@@ -6,6 +6,7 @@ from ..functional import StepConfig
 from ..layers import LoRAPair
 from ..pipeline import per_example
 from ..pipeline.units import Unit
+from . import dense
 from .base import DPLoRAOptimizer
 from .updates import Update, compute_dtype
 
@@ -42,4 +43,5 @@ class NaiveDPLoRA(DPLoRAOptimizer):
                     per_example.sum_of_squares, dtype)
 
     def _lora_updates(self, configs: dict[int, StepConfig]) -> list[Update]:
-        return [update for unit in self._lora_units for update in self._dense_updates(unit, configs)]
+        return [update for unit in self._lora_units
+                for update in dense.euclidean_updates(unit, configs, self.state, self.generator)]
