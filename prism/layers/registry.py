@@ -15,6 +15,8 @@ What does depend on the base layer's kind is collected in a `BaseKind`:
 
 Adding a kind is one small module in prism/layers/kinds/ that builds its BaseKind and calls
 `register_base_kind(layer_type, kind)`, plus one import line in prism/layers/kinds/__init__.py.
+A kind from an optional package is registered by the class's import path
+("package.module.ClassName") so that prism never imports that package itself.
 """
 
 from __future__ import annotations
@@ -40,25 +42,29 @@ class BaseKind:
         return delta.T if self.fan_in_fan_out else delta
 
 
-_KINDS: dict[type, BaseKind] = {}
+_KINDS: dict[type | str, BaseKind] = {}  # a class, or a class's import path "module.QualName"
 
 
-def register_base_kind(layer_type: type, kind: BaseKind) -> None:
+def register_base_kind(layer_type: type | str, kind: BaseKind) -> None:
     """Make `layer_type` (and its subclasses) a supported base layer with the facts in `kind`.
+
+    Args:
+        layer_type: the class, or its import path "module.QualName" (for optional packages).
 
     Raises:
         ValueError: `layer_type` is already registered.
     """
     if layer_type in _KINDS:
-        raise ValueError(f"base layer type {layer_type.__name__} is already registered as {_KINDS[layer_type].name}")
+        raise ValueError(f"base layer type {layer_type} is already registered as {_KINDS[layer_type].name}")
     _KINDS[layer_type] = kind
 
 
 def base_kind_of(base_layer: nn.Module) -> BaseKind | None:
     """The kind registered for the base layer's type (the most derived registered class), or None."""
     for cls in type(base_layer).__mro__:
-        if cls in _KINDS:
-            return _KINDS[cls]
+        for key in (cls, f"{cls.__module__}.{cls.__qualname__}"):
+            if key in _KINDS:
+                return _KINDS[key]
     return None
 
 

@@ -212,7 +212,14 @@ class PerExampleCollector:
                 "and clipping them would not bound each example's gradient. Leave it out of target_modules / "
                 "modules_to_save.")
 
-    def _on_grad(self, unit: Unit, inputs: tuple[Tensor, ...], grad: Tensor, forward_pass: int) -> None:
+    def _on_grad(self, unit: Unit, inputs: tuple[Tensor, ...], grad: Tensor | None, forward_pass: int) -> None:
+        if grad is None:
+            raise RuntimeError(
+                f"{unit.name}: the gradient reaching this module's output is undefined: an operation above it in "
+                "the model has no backward, so this module (and everything below it) would silently not train. "
+                "A known cause: bitsandbytes' CPU path switches a quantized layer to an inference kernel once it "
+                "runs in evaluation mode; load the model again and keep it in training mode (model.train()) "
+                "before its first forward pass.")
         task = current_backward_pass()
         self._schedule_clip(task)
         b = grad.shape[0]

@@ -1,3 +1,3 @@
 """The supported kinds of base layers: importing a module registers its kind (see layers.registry)."""
 
-from . import conv1d, linear  # noqa: F401
+from . import bitsandbytes, conv1d, linear  # noqa: F401
