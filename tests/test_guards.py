@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertForMultipleChoice, OPTConfig, OPTForCausalLM
 
 from helpers import VOCAB, current_factors, make_batch, per_example_losses, select, tiny_model
-from prism import PRISM, PoissonBatchSampler
+from prism import NaiveDPLoRA, PRISM, PoissonBatchSampler
 from prism import accounting
 from prism.manifold import split_tangent
 
@@ -273,3 +273,31 @@ def test_max_steps_within_checks_its_cap(monkeypatch):
     steps = accounting.max_steps_within(9.91, 1e-5, 1.0, 0.5)
     assert accounting.epsilon_for(1.0, 0.5, steps, 1e-5)[2] <= 9.91 < accounting.epsilon_for(1.0, 0.5, steps + 1,
                                                                                                1e-5)[2]
+
+
+@pytest.mark.parametrize("cls", [PRISM, NaiveDPLoRA])
+def test_an_adapter_no_gradient_reaches_is_refused_after_three_steps(cls):
+    """Examples go through the model, but the loss does not depend on them (here: multiplied by 0, as
+    when every label is -100): the clipped sums stay zero, and the third such step raises."""
+    model = tiny_model("bert", init="pissa" if cls is PRISM else True)
+    opt = cls(model, **{**BASE, "noise_multiplier": 1.0})
+    batch = make_batch("bert", b=4)
+    for step in range(3):
+        (0 * per_example_losses("bert", model, batch)).sum().backward()
+        if step < 2:
+            opt.step()
+    with pytest.raises(RuntimeError, match="no gradient reached the trained parameters"):
+        opt.step()
+    assert opt.steps_taken == 2
+
+
+def test_warm_up_at_lr_0_and_empty_batches_do_not_trip_the_dead_adapter_guard():
+    model = tiny_model("bert")
+    opt = PRISM(model, **{**BASE, "lr": 0.0, "noise_multiplier": 1.0})
+    batch = make_batch("bert", b=4)
+    for _ in range(4):
+        per_example_losses("bert", model, batch).sum().backward()
+        opt.step()
+    for _ in range(4):
+        opt.step()  # empty Poisson batches: nothing forwarded
+    assert opt.steps_taken == 8

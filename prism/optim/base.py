@@ -178,6 +178,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         # collect, per-example blocks and clip already ran, at the end of every backward pass
         self._guards.before_step(self.steps_taken)
         reduce.sum_over_ranks(self._units, self.stats, self._ranks, self._replicas, self._params(), self.generator)
+        self._guards.refuse_a_dead_adapter(self.stats)
         self._sampling_check.observe(self.stats.examples)
         # accounted before any noise is drawn: a noisy gradient enters the moments even if its write is refused
         self.steps_taken += 1

@@ -72,7 +72,8 @@ def warn_about_fp16(model: nn.Module) -> None:
                       "out: opt.watch_loss(loss); (loss * 1024).backward().", UserWarning, stacklevel=4)
 
 
-PRIVATE_STEPS = "_prism_private_steps"  # attribute on the model: private steps any prism optimizer took on it
+PRIVATE_STEPS = "_prism_private_steps"
+DEAD_STEPS = 3  # consecutive steps with examples forwarded but all clipped sums zero before refusing to go on  # attribute on the model: private steps any prism optimizer took on it
 
 
 class StepGuards:
@@ -88,6 +89,7 @@ class StepGuards:
         self.plan = plan
         self.budget = budget
         self.trainable_names = trainable_names(model)
+        self.dead_steps = 0
 
     def before_step(self, steps_taken: int) -> None:
         """Raise before a step that would not be private or would exceed the budget; warn past the plan."""
@@ -101,6 +103,26 @@ class StepGuards:
                           "planned (and with target_epsilon calibrated) for: epsilon keeps growing past the plan "
                           "(privacy_spent() reports it). Pass max_epsilon to stop at a budget.", UserWarning,
                           stacklevel=4)
+
+    def refuse_a_dead_adapter(self, stats) -> None:
+        """Raise when, for DEAD_STEPS steps in a row, examples were forwarded but no gradient reached any
+        trained parameter (every clipped sum zero or absent): the adapter is silently not training.
+
+        A learning rate of 0 (warm-up) does not trip it (gradients still arrive), nor do empty batches.
+        The signal is computed from the private batch without noise, like the logged loss.
+        """
+        dead = stats.forwarded > 0 and not any(
+            bool(torch.stack([s.abs().sum() for s in unit.sums]).sum()) for unit in self.units if unit.sums)
+        self.dead_steps = self.dead_steps + 1 if dead else 0
+        if self.dead_steps >= DEAD_STEPS:
+            self.dead_steps = 0
+            raise RuntimeError(
+                f"for {DEAD_STEPS} steps in a row examples went through the model but no gradient reached the "
+                "trained parameters (every clipped per-example sum is zero): the adapter is not training. Likely "
+                "causes: the adapter is disabled, frozen or detached (model.disable_adapter(), a copy of the "
+                "model, torch.no_grad() around the forward pass), or the loss does not depend on it (every label "
+                "-100, e.g. prompts longer than the maximum length or a completion mask that removes every "
+                "token; a loss multiplied by 0). Fix the loss or the model and build a new optimizer.")
 
     def note_step(self) -> None:
         """Count the step on the model, so a later optimizer on it warns that privacy losses compose."""

@@ -109,6 +109,8 @@ class PerExampleCollector:
             self._forward_pass += 1
             self._root_depth += 1
             self._forward_batch = _batch_size(args, kwargs)
+            if torch.is_grad_enabled() and not self._paused and self._forward_batch:
+                self.stats.forwarded += self._forward_batch
 
         def after(module, args, kwargs, output):
             self._root_depth -= 1

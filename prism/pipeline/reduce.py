@@ -33,7 +33,7 @@ def sum_over_ranks(units: Sequence[Unit], stats: StepStats, ranks: int, replicas
     replicas.check_identical(params, generator)
     for unit in units:
         unit.sums = unit.sums_or_zeros()
-    counts = torch.tensor([stats.examples, stats.clipped, stats.nonfinite, stats.backward_passes])
+    counts = torch.tensor([stats.examples, stats.clipped, stats.nonfinite, stats.backward_passes, stats.forwarded])
     replicas.sum_over_ranks([t for unit in units for t in unit.sums] + [counts])
-    stats.examples, clipped, nonfinite, stats.backward_passes = counts.tolist()
+    stats.examples, clipped, nonfinite, stats.backward_passes, stats.forwarded = counts.tolist()
     stats.set_flag_counts(clipped, nonfinite)

@@ -101,10 +101,12 @@ class Unit:
 
 
 class StepStats:
-    """Counters of the current logical step (for monitoring; not privacy-relevant)."""
+    """Counters of the current logical step, computed from the private batch without noise: for
+    monitoring and guards only, never to be logged or published."""
 
     def __init__(self):
-        self.examples = 0
+        self.examples = 0  # examples clipped (that reached a trained module in a backward pass)
+        self.forwarded = 0  # examples in forward passes of the model with gradients enabled
         self.backward_passes = 0
         self.last_norms: Tensor | None = None  # the last backward pass's per-example norms, as clipped (weighted)
         self._flag_counts: Tensor | None = None  # [clipped, non-finite], on the device: counted without a host sync
