@@ -227,15 +227,16 @@ def test_released_contribution_of_one_example_is_within_C_in_low_precision(dtype
         assert _released_norms(opt) <= BASE["max_grad_norm"] * (1 + 1e-6)
 
 
-def test_bf16_autocast_keeps_per_example_norms_and_the_clip_bound():
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_bf16_autocast_keeps_per_example_norms_and_the_clip_bound(kind):
     """Under CPU bf16 autocast the hooks see bf16 activations; norms and sums are formed in fp32."""
-    batch = make_batch("bert", b=5, seed=3)
+    batch = make_batch(kind, b=5, seed=3)
     norms = []
     for autocast in (False, True):
-        model = tiny_model("bert", dtype=torch.float32, hidden=32, r=4)
+        model = tiny_model(kind, dtype=torch.float32, hidden=32, r=4)
         opt = PRISM(model, **{**BASE, "max_grad_norm": 0.05})
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            losses = per_example_losses("bert", model, batch)
+            losses = per_example_losses(kind, model, batch)
         losses.float().sum().backward()
         norms.append(opt.stats.last_norms)
         assert all(s.dtype == torch.float32 for s in _sums(opt))
