@@ -36,7 +36,7 @@ from ..plan import resolve_plan
 from ..sampling import SamplingCheck, poisson_data_loader
 from . import checkpoint, dense, guards
 from .groups import build_param_groups
-from .updates import Update, apply_updates, compute_dtype, value_of
+from .updates import Update, apply_updates, value_of
 
 
 class DPLoRAOptimizer(torch.optim.Optimizer):

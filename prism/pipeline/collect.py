@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 import weakref
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
