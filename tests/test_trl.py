@@ -11,12 +11,12 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
-from transformers import PreTrainedTokenizerFast, TrainerCallback  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 import prism  # noqa: E402
 import prism.hf  # noqa: E402
-from helpers import tiny_model  # noqa: E402
+from helpers import StopAt, tiny_model  # noqa: E402
 from prism import PRISM  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
@@ -141,7 +141,8 @@ def test_each_examples_loss_is_its_mean_over_its_completion_tokens(kind, config,
                       for ex in trainer.train_dataset.select(range(6))]
     real = batch["attention_mask"].bool()
     for row, length in enumerate(prompt_lengths):  # prompt (and user turn) tokens carry no label; the rest do
-        assert (batch["labels"][row, :length] == -100).all() and (batch["labels"][row, length:][real[row, length:]] != -100).all()
+        assert (batch["labels"][row, :length] == -100).all()
+        assert (batch["labels"][row, length:][real[row, length:]] != -100).all()
     with torch.no_grad():
         losses = prism.hf.sft_per_example_loss(model, batch)
     torch.testing.assert_close(losses, _completion_loss_by_hand(model, batch), rtol=1e-5, atol=1e-6)
@@ -183,7 +184,8 @@ def test_changing_one_example_changes_no_other_examples_loss_or_gradient(tmp_pat
     _, _, sums_alone = run([4])
     for name, blocks in sums_a.items():
         for together, others, alone in zip(blocks, sums_others[name], sums_alone[name]):
-            torch.testing.assert_close(together - others, alone, rtol=0, atol=1e-6 * alone.abs().max())  # the fused head is fp32
+            # the fused head computes in fp32
+            torch.testing.assert_close(together - others, alone, rtol=0, atol=1e-6 * alone.abs().max())
     # the check can fail: SFTTrainer's token mean over the micro-batch couples the examples
     _, own_a, _ = run([0, 1, 2, 3, 4], loss=lambda m, b: SFTTrainer.compute_loss(trainer, m, b))
     _, own_b, _ = run([0, 1, 2, 3, last], loss=lambda m, b: SFTTrainer.compute_loss(trainer, m, b))
@@ -197,7 +199,8 @@ class _OwnStepSFTTrainer(SFTTrainer):
 
 @pytest.mark.parametrize("change, match", [
     (dict(config=dict(packing=True)), r"packing=True.*SFTConfig\(packing=False, padding_free=False\)"),
-    (dict(config=dict(padding_free=True, max_length=None)), r"padding-free.*SFTConfig\(packing=False, padding_free=False\)"),
+    (dict(config=dict(padding_free=True, max_length=None)),
+     r"padding-free.*SFTConfig\(packing=False, padding_free=False\)"),
     (dict(args=dict(activation_offloading=True)), "activation_offloading"),
     (dict(config=dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})),
      "use_reentrant"),
@@ -210,7 +213,8 @@ def test_settings_that_put_several_examples_in_a_row_or_break_the_loss_are_refus
     settings = {**dict(output_dir=str(tmp_path), bf16=False, use_cpu=True, report_to="none", max_length=16,
                        gradient_checkpointing=False), **change.get("config", {})}
     trainer = change.get("cls", SFTTrainer)(model=model, args=SFTConfig(**settings), optimizers=(opt, None),
-                                            train_dataset=dataset("prompt-completion", 64), processing_class=tokenizer())
+                                            train_dataset=dataset("prompt-completion", 64),
+                                            processing_class=tokenizer())
     for name, value in change.get("args", {}).items():
         setattr(trainer.args, name, value)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -240,15 +244,6 @@ def test_gradient_checkpointing_through_sft_trainer_gives_the_same_steps(tmp_pat
     with_checkpoints = _two_private_steps(tmp_path / "on", True)
     for a, b in zip(with_checkpoints, _two_private_steps(tmp_path / "off", False)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def _train(output_dir, stop_at=None, resume_from=None):

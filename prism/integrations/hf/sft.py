@@ -85,7 +85,8 @@ def check_sft_trainer(trainer, optimizer: DPLoRAOptimizer, per_example_loss: Per
                          "SFTConfig(packing=False, padding_free=False).")
     if "seq_lengths" in (getattr(trainer.train_dataset, "column_names", None) or ()):
         raise ValueError("train_dataset has a 'seq_lengths' column: its rows were packed from several examples. "
-                         f"{_NOT_PER_ROW} Pass the examples unpacked, with SFTConfig(packing=False, padding_free=False).")
+                         f"{_NOT_PER_ROW} Pass the examples unpacked, with "
+                         "SFTConfig(packing=False, padding_free=False).")
     refused = {
         "activation_offloading": (args.activation_offloading, "not verified with prism's per-example hooks"),
         "router_aux_loss_coef": (getattr(trainer, "aux_loss_enabled", False),
@@ -106,8 +107,9 @@ def check_sft_trainer(trainer, optimizer: DPLoRAOptimizer, per_example_loss: Per
         check_dataset(trainer, optimizer)
     except ValueError as error:
         raise ValueError(f"{error} SFTTrainer drops the examples that truncation to max_length leaves without a "
-                         "trained token: build the optimizer with dataset_size=len(trainer.train_dataset) and set "
-                         "trainer.optimizer to it before make_private (or raise max_length).") from None
+                         "trained token: build the SFTTrainer without an optimizer, then the optimizer with "
+                         "dataset_size=len(trainer.train_dataset), set trainer.optimizer to it and call make_private "
+                         "(or raise max_length).") from None
 
 
 def sft_loss_path(trainer, per_example_loss: PerExampleLoss | None) -> tuple[PerExampleForward, object]:
@@ -117,7 +119,8 @@ def sft_loss_path(trainer, per_example_loss: PerExampleLoss | None) -> tuple[Per
         return functools.partial(per_example_losses, per_example_loss), None
     smoothing = trainer.args.label_smoothing_factor
     if smoothing and trainer.args.loss_type == "nll":  # needs the full logits, as in SFTTrainer
-        return functools.partial(per_example_losses, default_per_example_loss(trainer.model, smoothing)), evaluation_loss
+        smoothed = default_per_example_loss(trainer.model, smoothing)
+        return functools.partial(per_example_losses, smoothed), evaluation_loss
     return functools.partial(fused_per_example_losses, trainer.args.loss_type), evaluation_loss
 
 
