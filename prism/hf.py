@@ -6,7 +6,8 @@
 """
 
 from .integrations.hf import (UNNOISED_LOG_KEYS, PerExampleLoss, PrivacyCallback, default_per_example_loss,
-                              make_private, per_example_compute_loss, save_adapter_for_base)
+                              make_private, per_example_compute_loss, save_adapter_for_base,
+                              sft_per_example_loss)
 
 __all__ = ["make_private", "save_adapter_for_base", "default_per_example_loss", "per_example_compute_loss",
-           "PrivacyCallback", "PerExampleLoss", "UNNOISED_LOG_KEYS"]
+           "sft_per_example_loss", "PrivacyCallback", "PerExampleLoss", "UNNOISED_LOG_KEYS"]

@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch.func import functional_call, grad
 from torch.nn import functional as F
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM)
+                          LlamaForCausalLM, TrainerCallback)
 from transformers.utils import logging as hf_logging
 
 from prism import per_example_causal_lm_loss
@@ -186,3 +186,14 @@ class TensorDataset(torch.utils.data.Dataset):
 def stack_collate(examples: list[dict]) -> dict:
     """Collate equal-length examples by stacking each field."""
     return {k: torch.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+class StopAt(TrainerCallback):
+    """Simulates a run killed right after the checkpoint of step `step`."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True

@@ -7,13 +7,13 @@ import os
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import T5Config, T5ForConditionalGeneration, Trainer, TrainerCallback, TrainingArguments
+from transformers import T5Config, T5ForConditionalGeneration, Trainer, TrainingArguments
 
 import prism
 import prism.hf
 import prism.losses
-from helpers import (VOCAB, TensorDataset, lora_layers, make_batch, select, stack_collate, tiny_base, tiny_model,
-                     token_halves)
+from helpers import (VOCAB, StopAt, TensorDataset, lora_layers, make_batch, select, stack_collate, tiny_base,
+                     tiny_model, token_halves)
 from prism import NaiveDPLoRA, NonPoissonSampling, PRISM
 
 pytestmark = pytest.mark.filterwarnings("ignore:TrainingArguments.max_grad_norm")
@@ -275,17 +275,6 @@ def test_watch_loss_divides_out_a_loss_scale():
         norms.append(opt.stats.last_norms)
         assert all(p.grad is None for p in opt.param_groups[0]["params"])  # the non-private gradient is dropped
     assert torch.allclose(norms[0], norms[1]) and torch.allclose(norms[0], norms[2])
-
-
-class StopAt(TrainerCallback):
-    """Simulates a run killed right after the checkpoint of step `step`."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def _train_with_checkpoints(output_dir, stop_at=None, resume_from=None):

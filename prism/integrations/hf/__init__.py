@@ -32,6 +32,10 @@ override points on this one instance (`get_train_dataloader`, `compute_loss`) an
   batch without noise); do not publish it.
 - Budget (callbacks.py): with the optimizer's `max_epsilon`, training stops before a step that
   would exceed it. With `target_epsilon` and `steps`, the Trainer runs exactly those steps.
+- TRL (sft.py): `trl.SFTTrainer` is made private by the same call. Its loss becomes each example's
+  mean token loss over its own labelled tokens (completion-only and assistant-only labels as its
+  dataset preparation built them), through its fused LM head; packing and padding-free rows are
+  refused (a row is not an example), and other TRL trainers (DPO, GRPO, reward, ...) by name.
 - Export (export.py): with a PiSSA-style init (part of W0 moved into the adapter) the initial
   adapter is kept in output_dir/prism_initial_adapter and `save_adapter_for_base(trainer, dir)`
   writes an adapter for the original base model (prism.export).
@@ -56,10 +60,11 @@ from .callbacks import UNNOISED_LOG_KEYS, PrivacyCallback
 from .data import poisson_train_dataloader
 from .export import keep_initial_adapter, save_adapter_for_base
 from .losses import (FirstBatchProbe, PerExampleLoss, compute_loss, default_per_example_loss,
-                     per_example_compute_loss)
+                     per_example_compute_loss, per_example_losses)
+from .sft import check_sft_trainer, is_supported_trl_trainer, sft_loss_path, sft_per_example_loss
 
 __all__ = ["make_private", "save_adapter_for_base", "default_per_example_loss", "per_example_compute_loss",
-           "PrivacyCallback", "PerExampleLoss", "UNNOISED_LOG_KEYS"]
+           "sft_per_example_loss", "PrivacyCallback", "PerExampleLoss", "UNNOISED_LOG_KEYS"]
 
 
 def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
@@ -67,9 +72,11 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
     """Make `trainer` train privately with the prism optimizer it was given.
 
     Args:
-        trainer: a `transformers.Trainer` built with `optimizers=(prism_optimizer, scheduler_or_None)`.
+        trainer: a `transformers.Trainer` or `trl.SFTTrainer` built with
+            `optimizers=(prism_optimizer, scheduler_or_None)`.
         per_example_loss: `(model outputs, labels) -> (b,)` losses; default: chosen from the
-            model's task (sequence classification, token classification, causal LM).
+            model's task (sequence classification, token classification, causal LM); for an
+            SFTTrainer, each example's mean token loss over its labelled tokens (sft.py).
         sampling_seed: seed of the Poisson draws, for reproducible runs only. Default: OS entropy.
             A seed known to an adversary reveals which examples each step used and voids the
             privacy amplification by subsampling.
@@ -80,9 +87,12 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
     Returns:
         The callback added to the trainer (its `optimizer` and `sampler` attributes).
     """
+    is_sft = is_supported_trl_trainer(trainer)  # other TRL trainers are refused by name
     if any(isinstance(c, PrivacyCallback) for c in trainer.callback_handler.callbacks):
         raise ValueError("make_private was already called on this trainer.")
     optimizer = checks.prism_optimizer(trainer)
+    if is_sft:
+        check_sft_trainer(trainer, optimizer, per_example_loss)
     checks.check_model(trainer.model, optimizer)
     dataset_size = checks.check_dataset(trainer, optimizer)
     trainer.args = checks.adjusted_arguments(trainer.args, optimizer)
@@ -92,15 +102,13 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
         # itself. Preparing it now for evaluation only (autocast, compile) makes the Trainer's
         # own prepare() leave it unwrapped.
         trainer.accelerator.prepare_model(trainer.model, evaluation_mode=True)
-    checks.check_loss_path(trainer, per_example_loss)
-    loss_fn = per_example_loss or default_per_example_loss(trainer.model, trainer.args.label_smoothing_factor)
+    forward, evaluation_loss = (sft_loss_path if is_sft else _trainer_loss_path)(trainer, per_example_loss)
     # one "epoch" of the Trainer is ceil(1/q) draws, N examples in expectation
     sampler = PoissonBatchSampler(dataset_size, optimizer.plan.sample_rate, epochs=1, seed=sampling_seed,
                                   micro_batches=trainer.args.gradient_accumulation_steps)
     trainer.get_train_dataloader = functools.partial(poisson_train_dataloader, trainer, sampler, optimizer.plan)
-    evaluation_loss = trainer.compute_loss if per_example_loss is None else None  # the Trainer's own
-    probe = FirstBatchProbe(optimizer, loss_fn) if check_examples else None
-    trainer.compute_loss = functools.partial(compute_loss, optimizer, loss_fn, evaluation_loss, probe)
+    probe = FirstBatchProbe(optimizer, forward) if check_examples else None
+    trainer.compute_loss = functools.partial(compute_loss, optimizer, forward, evaluation_loss, probe)
     # the Trainer then divides each micro-batch's loss by the accumulation steps (watch_loss undoes
     # it for the gradients), so the logged loss is the mean per-example loss
     trainer.loss_is_scaled_for_ga = False
@@ -109,3 +117,11 @@ def make_private(trainer, *, per_example_loss: PerExampleLoss | None = None,
     keep_initial_adapter(trainer, callback)
     trainer.callback_handler.callbacks.insert(0, callback)  # first, so reporters see the epsilon it adds
     return callback
+
+
+def _trainer_loss_path(trainer, per_example_loss: PerExampleLoss | None):
+    """(the training forward giving (b,) losses, the evaluation loss or None) of a transformers.Trainer."""
+    checks.check_loss_path(trainer, per_example_loss)
+    loss_fn = per_example_loss or default_per_example_loss(trainer.model, trainer.args.label_smoothing_factor)
+    evaluation_loss = trainer.compute_loss if per_example_loss is None else None  # the Trainer's own
+    return functools.partial(per_example_losses, loss_fn), evaluation_loss

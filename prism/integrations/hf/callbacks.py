@@ -15,8 +15,10 @@ from .losses import FirstBatchProbe
 
 logger = logging.getLogger(__name__)
 
-# Trainer log entries computed from the private batches without noise (batch sizes, token counts)
-UNNOISED_LOG_KEYS = ("grad_norm", "total_flos", "num_input_tokens_seen", "train_tokens_per_second")
+# Trainer log entries computed from the private batches without noise (batch sizes, token counts),
+# and SFTTrainer's training metrics (make_private's loss never records them; dropped should they appear)
+UNNOISED_LOG_KEYS = ("grad_norm", "total_flos", "num_input_tokens_seen", "train_tokens_per_second",
+                     "num_tokens", "entropy", "mean_token_accuracy", "aux_loss")
 
 
 class PrivacyCallback(TrainerCallback):

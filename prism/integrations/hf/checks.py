@@ -50,12 +50,14 @@ def check_dataset(trainer, optimizer: DPLoRAOptimizer) -> int:
     return size
 
 
-def check_loss_path(trainer, per_example_loss: PerExampleLoss | None) -> None:
-    """Refuse a training_step prism cannot see through, and a custom loss that has no per-example version."""
-    if type(trainer).training_step is not Trainer.training_step:
+def check_loss_path(trainer, per_example_loss: PerExampleLoss | None, base: type = Trainer,
+                    base_name: str = "transformers.Trainer") -> None:
+    """Refuse a training_step prism cannot see through, and a custom loss that has no per-example version
+    (`base`: the trainer class whose training_step and compute_loss prism knows)."""
+    if type(trainer).training_step is not base.training_step:
         raise ValueError(f"{type(trainer).__name__} overrides training_step; prism cannot check that each example's "
-                         "gradient comes from its own loss. Use transformers.Trainer (or a subclass that keeps it).")
-    custom = type(trainer).compute_loss is not Trainer.compute_loss or trainer.compute_loss_func is not None
+                         f"gradient comes from its own loss. Use {base_name} (or a subclass that keeps it).")
+    custom = type(trainer).compute_loss is not base.compute_loss or trainer.compute_loss_func is not None
     if custom and per_example_loss is None:
         raise ValueError(f"{type(trainer).__name__} has its own compute_loss or compute_loss_func, which prism must "
                          "replace by a loss computed per example. Pass per_example_loss=... to make_private: your "

@@ -3,6 +3,7 @@ optimizer's loss_reduction says, with the one-off check that rows are examples."
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -15,39 +16,41 @@ from ...losses import (drop_labels_after_padding, per_example_causal_lm_loss, pe
 from .data import EMPTY_MICRO_BATCH, EXAMPLE_COUNT
 
 PerExampleLoss = Callable[[object, Tensor], Tensor]
+PerExampleForward = Callable[[nn.Module, dict], tuple[Tensor, object]]  # (model, batch) -> ((b,) losses, outputs)
 
 
 class FirstBatchProbe:
     """Runs optimizer.check_examples once, on the first training micro-batch of >= 2 examples."""
 
-    def __init__(self, optimizer: DPLoRAOptimizer, loss_fn: PerExampleLoss):
+    def __init__(self, optimizer: DPLoRAOptimizer, forward: PerExampleForward):
         self.optimizer = optimizer
-        self.loss_fn = loss_fn
+        self.forward = forward
         self.done = False
 
     def __call__(self, model: nn.Module, inputs: dict) -> None:
         labels = inputs.get("labels")
         if self.done or EMPTY_MICRO_BATCH in inputs or labels is None or labels.shape[0] < 2:
             return
-        self.optimizer.check_examples(inputs, lambda m, batch: per_example_losses(self.loss_fn, m, batch)[0])
+        self.optimizer.check_examples(inputs, lambda m, batch: self.forward(m, batch)[0])
         self.done = True
 
 
-def compute_loss(optimizer: DPLoRAOptimizer, loss_fn: PerExampleLoss, evaluation_loss: Callable | None,
+def compute_loss(optimizer: DPLoRAOptimizer, forward: PerExampleForward, evaluation_loss: Callable | None,
                  probe: FirstBatchProbe | None, model: nn.Module, inputs: dict, return_outputs: bool = False,
                  num_items_in_batch=None):
-    """The Trainer's compute_loss after make_private. Training: per_example_compute_loss (after the
-    one-off probe). Evaluation (no gradient): the Trainer's own loss where the default per-example
-    loss is in use, so eval_loss stays comparable with non-private runs; else the mean of the given
-    per-example losses (independent of loss_reduction)."""
+    """The Trainer's compute_loss after make_private. Training: the per-example losses of `forward`
+    reduced as the optimizer's loss_reduction says (after the one-off probe). Evaluation (no
+    gradient): the Trainer's own loss where the default per-example loss is in use, so eval_loss
+    stays comparable with non-private runs; else the mean of the per-example losses (independent
+    of loss_reduction)."""
     if torch.is_grad_enabled():
         if probe is not None:
             probe(model, inputs)
-        return per_example_compute_loss(optimizer, loss_fn, model, inputs, return_outputs)
+        return reduced_loss(optimizer, forward, model, inputs, return_outputs)
     if evaluation_loss is not None:  # num_items_in_batch only where given: older Trainers do not take it
         extra = {} if num_items_in_batch is None else dict(num_items_in_batch=num_items_in_batch)
         return evaluation_loss(model, inputs, return_outputs=return_outputs, **extra)
-    losses, outputs = per_example_losses(loss_fn, model, inputs)
+    losses, outputs = forward(model, inputs)
     return (losses.mean(), outputs) if return_outputs else losses.mean()
 
 
@@ -58,17 +61,24 @@ def per_example_compute_loss(optimizer: DPLoRAOptimizer, loss_fn: PerExampleLoss
     `num_items_in_batch` is ignored on purpose: a normaliser counted over the whole batch would
     couple the examples.
     """
+    return reduced_loss(optimizer, functools.partial(per_example_losses, loss_fn), model, inputs, return_outputs)
+
+
+def reduced_loss(optimizer: DPLoRAOptimizer, forward: PerExampleForward, model: nn.Module, inputs: dict,
+                 return_outputs: bool = False):
+    """The sum or mean (the optimizer's loss_reduction) of the per-example losses of `forward`,
+    watched so that a factor applied later is divided out; 0 for an empty micro-batch."""
     if EMPTY_MICRO_BATCH in inputs:
         loss = torch.zeros((), device=inputs[EMPTY_MICRO_BATCH].device, requires_grad=True)
         return (loss, None) if return_outputs else loss
-    losses, outputs = per_example_losses(loss_fn, model, inputs)
+    losses, outputs = forward(model, inputs)
     loss = losses.sum() if optimizer.loss_reduction == "sum" else losses.mean()
     optimizer.watch_loss(loss)
     return (loss, outputs) if return_outputs else loss
 
 
-def per_example_losses(loss_fn: PerExampleLoss, model: nn.Module, inputs: dict) -> tuple[Tensor, object]:
-    """((b,) losses, the model's outputs) of a batch whose labels the model does not see."""
+def split_labels(inputs: dict) -> tuple[dict, Tensor]:
+    """(the model's inputs, the labels) of a micro-batch, refusing one whose rows are not its examples."""
     inputs = dict(inputs)
     labels = inputs.pop("labels", None)
     examples = inputs.pop(EXAMPLE_COUNT, None)
@@ -78,6 +88,12 @@ def per_example_losses(loss_fn: PerExampleLoss, model: nn.Module, inputs: dict) 
         raise ValueError(f"the collator turned {int(examples)} examples into {labels.shape[0]} rows (padding-free "
                          "packing such as DataCollatorWithFlattening?); prism clips per row, so it needs one row "
                          "per example. Use a padding collator (e.g. DataCollatorWithPadding).")
+    return inputs, labels
+
+
+def per_example_losses(loss_fn: PerExampleLoss, model: nn.Module, inputs: dict) -> tuple[Tensor, object]:
+    """((b,) losses, the model's outputs) of a batch whose labels the model does not see."""
+    inputs, labels = split_labels(inputs)
     outputs = model(**_with_decoder_inputs(model, inputs, labels))
     if getattr(loss_fn, "predicts_the_next_token", False) and torch.is_tensor(inputs.get("attention_mask")):
         labels = drop_labels_after_padding(labels, inputs["attention_mask"])  # left padding: see prism.losses
