@@ -395,6 +395,7 @@ def test_a_dataset_of_another_size_is_refused_by_the_loop_and_the_trainer(tmp_pa
     (dict(args=dict(auto_find_batch_size=True)), ValueError, "auto_find_batch_size"),
     (dict(args=dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})),
      ValueError, "use_reentrant"),
+    (dict(args=dict(fp16=True)), ValueError, "fp16"),
 ])
 def test_make_private_refuses_bad_setups(change, error, match, tmp_path):
     model = tiny_model("bert", dtype=torch.float32)
@@ -509,3 +510,15 @@ def test_which_inits_need_the_initial_adapter_to_export(init, mutates):
     model = tiny_model("bert", init=init if init != "olora" else "gaussian")
     model.peft_config["default"].init_lora_weights = init
     assert mutates_base(model) is mutates
+
+
+@pytest.mark.parametrize("generator", [None, "secure"])
+def test_pushing_checkpoints_to_the_hub_is_refused_even_with_secure_noise(generator, tmp_path):
+    """Checkpoints hold the un-noised training loss and the realised batch sizes, whatever the noise."""
+    model = tiny_model("bert", dtype=torch.float32)
+    opt = PRISM(model, **private_settings(64, noise_multiplier=1.0, expected_batch_size=16, steps=3),
+                generator=generator)
+    trainer = trainer_for(model, opt, make_batch("bert", 64, seed=4), tmp_path)
+    trainer.args.push_to_hub, trainer.args.hub_strategy = True, "checkpoint"  # set after the Trainer: offline
+    with pytest.raises(ValueError, match="un-noised training loss"):
+        prism.hf.make_private(trainer)

@@ -116,9 +116,10 @@ def _refuse_unsupported(args, optimizer: DPLoRAOptimizer) -> None:
         "auto_find_batch_size": (bool(args.auto_find_batch_size),
                                  "its retries would rerun part of a private step; set gradient_accumulation_steps"),
         "hub_strategy": (bool(args.push_to_hub) and str(getattr(args.hub_strategy, "value", args.hub_strategy))
-                         in ("checkpoint", "all_checkpoints") and not optimizer.secure_noise,
-                         "it uploads checkpoints, whose optimizer.pt holds the noise generator state "
-                         "(use generator='secure' or hub_strategy='end')"),
+                         in ("checkpoint", "all_checkpoints"),
+                         "it uploads checkpoints, which hold non-private state: the noise generator's state "
+                         "(unless generator='secure'), the last realised Poisson batch sizes and the un-noised "
+                         "training loss (trainer_state.json); use hub_strategy='end'"),
         "gradient_checkpointing_kwargs": (bool(args.gradient_checkpointing) and (args.gradient_checkpointing_kwargs
                                           or {}).get("use_reentrant") is True,
                                           "reentrant checkpointing clips each segment on its own; use "
