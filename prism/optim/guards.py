@@ -111,8 +111,11 @@ class StepGuards:
         A learning rate of 0 (warm-up) does not trip it (gradients still arrive), nor do empty batches.
         The signal is computed from the private batch without noise, like the logged loss.
         """
-        dead = stats.forwarded > 0 and not any(
-            bool(torch.stack([s.abs().sum() for s in unit.sums]).sum()) for unit in self.units if unit.sums)
+        dead = False
+        if stats.forwarded > 0:  # one host synchronisation for all units
+            totals = [s.abs().sum().to(self.units[0].params[0].device) for unit in self.units if unit.sums
+                      for s in unit.sums]
+            dead = not totals or not bool(torch.stack(totals).sum())
         self.dead_steps = self.dead_steps + 1 if dead else 0
         if self.dead_steps >= DEAD_STEPS:
             self.dead_steps = 0
