@@ -49,7 +49,7 @@ from . import common, llm_tasks, utility
 
 STAGES = ("tune", "test", "probe")
 METHODS = ("zeroshot", "nonprivate", "prism", "prism_f5", "prism_sgd", "prism_geo", "prism_bal", "naive",
-           "naive_default", "naive_bal", "ffa")
+           "naive_default", "naive_bal", "ffa", "prism_factor_metric")
 PRIVATE = tuple(m for m in METHODS if m not in ("zeroshot", "nonprivate"))
 # the others: DEFAULT_GRID. Riemannian DP-SGD (prism_sgd) has no 1 / noise-std normalisation: at lr 1e-2 its
 # step in Z is ~200x smaller than the adaptive methods' (results/llm/probe8of40), hence its own grid
@@ -87,6 +87,7 @@ def method_config(method: str) -> dict:
         prism_sgd=dict(init="pissa", cls="PRISM", kwargs=dict(adaptive=False)),
         prism_geo=dict(init="pissa", cls="PRISM", kwargs=dict(floor_mode="geometry", floor_factor=0.5)),
         prism_bal=dict(init="balanced", cls="PRISM", kwargs=dict(floor_factor=0.5)),
+        prism_factor_metric=dict(init="pissa", cls="PRISM", kwargs=dict(metric="balanced", floor_factor=0.5)),
         naive_bal=dict(init="balanced", cls="NaiveDPLoRA", kwargs={}),
         naive=dict(init="pissa", cls="NaiveDPLoRA", kwargs={}),
         naive_default=dict(init="default", cls="NaiveDPLoRA", kwargs={}),
@@ -344,7 +345,7 @@ def tuning_grid(folder, method, args) -> list:
         return grid
     base = len(grid)
     while len(grid) - base < args.edge_steps:
-        paths = {lr: run_path(folder, "tune", method, eps_of(method, TUNE_EPSILON), 0, lr) for lr in grid}
+        paths = {lr: run_path(folder, "tune", method, eps_of(method, args.tune_epsilon), 0, lr) for lr in grid}
         if not all(p.exists() for p in paths.values()):
             break
         best = max(grid, key=lambda lr: common.read_json(paths[lr])["val_accuracy"])
@@ -359,7 +360,7 @@ def tuning_grid(folder, method, args) -> list:
 
 def tuned_lr(folder, method, args):
     grid = tuning_grid(folder, method, args)
-    paths = {lr: run_path(folder, "tune", method, eps_of(method, TUNE_EPSILON), 0, lr) for lr in grid}
+    paths = {lr: run_path(folder, "tune", method, eps_of(method, args.tune_epsilon), 0, lr) for lr in grid}
     if not all(p.exists() for p in paths.values()):
         return None
     return max(grid, key=lambda lr: common.read_json(paths[lr])["val_accuracy"])
@@ -389,8 +390,8 @@ def sweep(args, folder, setup) -> None:
         while True:  # rate-major (every method at the grid's middle rate first), then the grid extensions
             grids = {m: _ordered(tuning_grid(folder, m, args)) for m in args.methods}
             order = sorted(((i, m) for m in args.methods for i in range(len(grids[m]))), key=lambda x: x[0])
-            jobs = [(run_path(folder, "tune", m, eps_of(m, TUNE_EPSILON), 0, grids[m][i]),
-                     job(m, setup, eps_of(m, TUNE_EPSILON), 0, grids[m][i], args.quick, cache))
+            jobs = [(run_path(folder, "tune", m, eps_of(m, args.tune_epsilon), 0, grids[m][i]),
+                     job(m, setup, eps_of(m, args.tune_epsilon), 0, grids[m][i], args.quick, cache))
                     for i, m in order]
             if all(p.exists() for p, _ in jobs):
                 return
@@ -447,6 +448,9 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", choices=METHODS,
                    default=["zeroshot", "nonprivate", "prism", "naive", "prism_f5", "naive_default", "ffa"])
     p.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS))
+    p.add_argument("--tune-epsilon", type=float, default=TUNE_EPSILON,
+                   help="the epsilon of the tuning stage (other values: diagnostics; the test stage reads the "
+                        "learning rates tuned at this one)")
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--lr-grid", nargs="+", type=float, default=None, help="one grid for every method")
     p.add_argument("--edge-steps", type=int, default=1)

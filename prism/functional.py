@@ -3,6 +3,7 @@ of tensors (docs/method.md section 3).
 
     clipped sums (Y, W) --split--> (S, U, V) / b + tangent noise      = xi_dp   (3.2, 3.3)
     xi_dp --symmetric lift--> --horizontal lift--> (dA, dB)                     (3.5)
+      or, metric "balanced": (Y R_B, W R_A) / b + horizontal noise = (dA, dB)   (3.7)
     adaptive: moments, DP-aware floor, r x r preconditioner, horizontal lift    (3.5)
     (A, B) --retract(lr)--> balanced rank-r factors --Procrustes--> (A+, B+)   (3.6)
 
@@ -32,6 +33,7 @@ class StepConfig:
     eps: float
     weight_decay: float
     floor_mode: str = "scalar"
+    metric: str = "frobenius"
     floor_factor: float = 0.0
     max_condition: float = 1e4
 
@@ -49,6 +51,23 @@ def privatize_tangent(Y_sum: Tensor, W_sum: Tensor, basis: manifold.TangentBasis
     return S, U, V
 
 
+def privatize_factors(A: Tensor, B: Tensor, Y_sum: Tensor, W_sum: Tensor, basis: manifold.TangentBasis,
+                      cfg: StepConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The "balanced" metric's privatised direction in the (balanced) factors (docs/method.md 3.7):
+
+        (dA, dB) = (sum_i alpha_i G_i B, sum_i alpha_i G_i^T A) / b + horizontal noise of std,
+
+    with sum_i alpha_i G_i B = Y_sum R_B and sum_i alpha_i G_i^T A = W_sum R_A. Factor gradients
+    are horizontal (A^T G B = (G^T A)^T B), so the whole direction is.
+    """
+    dA = Y_sum @ basis.R_B / cfg.expected_batch_size
+    dB = W_sum @ basis.R_A / cfg.expected_batch_size
+    if cfg.noise_std > 0:
+        nA, nB = noise.horizontal_noise(A, B, cfg.noise_std, generator)
+        dA, dB = dA + nA, dB + nB
+    return dA, dB
+
+
 def prism_module_step(A: Tensor, B: Tensor, Y_sum: Tensor, W_sum: Tensor, basis: manifold.TangentBasis,
                       state: dict, cfg: StepConfig, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """New factors (A+, B+) of one LoRA module, or of a stack of k modules of one shape (every
@@ -56,14 +75,18 @@ def prism_module_step(A: Tensor, B: Tensor, Y_sum: Tensor, W_sum: Tensor, basis:
 
     Args:
         A: (m, r) = lora_B.weight, B: (n, r) = lora_A.weight^T, in the compute dtype.
-        Y_sum: (m, r) and W_sum: (n, r): clipped sums of G_i Q_B and G_i^T Q_A.
+        Y_sum: (m, r) and W_sum: (n, r): clipped sums of G_i Q_B and G_i^T Q_A (clipped in the norm
+            of cfg.metric).
         basis: tangent_basis(A, B), the one the per-example blocks were computed in.
         state: the optimizer state; with cfg.adaptive, holds "step" (int),
             "exp_avg_A" (m, r), "exp_avg_sq_A" (r, r), "exp_avg_B" (n, r), "exp_avg_sq_B" (r, r);
             updated in place.
     """
-    S, U, V = privatize_tangent(Y_sum, W_sum, basis, cfg, generator)
-    dA, dB = manifold.horizontal_lift(A, B, *manifold.symmetric_lift(S, U, V, basis))
+    if cfg.metric == "balanced":
+        dA, dB = privatize_factors(A, B, Y_sum, W_sum, basis, cfg, generator)
+    else:
+        S, U, V = privatize_tangent(Y_sum, W_sum, basis, cfg, generator)
+        dA, dB = manifold.horizontal_lift(A, B, *manifold.symmetric_lift(S, U, V, basis))
     if cfg.adaptive:
         dA, dB = _adaptive_direction(A, B, dA, dB, basis, state, cfg)
     if not bool(torch.isfinite(dA).all() and torch.isfinite(dB).all()):

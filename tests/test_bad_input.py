@@ -93,6 +93,7 @@ CASES = {
     "beta of 1": (build(betas=(0.9, 1.0)), ValueError, "betas"),
     "unknown loss reduction": (build(loss_reduction="token_mean"), ValueError, "loss_reduction"),
     "unknown floor mode": (build(floor_mode="matrix"), ValueError, "floor_mode"),
+    "unknown metric": (build(metric="spectral"), ValueError, "metric"),
     "max condition 0": (build(max_condition=0), ValueError, "max_condition"),
     "generator of the wrong type": (build(generator=0), (ValueError, TypeError), "generator"),
     "delta >= 1/N": (build(dataset_size=100, delta=0.02), ValueError, "1/N"),

@@ -61,3 +61,22 @@ def test_a_stack_of_bases_gets_independent_noise_in_each_tangent_space():
     # modules' noises are uncorrelated: the correlation of module 0's and module 1's S entries is ~0
     correlation = torch.corrcoef(torch.stack([S[:, 0].flatten(), S[:, 1].flatten()]))[0, 1]
     assert abs(correlation) < 4 / math.sqrt(draws * r * r)
+
+
+def test_horizontal_noise_of_the_balanced_metric_moves_z_only_and_is_isotropic_there():
+    m, n, r, std, draws = 7, 5, 2, 0.4, 4000
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(m, r, generator=g, dtype=torch.float64) * torch.tensor([4.0, 0.05], dtype=torch.float64)
+    B = torch.randn(n, r, generator=g, dtype=torch.float64)
+    nA, nB = (torch.stack(parts) for parts in zip(*(noise.horizontal_noise(A, B, std, g) for _ in range(draws))))
+    # horizontal: orthogonal to every gauge direction (A Om, -B Om^T), i.e. A^T nA = nB^T B
+    torch.testing.assert_close(A.T @ nA, nB.mT @ B)
+    dim = r * (m + n - r)
+    energy = nA.square().sum((1, 2)) + nB.square().sum((1, 2))
+    assert abs(energy.mean().item() / noise.noise_energy(std, m, n, r) - 1) < 4 * math.sqrt(2 / (dim * draws))
+    # isotropic on the horizontal space: in an orthonormal basis of it, the covariance is std^2 I
+    flat = torch.cat([nA.flatten(1), nB.flatten(1)], 1)
+    basis = torch.linalg.svd(flat, full_matrices=False)[2][:dim]  # the span the samples occupy
+    assert torch.linalg.matrix_rank(flat[:200]).item() == dim
+    cov = (flat @ basis.T).T @ (flat @ basis.T) / draws
+    assert (torch.linalg.eigvalsh(cov) / std ** 2 - 1).abs().max() < 0.15

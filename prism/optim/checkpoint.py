@@ -32,8 +32,10 @@ def split_privacy_entry(optimizer, state_dict: dict) -> tuple[dict, dict]:
     if KEY not in state_dict:
         raise ValueError("this state_dict has no 'prism' entry: it was not saved by a prism optimizer.")
     extra = state_dict.pop(KEY)
+    # what checkpoints from before a setting existed meant by it
+    implied = dict(dense_max_grad_norm=extra["max_grad_norm"], metric="frobenius")
     for key, value in optimizer._settings().items():
-        saved = extra.get(key, extra["max_grad_norm"] if key == "dense_max_grad_norm" else None)
+        saved = extra.get(key, implied.get(key))
         if saved != value:
             raise ValueError(f"the checkpoint was saved with {key}={saved}, this optimizer has "
                              f"{value}; build the optimizer with the checkpoint's settings.")

@@ -36,6 +36,10 @@ class PRISM(DPLoRAOptimizer):
         &Z_{+} = \text{best rank-}r \text{ approximation of } Z - \eta (u_A B^T + A u_B^T)
         \end{aligned}
 
+    With metric="balanced" the first three lines become, at the balanced factors (A^T A = B^T B):
+    g_i = (G_i B, G_i^T A), clipped in ||g_i||, and (dA, dB) = (1/b) sum_i alpha_i g_i plus
+    (sigma C / b) times isotropic noise on the horizontal factor directions.
+
     Dense trainable nn.Linear layers (e.g. a classification head) join the same global clip; they
     are updated by AdamW with the same DP-aware second-moment floor (adaptive) or by SGD. By
     default (C_D = C) they count like the LoRA modules and get the same noise std. With
@@ -85,7 +89,14 @@ class PRISM(DPLoRAOptimizer):
         betas (tuple, optional): moment coefficients (default: (0.9, 0.999)).
         eps (float, optional): added to the preconditioner's square roots (default: 1e-8).
         weight_decay (float, optional): decoupled decay of Z (and dense weights) (default: 0).
-        floor_mode (str, optional): "scalar" or "geometry" noise floor of the second moments (default: "scalar").
+        metric (str, optional): the norm examples are clipped in and the noise is isotropic in
+            (default: "frobenius"). "frobenius": ||P_Z(G_i)||_F, the tangent space's own norm (the
+            paper's). "balanced": ||G_i B||^2 + ||G_i^T A||^2 at the balanced factors of Z
+            (A^T A = B^T B, a function of Z, so still gauge invariant), with the noise isotropic in
+            the horizontal factor directions; the update follows the factor gradient, whose step in
+            Z weights each singular direction by its singular value (docs/method.md 3.7).
+        floor_mode (str, optional): "scalar" or "geometry" noise floor of the second moments (default: "scalar";
+            "geometry" is for the Frobenius metric only).
         floor_factor (float, optional): f in the floor f * std^2, with the dense layers' own std
             for them (default: 0.5).
         max_condition (float, optional): condition-number clamp of the second moments (default: 1e4).
@@ -103,15 +114,20 @@ class PRISM(DPLoRAOptimizer):
     ICML 2026.
     """
 
-    def __init__(self, model: nn.Module, *, floor_mode: str = "scalar", floor_factor: float = 0.5,
-                 max_condition: float = 1e4, **kwargs):
+    def __init__(self, model: nn.Module, *, metric: str = "frobenius", floor_mode: str = "scalar",
+                 floor_factor: float = 0.5, max_condition: float = 1e4, **kwargs):
+        _validate.one_of({"frobenius", "balanced"}, metric=metric)
         _validate.one_of({"scalar", "geometry"}, floor_mode=floor_mode)
+        if metric == "balanced" and floor_mode == "geometry":
+            raise ValueError("floor_mode='geometry' corrects for the Frobenius metric's noise, which is not isotropic "
+                             "in the factors; with metric='balanced' it is, so the scalar floor is already in its "
+                             "units: use floor_mode='scalar'.")
         _validate.non_negative(floor_factor=floor_factor)
         _validate.positive(max_condition=max_condition)
         # per shape group, for the current logical step: the stacked factors (A, B) and their basis
         self._points: dict[tuple[int, ...], tuple[Tensor, Tensor, TangentBasis]] = {}
-        super().__init__(model, floor_mode=floor_mode, floor_factor=floor_factor, max_condition=max_condition,
-                         **kwargs)
+        super().__init__(model, metric=metric, floor_mode=floor_mode, floor_factor=floor_factor,
+                         max_condition=max_condition, **kwargs)
         self._groups = self._shape_groups()
         # index -> (its group, its place in the group)
         self._positions = {index: (group, position) for group in self._groups for position, index in enumerate(group)}
@@ -130,12 +146,15 @@ class PRISM(DPLoRAOptimizer):
             pair.lora_B.weight.copy_(A_bal)
             pair.lora_A.weight.copy_(B_bal.T)
 
+        balanced = self.defaults["metric"] == "balanced"
+
         def blocks(x, h, go, grad_scale):
             Y, W, sqnorms = kernels.tangent_blocks(x, h, go, self._basis(index), grad_scale)
-            return (Y, W), sqnorms
+            return (Y, W), None if balanced else sqnorms
 
         def sqnorms(Y, W):
-            return per_example.tangent_sqnorms(Y, W, self._basis(index))
+            basis = self._basis(index)
+            return per_example.balanced_sqnorms(Y, W, basis) if balanced else per_example.tangent_sqnorms(Y, W, basis)
 
         params = [pair.lora_A.weight, pair.lora_B.weight]
         return Unit(pair.name, params, blocks, sqnorms, dtype, sum_shapes=[tuple(A.shape), tuple(B.shape)])
@@ -172,8 +191,11 @@ class PRISM(DPLoRAOptimizer):
         pair, dtype = self.pairs[index], self._lora_units[index].compute_dtype
         return self.value_of(pair.lora_B.weight, dtype), self.value_of(pair.lora_A.weight, dtype).T
 
+    def _settings(self) -> dict:
+        return dict(super()._settings(), metric=self.defaults["metric"])
+
     def _extra_config(self, group: dict) -> dict:
-        return dict(floor_mode=group["floor_mode"], floor_factor=group["floor_factor"],
+        return dict(metric=group["metric"], floor_mode=group["floor_mode"], floor_factor=group["floor_factor"],
                     max_condition=group["max_condition"])
 
     def _lora_updates(self, configs: dict[int, StepConfig]) -> list[Update]:

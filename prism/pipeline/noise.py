@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from .._torch_compat import refill_cpu_generator
-from ..manifold import TangentBasis
+from ..manifold import TangentBasis, horizontal_lift
 
 
 def entropy_seeded_generator(device="cpu") -> torch.Generator:
@@ -79,6 +79,19 @@ def tangent_noise(basis: TangentBasis, std: float, generator: torch.Generator
     return S, U - Q_A @ (Q_A.mT @ U), V - Q_B @ (Q_B.mT @ V)
 
 
+def horizontal_noise(A: Tensor, B: Tensor, std: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """std N(0, I) on the factors (A (m, r), B (n, r)), projected onto the horizontal space
+    {(dA, dB): A^T dA = dB^T B} (the factor directions that move Z, orthogonal to the gauge orbit).
+
+    The noise of PRISM's "balanced" metric: isotropic in the horizontal space, whose dimension is
+    r (m + n - r), so its expected energy in the factors is noise_energy(std, m, n, r) as well.
+    For stacks (A (k, m, r), ...), independent noise for each module.
+    """
+    nA, nB = gaussian(tuple(A.shape), std, generator, A), gaussian(tuple(B.shape), std, generator, B)
+    return horizontal_lift(A, B, nA, nB)
+
+
 def noise_energy(std: float, m: int, n: int, r: int) -> float:
-    """Closed form E ||std P_Z(Xi)||_F^2 = std^2 r (m + n - r): the tangent space's dimension."""
+    """Closed form E ||std P_Z(Xi)||_F^2 = std^2 r (m + n - r): the tangent space's dimension (also the
+    energy of horizontal_noise, measured in the factors)."""
     return std ** 2 * r * (m + n - r)

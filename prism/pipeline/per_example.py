@@ -64,6 +64,17 @@ def tangent_sqnorms(Y: Tensor, W: Tensor, basis: TangentBasis) -> Tensor:
     return (_sqnorms(Y) + _sqnorms(W) - _sqnorms(basis.Q_B.T @ W)).clamp_min(0)
 
 
+def balanced_sqnorms(Y: Tensor, W: Tensor, basis: TangentBasis) -> Tensor:
+    """Squared norm of each example's gradient in the factors when they are balanced, shape (b,):
+
+        ||G_i B||^2 + ||G_i^T A||^2 = ||Y_i R_B||^2 + ||W_i R_A||^2   (A = Q_A R_A, B = Q_B R_B),
+
+    the clip norm of PRISM's "balanced" metric (docs/method.md 3.7). It depends on Z alone when
+    the factors are balanced (A^T A = B^T B), which PRISM keeps them.
+    """
+    return _sqnorms(Y @ basis.R_B) + _sqnorms(W @ basis.R_A)
+
+
 def lora_factor_grads(x: Tensor, h: Tensor, go: Tensor, lora_B_weight: Tensor) -> tuple[Tensor, Tensor]:
     """Per-example gradients of peft's factors, as naive DP-LoRA clips them.
 
