@@ -30,12 +30,14 @@ Poisson shares (possibly empty) do not. prism does the reduction itself.
 
 from __future__ import annotations
 
-import math
+import zlib
 from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from .sharding import is_sharded
 
 _BITS = {1: torch.int8, 2: torch.int16}  # other element sizes are read as int32 words
 
@@ -54,6 +56,15 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_every_rank(flag: bool) -> bool:
+    """Whether `flag` is true on every rank (`flag` itself without torch.distributed)."""
+    if world()[0] == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=_collective_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def broadcast_generator(generator: torch.Generator) -> torch.Generator:
@@ -88,6 +99,15 @@ def fingerprint(tensors: Iterable[Tensor]) -> Tensor:
     return torch.stack([s.to(sums[0].device) for s in sums])
 
 
+def _as_number(value) -> float:
+    """A setting as a float: None -> -1, a string -> its CRC-32, a number -> itself."""
+    if value is None:
+        return -1.0
+    if isinstance(value, str):
+        return float(zlib.crc32(value.encode()))
+    return float(value)
+
+
 def _collective_device() -> torch.device:
     """Where tensors must be for collectives: the current GPU under NCCL, else the CPU."""
     if "nccl" in str(dist.get_backend()):
@@ -109,15 +129,17 @@ class Replicas:
 
     def __init__(self, model: torch.nn.Module, params: Sequence[Tensor], generator: torch.Generator,
                  settings: dict):
-        values = torch.tensor([math.nan if v is None else float(v) for v in settings.values()], dtype=torch.float64)
-        if not self._identical(torch.nan_to_num(values, nan=-1.0)):
+        values = torch.tensor([_as_number(v) for v in settings.values()], dtype=torch.float64)
+        if not self._identical(values):
             raise ValueError(f"the optimizer's privacy settings differ between ranks (this rank: {settings}); build it "
                              "with the same arguments on every rank, since rank 0's noise must cover every rank's clip.")
         with torch.no_grad():
             for p in params:
-                self._broadcast(p)
+                if not is_sharded(p):  # a sharded parameter is one value, whatever each rank loaded
+                    self._broadcast(p)
         broadcast_generator(generator)
-        if not self._identical(fingerprint([*model.parameters(), *model.buffers()])):
+        replicated = [p for p in model.parameters() if not is_sharded(p)]  # shards differ between ranks by design
+        if not self._identical(fingerprint([*replicated, *model.buffers()])):
             raise ValueError("the model's frozen weights or buffers differ between ranks; load the same base model "
                              "on every rank (seed any random initialisation identically, e.g. transformers.set_seed "
                              "before building the model).")
@@ -128,12 +150,15 @@ class Replicas:
         dist.broadcast(buffer, src=0)
         tensor.copy_(buffer)
 
-    def _identical(self, values: Tensor) -> bool:
-        values = values.to(_collective_device())
-        both = torch.cat([values, -values])
+    def _extremes(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Elementwise (max, min) of `values` over ranks (one all_reduce)."""
+        both = torch.cat([values, -values]).to(_collective_device())
         dist.all_reduce(both, op=dist.ReduceOp.MAX)
         high, low = both.cpu().chunk(2)
-        return torch.equal(high, -low)
+        return high, -low
+
+    def _identical(self, values: Tensor) -> bool:
+        return torch.equal(*self._extremes(values))
 
     def sum_over_ranks(self, tensors: Sequence[Tensor]) -> None:
         """Replace every tensor by its sum over ranks, in place (one all_reduce per dtype)."""
@@ -145,10 +170,16 @@ class Replicas:
             for t, part in zip(group, flat.split([t.numel() for t in group])):
                 t.copy_(part.view_as(t))
 
-    def check_identical(self, params: Sequence[Tensor], generator: torch.Generator) -> None:
-        """Raise unless every rank holds bit-identical `params` and generator state."""
-        values = torch.cat([fingerprint(params).cpu(), fingerprint([generator.get_state()])])
-        if not self._identical(values):
+    def check_identical(self, params: Sequence[Tensor], generator: torch.Generator, local_faults: int = 0,
+                        fault_message: str = "") -> None:
+        """Raise unless every rank holds bit-identical `params` and generator state, and no rank counts
+        a local fault (`local_faults` > 0 raises RuntimeError(fault_message) on every rank at once)."""
+        values = torch.cat([fingerprint(params).cpu(), fingerprint([generator.get_state()]),
+                            torch.tensor([local_faults], dtype=torch.int64)])
+        high, low = self._extremes(values)
+        if high[-1] > 0:
+            raise RuntimeError(fault_message)
+        if not torch.equal(high, low):
             raise RuntimeError("the replicas differ between ranks (trainable parameters or noise generator): "
                                "something changed them on some ranks only, e.g. loading a checkpoint or "
                                "writing to the parameters on one rank. Every rank must run the same steps.")

@@ -124,7 +124,7 @@ def dense_step(param: Tensor, grad: Tensor, state: dict, cfg: StepConfig) -> Ten
     new = param * (1 - cfg.lr * cfg.weight_decay)
     if not cfg.adaptive:
         return new - cfg.lr * grad
-    if not state:
+    if "step" not in state:  # the state may already hold the parameter's master or whole value
         state.update(step=0, exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
     state["step"] += 1
     beta1, beta2 = cfg.betas

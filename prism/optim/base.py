@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .. import _validate, distributed, probe
+from .. import _validate, distributed, probe, sharding
 from ..accounting import PrivacyAccountant
 from ..functional import StepConfig
 from ..layers import LoRAPair, find_trainables
@@ -36,7 +36,7 @@ from ..plan import resolve_plan
 from ..sampling import SamplingCheck, poisson_data_loader
 from . import checkpoint, dense, guards
 from .groups import build_param_groups
-from .updates import Update, apply_updates, value_of
+from .updates import WHOLE, Update, apply_updates, keep_whole_values, reconcile_whole_values, value_of
 
 
 class DPLoRAOptimizer(torch.optim.Optimizer):
@@ -79,6 +79,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         self._building = True
         super().__init__(build_param_groups(params, pair_factors, groups), defaults)
         self._building = False
+        guards.check_sharded_params(model, params)
+        keep_whole_values(params, self.state)  # sharded (FSDP2) parameters: gathered once, kept whole
         self._max_grad_norm = float(max_grad_norm)
         self._dense_max_grad_norm = float(max_grad_norm if dense_max_grad_norm is None else dense_max_grad_norm)
         self.loss_reduction = loss_reduction
@@ -177,7 +179,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                 loss = closure()
         # collect, per-example blocks and clip already ran, at the end of every backward pass
         self._guards.before_step(self.steps_taken)
-        reduce.sum_over_ranks(self._units, self.stats, self._ranks, self._replicas, self._params(), self.generator)
+        reduce.sum_over_ranks(self._units, self.stats, self._ranks, self._replicas, *self._whole_values(),
+                              self.generator)
         self._guards.refuse_a_dead_adapter(self.stats)
         self._sampling_check.observe(self.stats.examples)
         # accounted before any noise is drawn: a noisy gradient enters the moments even if its write is refused
@@ -210,6 +213,18 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
     def value_of(self, param: Tensor, dtype: torch.dtype) -> Tensor:
         """The parameter's current value in `dtype` (its fp32 master copy for bf16/fp16 parameters)."""
         return value_of(param, self.state[param] if param in self.state else {}, dtype)
+
+    def _whole_values(self) -> tuple[list[Tensor], int]:
+        """(every trained tensor as a whole value, the number of sharded ones whose local part is stale)."""
+        values, stale = [], 0
+        for p in self._params():
+            if sharding.is_sharded(p):
+                whole = self.state[p][WHOLE]
+                values.append(whole)
+                stale += not sharding.holds_local_part(p, whole)
+            else:
+                values.append(p)
+        return values, stale
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]
@@ -320,6 +335,23 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         super().zero_grad(set_to_none=set_to_none)
         self._collector.reset()
 
+    @contextlib.contextmanager
+    def placeholder_pass(self):
+        """Forward and backward passes inside record nothing: no example, no per-example gradient, and the
+        parameters' gradients are dropped.
+
+        Under FSDP2 every rank must run the same forward and backward passes (they gather the base's
+        shards), but a rank's share of a Poisson draw or micro-batch can be empty, and models cannot
+        always run an empty batch. Such a rank runs the pass on any batch of the right form (say the
+        previous one, or a public placeholder) inside this block, so the collectives match and nothing of
+        it enters the step:
+
+            with optimizer.placeholder_pass():
+                model(**placeholder).loss.backward()
+        """
+        with self._collector.paused():
+            yield
+
     def remove_hooks(self) -> None:
         """Detach prism's hooks from the model (the optimizer cannot step privately afterwards)."""
         self._collector.remove()
@@ -344,7 +376,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                     sample_rate=self.plan.sample_rate)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state_dict() of an optimizer built with the same privacy settings.
+        """Load a state_dict() of an optimizer built with the same privacy settings (under torch.distributed:
+        on every rank).
 
         Unlike torch's default, floating state keeps its saved dtype (fp32 moments stay fp32
         for bf16 parameters).
@@ -352,6 +385,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         torch_part, extra = checkpoint.split_privacy_entry(self, state_dict)
         super().load_state_dict(torch_part)
         checkpoint.restore_state_dtypes(self, torch_part["state"])
+        reconcile_whole_values(self._params(), self.state)
         checkpoint.load_privacy_entry(self, extra)
         self._budget.forget()
         self._collector.reset()  # clipped sums of an interrupted step must not join the loaded run

@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .. import sharding
 from ..pipeline.account import Budget
 from ..pipeline.collect import PerExampleCollector, collectors_of
 from ..pipeline.units import Unit
@@ -19,7 +20,7 @@ from ..plan import PrivacyPlan
 
 
 def check_model_argument(model) -> None:
-    """The optimizer takes the peft model itself, never its parameters or a DDP wrapper."""
+    """The optimizer takes the peft model itself (FSDP2-sharded or not), never its parameters or a wrapper."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be the peft model (an nn.Module), got {type(model).__name__}; prism "
                         "finds the trainable parameters itself, so do not pass model.parameters().")
@@ -28,18 +29,22 @@ def check_model_argument(model) -> None:
                         "torch.distributed prism sums the clipped per-example gradients over ranks itself, while "
                         "DDP would all-reduce the non-private gradients and hang when a rank's Poisson share is "
                         "empty (see prism.distributed).")
-    if _is_sharded(model):
-        raise NotImplementedError(
-            "the model is sharded (FSDP2 fully_shard or DTensor parameters), which prism does not support yet: "
-            "its per-example hooks and noise need whole LoRA factors on every rank. Use data parallel instead "
-            "(one whole model per process under torchrun, without fully_shard; prism sums the clipped gradients).")
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    if isinstance(model, nn.DataParallel):
+        raise TypeError("nn.DataParallel splits each batch across devices in threads, behind prism's hooks; launch one "
+                        "process per device with torchrun instead (prism sums the clipped gradients over processes).")
+    if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+        raise TypeError("FSDP1 (FullyShardedDataParallel) flattens the parameters prism hooks and trains; shard with "
+                        "FSDP2 instead (torch.distributed.fsdp.fully_shard on each decoder layer, then on the root, "
+                        "and build the optimizer after it), or use plain data parallel.")
 
 
-def _is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
-    return (any(isinstance(m, FSDPModule) for m in model.modules())
-            or any(isinstance(p, DTensor) for p in model.parameters()))
+def check_sharded_params(model: nn.Module, params: Sequence[torch.Tensor]) -> None:
+    """Trained DTensor parameters must be placed as prism can cut them (prism.sharding)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    for p in params:
+        if sharding.is_sharded(p):
+            sharding.check_placements(p, names.get(id(p), "a trained parameter"))
 
 
 def trainable_names(model: nn.Module) -> set[str]:
@@ -142,6 +147,10 @@ class StepGuards:
     def _refuse_replaced_parameters(self) -> None:
         for module, name, param in self.owners:
             if getattr(module, name) is not param:
+                if sharding.is_sharded(getattr(module, name)) and not sharding.is_sharded(param):
+                    raise RuntimeError("the model was sharded (fully_shard) after the optimizer was built, so the "
+                                       "optimizer holds parameters the model no longer uses; build the optimizer "
+                                       "after fully_shard.")
                 raise RuntimeError(f"a trained parameter ({type(module).__name__}.{name}) was replaced by a new "
                                    "Parameter since the optimizer was built (e.g. by peft's load_adapter); its "
                                    "hooks and state would be lost. Call optimizer.restore_parameters() after loading.")

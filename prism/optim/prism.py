@@ -7,14 +7,14 @@ from torch import Tensor, nn
 
 from .. import _validate, kernels
 from ..functional import StepConfig, prism_module_step
-from ..init import check_full_rank, lora_factors
+from ..init import check_full_rank
 from ..layers import LoRAPair
 from ..manifold import TangentBasis, tangent_basis
 from ..pipeline import per_example
 from ..pipeline.retract import balance, procrustes_align
 from ..pipeline.units import Unit
 from .base import DPLoRAOptimizer
-from .updates import Update, compute_dtype
+from .updates import Update, compute_dtype, write
 
 
 class PRISM(DPLoRAOptimizer):
@@ -139,12 +139,12 @@ class PRISM(DPLoRAOptimizer):
         are already balanced (e.g. when resuming) stay as they are.
         """
         dtype = compute_dtype(pair.lora_B.weight)
-        A, B = lora_factors(pair, dtype)
+        A, B = self.value_of(pair.lora_B.weight, dtype), self.value_of(pair.lora_A.weight, dtype).T
         check_full_rank(pair, A, B)
         with torch.no_grad():
             A_bal, B_bal = procrustes_align(*balance(A, B), A, B)
-            pair.lora_B.weight.copy_(A_bal)
-            pair.lora_A.weight.copy_(B_bal.T)
+            write(pair.lora_B.weight, A_bal, self.state)
+            write(pair.lora_A.weight, B_bal.T, self.state)
 
         balanced = self.defaults["metric"] == "balanced"
 

@@ -91,7 +91,8 @@ class PerExampleCollector:
 
     @contextlib.contextmanager
     def paused(self):
-        """Forward passes inside are not watched: no per-example tensors, no clipping (for prism.probe)."""
+        """Passes inside are not watched: no per-example tensors, no clipping, no examples counted, and the
+        parameters' gradients are dropped (for prism.probe and placeholder passes)."""
         self._paused, was = True, self._paused
         try:
             yield
@@ -150,6 +151,9 @@ class PerExampleCollector:
         """Register the unit and drop the non-private gradient of its parameters as it lands."""
 
         def drop_gradient(param: Tensor) -> None:
+            if self._paused:  # a pass nothing is recorded of (prism.probe, placeholder passes)
+                param.grad = None
+                return
             unit.gradient_arrived = True
             unit.gradient_task = current_backward_pass()
             self._schedule_clip(unit.gradient_task)
