@@ -106,8 +106,11 @@ def _refuse_unsupported(args, optimizer: DPLoRAOptimizer) -> None:
         raise NotImplementedError("DataParallel (several GPUs in one process) is not supported; launch one process "
                                   "per GPU with torchrun (prism sums the clipped gradients over processes).")
     if args.world_size > 1 and (args.deepspeed or args.fsdp):
-        raise NotImplementedError("DeepSpeed and FSDP shard what prism keeps replicated; use plain data parallel "
-                                  "(torchrun without --deepspeed / --fsdp).")
+        raise NotImplementedError("DeepSpeed and the Trainer's FSDP (accelerate) are not supported with make_private: "
+                                  "they wrap the model and reduce its non-private gradients themselves. Use plain data "
+                                  "parallel (torchrun without --deepspeed / --fsdp), or, to shard a large model, FSDP2 "
+                                  "in your own loop under torchrun: fully_shard the decoder layers and the root, then "
+                                  "build the prism optimizer (docs/usage.md, 'Sharded models (FSDP2)').")
     refused = {
         "include_num_input_tokens_seen": (args.include_num_input_tokens_seen not in (False, None, "no"),
                                           "it logs the token count of each private batch without noise"),
