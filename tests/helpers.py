@@ -14,7 +14,6 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 from transformers.utils import logging as hf_logging
 
 from prism import per_example_causal_lm_loss
-from prism.init import lora_factors
 from prism.manifold import tangent_basis
 
 hf_logging.set_verbosity_error()
@@ -165,8 +164,9 @@ def assemble(S, U, V, basis) -> torch.Tensor:
 
 
 def current_factors(optimizer, index: int):
+    """(A, B, basis) as the optimizer sees them (fp32 masters of low-precision factors), in float64."""
     pair = optimizer.pairs[index]
-    A, B = lora_factors(pair, torch.float64)
+    A, B = optimizer.value_of(pair.lora_B.weight, torch.float64), optimizer.value_of(pair.lora_A.weight, torch.float64).T
     return A, B, tangent_basis(A, B)
 
 
