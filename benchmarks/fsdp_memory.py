@@ -9,8 +9,8 @@ filled with public random weights, so no rank ever holds the whole base. Then a 
 base's bytes stored, the optimizer state's bytes (prism keeps the whole LoRA factors: method 3.6 and
 usage 6.1), the peak resident memory during the steps (VmHWM, reset after building) and the step time.
 
-On paper (`paper_memory`), per rank with W ranks: base bytes / W, prism's state (whole factors fp32 +
-first moments fp32: 8 bytes per LoRA parameter, plus the local part of the sharded factors), the clipped
+On paper (`paper_memory`), per rank with W ranks: the stored parameters (base bytes / W and the fp32 LoRA
+factors' parts), prism's state (whole factors fp32 + first moments fp32: 8 bytes per LoRA parameter), the clipped
 sums (4 bytes per LoRA parameter), the per-example blocks of one micro-batch (4 b bytes per LoRA
 parameter: Y and W have the factors' shapes), and FSDP2's transient whole layers (two decoder layers
 gathered at once, forward prefetch). Activations are the model's and the sequence length's business
@@ -61,8 +61,8 @@ def paper_memory(hidden, layers, intermediate, heads, kv_heads, vocab, *, world:
     P = base_parameters(hidden, layers, intermediate, heads, kv_heads, vocab)
     kv = hidden // heads * kv_heads
     layer = hidden * (2 * hidden + 2 * kv) + 3 * hidden * intermediate
-    parts = dict(base_shard=P * base_bytes / world, gathered_layers=2 * layer * base_bytes,
-                 prism_state=P_L * (8 + 4 / world), clipped_sums=4 * P_L, per_example=4 * micro_batch * P_L)
+    parts = dict(stored_parameters=P * base_bytes / world + 4 * P_L / world, gathered_layers=2 * layer * base_bytes,
+                 prism_state=8 * P_L, clipped_sums=4 * P_L, per_example=4 * micro_batch * P_L)
     out = {k: round(v / gib, 3) for k, v in parts.items()}
     out.update(total=round(sum(parts.values()) / gib, 2), lora_parameters=P_L, base_parameters=P)
     return out
