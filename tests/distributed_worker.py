@@ -102,6 +102,7 @@ def refusals() -> dict:
               expected_batch_size=4)
     except ValueError as exc:
         refused["settings"] = str(exc)
+    refused["trainer_fsdp"] = trainer_fsdp_refusal()
     opt = PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
     opt.step()
     if dist.get_rank() == 1:
@@ -112,6 +113,30 @@ def refusals() -> dict:
     except RuntimeError as exc:
         refused["diverged"] = str(exc)
     return refused
+
+
+def trainer_fsdp_refusal() -> str:
+    """make_private on a Trainer set up for accelerate's FSDP (version 2): the refusal's message."""
+    from transformers import Trainer, TrainingArguments
+
+    import prism.hf
+
+    import tempfile
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to="none", fsdp="full_shard",
+                             fsdp_config={"fsdp_version": 2}, max_grad_norm=0.0)
+    model = tiny_model("bert", dtype=torch.float32)
+    opt = PRISM(model, lr=0.1, max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4, dataset_size=32,
+                delta=1e-3)
+    trainer = Trainer(model=model, args=args, train_dataset=TensorDataset(make_batch("bert", 32)),
+                      data_collator=stack_collate, optimizers=(opt, None))
+    try:
+        prism.hf.make_private(trainer)
+    except NotImplementedError as exc:
+        return str(exc)
+    finally:
+        opt.remove_hooks()
+    return "not refused"
 
 
 def fail_on_rank_1() -> None:

@@ -102,6 +102,7 @@ def test_misuse_is_refused_on_every_rank(ranks):
         assert "frozen weights" in got["refused"]["frozen_weights"]
         assert "privacy settings differ" in got["refused"]["settings"]
         assert "replicas differ" in got["refused"]["diverged"]
+        assert "FSDP2" in got["refused"]["trainer_fsdp"] and "fully_shard" in got["refused"]["trainer_fsdp"]
 
 
 def test_starting_torch_distributed_after_building_is_refused(monkeypatch):

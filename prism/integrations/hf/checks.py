@@ -105,7 +105,7 @@ def _refuse_unsupported(args, optimizer: DPLoRAOptimizer) -> None:
     if args.n_gpu > 1:
         raise NotImplementedError("DataParallel (several GPUs in one process) is not supported; launch one process "
                                   "per GPU with torchrun (prism sums the clipped gradients over processes).")
-    if args.world_size > 1 and (args.deepspeed or args.fsdp):
+    if args.deepspeed or args.fsdp:
         raise NotImplementedError("DeepSpeed and the Trainer's FSDP (accelerate) are not supported with make_private: "
                                   "they wrap the model and reduce its non-private gradients themselves. Use plain data "
                                   "parallel (torchrun without --deepspeed / --fsdp), or, to shard a large model, FSDP2 "
