@@ -77,3 +77,27 @@ def write_local_part(param: Tensor, whole: Tensor) -> None:
 def holds_local_part(param: Tensor, whole: Tensor) -> bool:
     """Whether `param`'s local tensor is exactly this rank's part of `whole` rounded to param's dtype."""
     return torch.equal(param.to_local().detach(), local_part(param, whole).to(param.dtype))
+
+
+def shard_model(model, **fsdp_options):
+    """FSDP2's standard recipe in one call: `fully_shard` on every transformer block of a Hugging Face model
+    (the classes its `_no_split_modules` names, e.g. LlamaDecoderLayer), then on the root. Extra options
+    (mp_policy, reshard_after_forward, ignored_params, mesh, ...) go to every fully_shard call. Build the
+    prism optimizer afterwards. Returns the model.
+
+    Raises:
+        ValueError: the model names no block classes, or none of its modules is one.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(inner, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(inner).__name__} names no transformer block classes (_no_split_modules = "
+                         f"{sorted(names)}) found in the model; call torch.distributed.fsdp.fully_shard on its "
+                         "blocks yourself, then on the root, then build the optimizer.")
+    for block in blocks:
+        fully_shard(block, **fsdp_options)
+    fully_shard(model, **fsdp_options)
+    return model

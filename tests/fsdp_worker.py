@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from helpers import make_batch, per_example_losses, select, tiny_model  # noqa: E402
+import prism  # noqa: E402
 from prism import NaiveDPLoRA, PRISM, PoissonBatchSampler, distributed  # noqa: E402
 
 N, SAMPLE_RATE, STEPS = 16, 0.25, 4
@@ -27,15 +28,16 @@ PLACEHOLDER = make_batch("llama", 2, seed=99)  # public tokens for a rank whose 
 
 def shard(model, lora: bool = True, mixed: bool = False) -> None:
     """FSDP2's standard recipe; lora=False keeps the LoRA factors whole on every rank (ignored_params);
-    mixed: bf16 compute with fp32 parameters and fp32 gradient reduction."""
+    mixed: bf16 compute with fp32 parameters and fp32 gradient reduction, sharded by prism.shard_model."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    options = dict(ignored_params=None if lora else {p for name, p in model.named_parameters() if "lora_" in name})
-    if mixed:
-        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if mixed:  # through prism's one-line helper
+        prism.shard_model(model, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+        return
+    ignored = None if lora else {p for name, p in model.named_parameters() if "lora_" in name}
     for layer in model.base_model.model.model.layers:
-        fully_shard(layer, **options)
-    fully_shard(model, **options)
+        fully_shard(layer, ignored_params=ignored)
+    fully_shard(model, ignored_params=ignored)
 
 
 def whole(model) -> dict:
@@ -89,7 +91,8 @@ def train(cls=PRISM, sharded: bool = True, lora_sharded: bool = True, noise: flo
             opt.zero_grad()
     return dict(params=whole(model), shares=shares, placeholders=placeholders, steps=start + steps,
                 accounted=opt.state_dict()["prism"]["accountant"]["history"], epsilon=opt.privacy_spent()[0],
-                optimizer=opt.state_dict(), base_share=base_share(model))
+                optimizer=opt.state_dict(), base_share=base_share(model),
+                sharded_modules=sorted(type(m).__name__ for m in model.modules() if type(m).__name__.startswith("FSDP")))
 
 
 if __name__ == "__main__":

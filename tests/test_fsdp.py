@@ -70,11 +70,13 @@ def test_resumed_from_a_checkpoint_continues_the_run(ranks):
             torch.testing.assert_close(got["resumed"]["params"][name], value, rtol=1e-6, atol=1e-6)
 
 
-def test_bf16_mixed_precision_trains_like_fp32(ranks):
-    """FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 parameters and reduction) on CPU: prism's sums,
+def test_bf16_mixed_precision_through_shard_model_trains_like_fp32(ranks):
+    """prism.shard_model shards the modules the recipe does; FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 parameters and reduction) on CPU: prism's sums,
     noise and step stay fp32, so the run differs from fp32 by bf16 rounding of the activations only."""
     reference = runs.train(sharded=False)
     for got in ranks:
+        assert len(got["prism"]["sharded_modules"]) == 3  # 2 decoder layers and the root
+        assert got["mixed"]["sharded_modules"] == got["prism"]["sharded_modules"]  # shard_model = the recipe
         for name, value in reference["params"].items():
             assert got["mixed"]["params"][name].dtype == torch.float32
             torch.testing.assert_close(got["mixed"]["params"][name], value, rtol=0.05, atol=0.02)
