@@ -82,8 +82,9 @@ def test_bf16_mixed_precision_through_shard_model_trains_like_fp32(ranks):
             torch.testing.assert_close(got["mixed"]["params"][name], value, rtol=0.05, atol=0.02)
 
 
-def _in_a_process_group(body: str) -> str:
-    """Run `body` in a fresh 1-process gloo group with the tiny Llama as `model`; its stdout."""
+def _refusal_at_first_step(setup: str) -> str:
+    """Run `setup` (which builds `opt` on the tiny Llama `model`) in a fresh 1-process gloo group, then
+    opt.step(); the RuntimeError it raises, as printed ("REFUSED: ..."), or the process' output."""
     script = f"""
 import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {str(runs.__file__.rsplit('/', 1)[0])!r})
@@ -94,7 +95,10 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29541")
 dist.init_process_group("gloo", rank=0, world_size=1)
 model = tiny_model("llama", dtype=torch.float32)
 try:
-{body}
+{setup}
+    opt.step()
+except RuntimeError as exc:
+    print("REFUSED:", exc)
 finally:
     dist.destroy_process_group()
 """
@@ -103,14 +107,19 @@ finally:
 
 
 def test_sharding_after_building_the_optimizer_is_refused():
-    out = _in_a_process_group("""
+    out = _refusal_at_first_step("""
     opt = PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
-    shard(model)
-    try:
-        opt.step()
-    except RuntimeError as exc:
-        print("REFUSED:", exc)""")
+    shard(model)""")
     assert "REFUSED: the model was sharded (fully_shard) after the optimizer was built" in out, out
+
+
+def test_writing_into_a_sharded_parameter_outside_the_optimizer_is_refused():
+    out = _refusal_at_first_step("""
+    shard(model)
+    opt = PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
+    with torch.no_grad():
+        opt.pairs[0].lora_A.weight.to_local()[0, 0] += 1.0""")
+    assert "REFUSED: a sharded trained parameter was changed outside the optimizer" in out, out
 
 
 def test_fsdp1_is_refused_with_the_fsdp2_route():
@@ -123,19 +132,6 @@ def test_fsdp1_is_refused_with_the_fsdp2_route():
 
     with pytest.raises(TypeError, match="FSDP1.*fully_shard"):
         PRISM(Wrapped(tiny_model("llama")), lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
-
-
-def test_writing_into_a_sharded_parameter_outside_the_optimizer_is_refused():
-    out = _in_a_process_group("""
-    shard(model)
-    opt = PRISM(model, lr=0.1, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=4)
-    with torch.no_grad():
-        opt.pairs[0].lora_A.weight.to_local()[0, 0] += 1.0
-    try:
-        opt.step()
-    except RuntimeError as exc:
-        print("REFUSED:", exc)""")
-    assert "REFUSED: a sharded trained parameter was changed outside the optimizer" in out, out
 
 
 def test_data_parallel_is_refused():
