@@ -49,7 +49,7 @@ from . import common, llm_tasks, utility
 
 STAGES = ("tune", "test", "probe")
 METHODS = ("zeroshot", "nonprivate", "prism", "prism_f5", "prism_sgd", "prism_geo", "prism_bal", "naive",
-           "naive_default", "naive_bal", "ffa", "prism_factor_metric")
+           "naive_default", "naive_bal", "ffa", "prism_factor_metric", "prism_fm_adam")
 PRIVATE = tuple(m for m in METHODS if m not in ("zeroshot", "nonprivate"))
 # the others: DEFAULT_GRID. Riemannian DP-SGD (prism_sgd) has no 1 / noise-std normalisation: at lr 1e-2 its
 # step in Z is ~200x smaller than the adaptive methods' (results/llm/probe8of40), hence its own grid
@@ -88,6 +88,7 @@ def method_config(method: str) -> dict:
         prism_geo=dict(init="pissa", cls="PRISM", kwargs=dict(floor_mode="geometry", floor_factor=0.5)),
         prism_bal=dict(init="balanced", cls="PRISM", kwargs=dict(floor_factor=0.5)),
         prism_factor_metric=dict(init="pissa", cls="PRISM", kwargs=dict(metric="balanced", floor_factor=0.5)),
+        prism_fm_adam=dict(init="pissa", cls="PRISMElementwiseAdam", kwargs={}),  # ablation (llm_ablations)
         naive_bal=dict(init="balanced", cls="NaiveDPLoRA", kwargs={}),
         naive=dict(init="pissa", cls="NaiveDPLoRA", kwargs={}),
         naive_default=dict(init="default", cls="NaiveDPLoRA", kwargs={}),
@@ -96,6 +97,9 @@ def method_config(method: str) -> dict:
 
 
 def _optimizer_class(name: str):
+    if name == "PRISMElementwiseAdam":
+        from .llm_ablations import PRISMElementwiseAdam
+        return PRISMElementwiseAdam
     return getattr(prism, name)
 
 
@@ -154,7 +158,7 @@ def moment_diagnostics(opt, pairs, floor_factor: float | None, floor_mode: str =
         rows = {}
         for pair in (p for p in pairs if _module_kind(p.name) == kind):
             state = opt.state.get(pair.lora_B.weight, {})
-            if "exp_avg_sq_A" in state:  # PRISM
+            if "exp_avg_sq_A" in state and state["exp_avg_sq_A"].shape[-2:] == (pair.shape[2],) * 2:  # PRISM
                 floors = _floors(pair, floor_factor, floor_mode)
                 for side in ("A", "B"):
                     V = state[f"exp_avg_sq_{side}"] / (1 - beta2 ** state["step"])
@@ -269,7 +273,7 @@ def _train_loop(method, cfg, model, pairs, data, pad, setup, epsilon, seed, lr) 
 
         sigma = noise_multiplier(epsilon, setup.delta, setup.batch_size / n, setup.steps)
         kwargs = dict(cfg["kwargs"])
-        if cfg["cls"] != "NaiveDPLoRA":
+        if cfg["cls"] == "PRISM":
             floor_factor = kwargs.get("floor_factor", 0.5)
         opt = _optimizer_class(cfg["cls"])(
             model, lr=lr, max_grad_norm=setup.max_grad_norm, noise_multiplier=sigma, delta=setup.delta,
