@@ -4,7 +4,7 @@ of tensors (docs/method.md section 3).
     clipped sums (Y, W) --split--> (S, U, V) / b + tangent noise      = xi_dp   (3.2, 3.3)
     xi_dp --symmetric lift--> --horizontal lift--> (dA, dB)                     (3.5)
       or, metric "balanced": (Y R_B, W R_A) / b + horizontal noise = (dA, dB)   (3.7)
-    adaptive: moments, DP-aware floor, r x r preconditioner, horizontal lift    (3.5)
+    adaptive: moments, DP-aware floor, r x r (and row) preconditioner, lift       (3.5)
     (A, B) --retract(lr)--> balanced rank-r factors --Procrustes--> (A+, B+)   (3.6)
 
 and the Euclidean (Adam or SGD) step shared by dense parameters and naive DP-LoRA.
@@ -34,6 +34,7 @@ class StepConfig:
     weight_decay: float
     floor_mode: str = "scalar"
     metric: str = "frobenius"
+    preconditioner: str = "one_sided"
     floor_factor: float = 0.0
     max_condition: float = 1e4
 
@@ -100,15 +101,19 @@ def _adaptive_direction(A, B, dA, dB, basis, state, cfg: StepConfig) -> tuple[Te
         square = (*A.shape[:-2], A.shape[-1], A.shape[-1])
         state.update(step=0, exp_avg_A=torch.zeros_like(A), exp_avg_B=torch.zeros_like(B),
                      exp_avg_sq_A=A.new_zeros(square), exp_avg_sq_B=A.new_zeros(square))
+    two_sided = cfg.preconditioner == "two_sided"
+    if two_sided and "exp_avg_sq_rows_A" not in state:  # new, or resumed from a one-sided run
+        state.update(exp_avg_sq_rows_A=A.new_zeros(A.shape[:-1]), exp_avg_sq_rows_B=B.new_zeros(B.shape[:-1]))
     state["step"] += 1
     floor_A, floor_B = precondition.noise_floors(cfg.floor_mode, cfg.floor_factor, cfg.noise_std, basis,
                                                  A.shape[-2], B.shape[-2])
     directions = []
     for side, direction, floor in (("A", dA, floor_A), ("B", dB, floor_B)):
         exp_avg, exp_avg_sq = state[f"exp_avg_{side}"], state[f"exp_avg_sq_{side}"]
-        precondition.update_moments(exp_avg, exp_avg_sq, direction, cfg.betas)
+        rows = state[f"exp_avg_sq_rows_{side}"] if two_sided else None
+        precondition.update_moments(exp_avg, exp_avg_sq, direction, cfg.betas, rows)
         directions.append(precondition.preconditioned(exp_avg, exp_avg_sq, state["step"], cfg.betas, floor,
-                                                      cfg.max_condition, cfg.eps))
+                                                      cfg.max_condition, cfg.eps, rows))
     return manifold.horizontal_lift(A, B, *directions)
 
 

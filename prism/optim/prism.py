@@ -95,6 +95,9 @@ class PRISM(DPLoRAOptimizer):
             (A^T A = B^T B, a function of Z, so still gauge invariant), with the noise isotropic in
             the horizontal factor directions; the update follows the factor gradient, whose step in
             Z weights each singular direction by its singular value (docs/method.md 3.7).
+        preconditioner (str, optional): "one_sided" (default, the paper's): r x r second moments per
+            factor; "two_sided": also a second moment per row of each factor (its features), which damps
+            rows whose gradients dominate the others' (method 3.5). Gauge invariant either way.
         floor_mode (str, optional): "scalar" or "geometry" noise floor of the second moments (default: "scalar";
             "geometry" is for the Frobenius metric only).
         floor_factor (float, optional): f in the floor f * std^2, with the dense layers' own std
@@ -114,9 +117,10 @@ class PRISM(DPLoRAOptimizer):
     ICML 2026.
     """
 
-    def __init__(self, model: nn.Module, *, metric: str = "frobenius", floor_mode: str = "scalar",
-                 floor_factor: float = 0.5, max_condition: float = 1e4, **kwargs):
+    def __init__(self, model: nn.Module, *, metric: str = "frobenius", preconditioner: str = "one_sided",
+                 floor_mode: str = "scalar", floor_factor: float = 0.5, max_condition: float = 1e4, **kwargs):
         _validate.one_of({"frobenius", "balanced"}, metric=metric)
+        _validate.one_of({"one_sided", "two_sided"}, preconditioner=preconditioner)
         _validate.one_of({"scalar", "geometry"}, floor_mode=floor_mode)
         if metric == "balanced" and floor_mode == "geometry":
             raise ValueError("floor_mode='geometry' corrects for the Frobenius metric's noise, which is not isotropic "
@@ -126,8 +130,8 @@ class PRISM(DPLoRAOptimizer):
         _validate.positive(max_condition=max_condition)
         # per shape group, for the current logical step: the stacked factors (A, B) and their basis
         self._points: dict[tuple[int, ...], tuple[Tensor, Tensor, TangentBasis]] = {}
-        super().__init__(model, metric=metric, floor_mode=floor_mode, floor_factor=floor_factor,
-                         max_condition=max_condition, **kwargs)
+        super().__init__(model, metric=metric, preconditioner=preconditioner, floor_mode=floor_mode,
+                         floor_factor=floor_factor, max_condition=max_condition, **kwargs)
         self._groups = self._shape_groups()
         # index -> (its group, its place in the group)
         self._positions = {index: (group, position) for group in self._groups for position, index in enumerate(group)}
@@ -195,7 +199,7 @@ class PRISM(DPLoRAOptimizer):
         return dict(super()._settings(), metric=self.defaults["metric"])
 
     def _extra_config(self, group: dict) -> dict:
-        return dict(metric=group["metric"], floor_mode=group["floor_mode"], floor_factor=group["floor_factor"],
+        return dict(metric=group["metric"], preconditioner=group["preconditioner"], floor_mode=group["floor_mode"], floor_factor=group["floor_factor"],
                     max_condition=group["max_condition"])
 
     def _lora_updates(self, configs: dict[int, StepConfig]) -> list[Update]:
@@ -230,6 +234,7 @@ class PRISM(DPLoRAOptimizer):
 
 
 MOMENTS = ("exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B")
+ROW_MOMENTS = ("exp_avg_sq_rows_A", "exp_avg_sq_rows_B")  # preconditioner="two_sided"
 
 
 def _stacked_moments(states: list[dict]) -> dict:
@@ -241,7 +246,8 @@ def _stacked_moments(states: list[dict]) -> dict:
     step = steps.pop()
     if step is None:
         return {}
-    return dict(step=step, **{key: torch.stack([state[key] for state in states]) for key in MOMENTS})
+    keys = MOMENTS + tuple(key for key in ROW_MOMENTS if key in states[0])
+    return dict(step=step, **{key: torch.stack([state[key] for state in states]) for key in keys})
 
 
 def _unstack_moments(stacked: dict, states: list[dict]) -> None:
@@ -250,4 +256,4 @@ def _unstack_moments(stacked: dict, states: list[dict]) -> None:
         return
     for position, state in enumerate(states):
         state["step"] = stacked["step"]
-        state.update({key: stacked[key][position] for key in MOMENTS})
+        state.update({key: stacked[key][position] for key in MOMENTS + ROW_MOMENTS if key in stacked})

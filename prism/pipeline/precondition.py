@@ -7,9 +7,22 @@ For one side (A with d = m rows, or B with d = n rows) and a lifted direction D 
     u  = m_hat floor(V_hat)^{-1/2}                m_hat, V_hat bias-corrected
 
 floor() raises eigenvalues to lambda (the noise floor) and to lambda_max / max_condition.
-Every operation is a spectral function or a right-multiplication, so under an orthogonal
-gauge (D -> D O, m -> m O, V -> O^T V O) the output moves as u -> u O. Each function also
-takes a stack of modules (leading dimension k: D (k, d, r), V (k, r, r), floors (k, 1)).
+
+Two-sided (optional, `rows` given): each row i of D also gets a second moment (its mean square over
+the r columns) and the update is rescaled row by row,
+
+    rho_i <- beta2 rho_i + (1 - beta2) ||D_i||^2 / r,        rho_i' = max(rho_i_hat, lambda)
+    u_i  <- u_i sqrt(mean_j rho_j' / rho_i')
+
+a factored (Adafactor-like) approximation of Adam's per-coordinate moments, v_ij ~ rho_i c_j / mean(rho),
+with the column factor kept as the full r x r matrix. Under isotropic noise all rho_i are equal and the
+update is the one-sided one; rows whose gradients are far above the others' (a few outlier features) are
+damped instead of setting the scale of every row.
+
+Every operation is a spectral function, a right-multiplication or a function of row norms, so under
+an orthogonal gauge (D -> D O, m -> m O, V -> O^T V O, rho unchanged) the output moves as u -> u O.
+Each function also takes a stack of modules (leading dimension k: D (k, d, r), V (k, r, r), rho
+(k, d), floors (k, 1)).
 """
 
 from __future__ import annotations
@@ -41,21 +54,31 @@ def noise_floors(mode: str, factor: float, std: float, basis, m: int, n: int
     return base * tr_N_inv / r * (m - r) / m, base * tr_M_inv / r * (n - r) / n
 
 
-def update_moments(exp_avg: Tensor, exp_avg_sq: Tensor, direction: Tensor, betas: tuple[float, float]) -> None:
-    """In place: exp_avg <- b1 exp_avg + (1-b1) D; exp_avg_sq <- b2 exp_avg_sq + (1-b2) D^T D / d."""
+def update_moments(exp_avg: Tensor, exp_avg_sq: Tensor, direction: Tensor, betas: tuple[float, float],
+                   rows: Tensor | None = None) -> None:
+    """In place: exp_avg <- b1 exp_avg + (1-b1) D; exp_avg_sq <- b2 exp_avg_sq + (1-b2) D^T D / d;
+    rows (two-sided) <- b2 rows + (1-b2) ||D_i||^2 / r."""
     beta1, beta2 = betas
     exp_avg.lerp_(direction, 1 - beta1)
     exp_avg_sq.mul_(beta2).add_(direction.mT @ direction, alpha=(1 - beta2) / direction.shape[-2])
+    if rows is not None:
+        rows.mul_(beta2).add_(direction.square().mean(-1), alpha=1 - beta2)
 
 
 def preconditioned(exp_avg: Tensor, exp_avg_sq: Tensor, step: int, betas: tuple[float, float],
-                   floor: float | Tensor, max_condition: float, eps: float) -> Tensor:
+                   floor: float | Tensor, max_condition: float, eps: float, rows: Tensor | None = None) -> Tensor:
     """u = m_hat P diag(1 / (sqrt(lambda') + eps)) P^T with V_hat = P diag(lambda) P^T and
-    lambda' = max(lambda, floor, lambda_max / max_condition)."""
+    lambda' = max(lambda, floor, lambda_max / max_condition); two-sided (rows given): row i times
+    sqrt(mean(rho') / rho_i') with rho' = max(rho_hat, floor)."""
     beta1, beta2 = betas
     m_hat = exp_avg / (1 - beta1 ** step)
     V_hat = exp_avg_sq / (1 - beta2 ** step)
     lam, P = torch.linalg.eigh((V_hat + V_hat.mT) / 2)
     lam = lam.clamp_min(0)
     lam = torch.maximum(lam, (lam.amax(-1, keepdim=True) / max_condition).clamp_min(floor))
-    return m_hat @ (P / (lam.sqrt() + eps).unsqueeze(-2)) @ P.mT
+    u = m_hat @ (P / (lam.sqrt() + eps).unsqueeze(-2)) @ P.mT
+    if rows is None:
+        return u
+    rho = torch.maximum(rows / (1 - beta2 ** step), torch.as_tensor(floor, dtype=rows.dtype, device=rows.device))
+    rho = rho.clamp_min(torch.finfo(rho.dtype).tiny)
+    return u * (rho.mean(-1, keepdim=True) / rho).sqrt().unsqueeze(-1)
