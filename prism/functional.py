@@ -111,7 +111,7 @@ def _adaptive_direction(A, B, dA, dB, basis, state, cfg: StepConfig) -> tuple[Te
     for side, direction, floor in (("A", dA, floor_A), ("B", dB, floor_B)):
         exp_avg, exp_avg_sq = state[f"exp_avg_{side}"], state[f"exp_avg_sq_{side}"]
         rows = state[f"exp_avg_sq_rows_{side}"] if two_sided else None
-        precondition.update_moments(exp_avg, exp_avg_sq, direction, cfg.betas, rows)
+        precondition.update_moments(exp_avg, exp_avg_sq, direction, cfg.betas, rows, floor, state["step"])
         directions.append(precondition.preconditioned(exp_avg, exp_avg_sq, state["step"], cfg.betas, floor,
                                                       cfg.max_condition, cfg.eps, rows))
     return manifold.horizontal_lift(A, B, *directions)

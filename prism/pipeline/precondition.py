@@ -8,16 +8,16 @@ For one side (A with d = m rows, or B with d = n rows) and a lifted direction D 
 
 floor() raises eigenvalues to lambda (the noise floor) and to lambda_max / max_condition.
 
-Two-sided (optional, `rows` given): each row i of D also gets a second moment (its mean square over
-the r columns) and the update is rescaled row by row,
+Two-sided (optional, `rows` given): each row i of D (a feature) also gets a second moment rho_i, the
+mean square of its entries, and the r x r moment is taken of the row-normalised direction:
 
-    rho_i <- beta2 rho_i + (1 - beta2) ||D_i||^2 / r,        rho_i' = max(rho_i_hat, lambda)
-    u_i  <- u_i sqrt(mean_j rho_j' / rho_i')
+    rho_i <- beta2 rho_i + (1 - beta2) ||D_i||^2 / r,        rho' = max(rho_hat, lambda)   (per row)
+    D~ = diag(rho')^{-1/2} D,      W <- beta2 W + (1 - beta2) D~^T D~ / d                    (r x r)
+    u  = diag(rho')^{-1/2} m_hat floor(W_hat)^{-1/2},    floor of W: lambda mean_i(1 / rho'_i)
 
-a factored (Adafactor-like) approximation of Adam's per-coordinate moments, v_ij ~ rho_i c_j / mean(rho),
-with the column factor kept as the full r x r matrix. Under isotropic noise all rho_i are equal and the
-update is the one-sided one; rows whose gradients are far above the others' (a few outlier features) are
-damped instead of setting the scale of every row.
+a factored stand-in for Adam's per-coordinate moments, v_ij ~ rho_i w_jj: a few rows whose gradients
+dwarf the others' (outlier features) no longer set the scale of every row. Under isotropic noise
+rho' = std^2, W ~ I and the update is the one-sided one, m_hat / std.
 
 Every operation is a spectral function, a right-multiplication or a function of row norms, so under
 an orthogonal gauge (D -> D O, m -> m O, V -> O^T V O, rho unchanged) the output moves as u -> u O.
@@ -55,30 +55,37 @@ def noise_floors(mode: str, factor: float, std: float, basis, m: int, n: int
 
 
 def update_moments(exp_avg: Tensor, exp_avg_sq: Tensor, direction: Tensor, betas: tuple[float, float],
-                   rows: Tensor | None = None) -> None:
-    """In place: exp_avg <- b1 exp_avg + (1-b1) D; exp_avg_sq <- b2 exp_avg_sq + (1-b2) D^T D / d;
-    rows (two-sided) <- b2 rows + (1-b2) ||D_i||^2 / r."""
+                   rows: Tensor | None = None, floor: float | Tensor = 0.0, step: int = 1) -> None:
+    """In place: exp_avg <- b1 exp_avg + (1-b1) D; exp_avg_sq <- b2 exp_avg_sq + (1-b2) D^T D / d, or
+    two-sided (rows given): rows <- b2 rows + (1-b2) ||D_i||^2 / r first, and exp_avg_sq takes the
+    row-normalised D (see the module docstring; `floor` is lambda, `step` the step count, from 1)."""
     beta1, beta2 = betas
     exp_avg.lerp_(direction, 1 - beta1)
-    exp_avg_sq.mul_(beta2).add_(direction.mT @ direction, alpha=(1 - beta2) / direction.shape[-2])
     if rows is not None:
         rows.mul_(beta2).add_(direction.square().mean(-1), alpha=1 - beta2)
+        direction = direction / _row_scale(rows, beta2, step, floor).unsqueeze(-1)
+    exp_avg_sq.mul_(beta2).add_(direction.mT @ direction, alpha=(1 - beta2) / direction.shape[-2])
+
+
+def _row_scale(rows: Tensor, beta2: float, step: int, floor: float | Tensor) -> Tensor:
+    """sqrt(rho') with rho' = max(rho_hat, floor), rho_hat the bias-corrected row moments."""
+    rho = torch.maximum(rows / (1 - beta2 ** step), torch.as_tensor(floor, dtype=rows.dtype, device=rows.device))
+    return rho.clamp_min(torch.finfo(rho.dtype).tiny).sqrt()
 
 
 def preconditioned(exp_avg: Tensor, exp_avg_sq: Tensor, step: int, betas: tuple[float, float],
                    floor: float | Tensor, max_condition: float, eps: float, rows: Tensor | None = None) -> Tensor:
     """u = m_hat P diag(1 / (sqrt(lambda') + eps)) P^T with V_hat = P diag(lambda) P^T and
-    lambda' = max(lambda, floor, lambda_max / max_condition); two-sided (rows given): row i times
-    sqrt(mean(rho') / rho_i') with rho' = max(rho_hat, floor)."""
+    lambda' = max(lambda, floor, lambda_max / max_condition); two-sided (rows given): with the row-normalised
+    moment, m_hat's rows divided by sqrt(rho') first and the floor lambda mean_i(1 / rho'_i)."""
     beta1, beta2 = betas
     m_hat = exp_avg / (1 - beta1 ** step)
     V_hat = exp_avg_sq / (1 - beta2 ** step)
+    if rows is not None:
+        scale = _row_scale(rows, beta2, step, floor)
+        m_hat = m_hat / scale.unsqueeze(-1)
+        floor = floor * scale.square().reciprocal().mean(-1, keepdim=True)
     lam, P = torch.linalg.eigh((V_hat + V_hat.mT) / 2)
     lam = lam.clamp_min(0)
     lam = torch.maximum(lam, (lam.amax(-1, keepdim=True) / max_condition).clamp_min(floor))
-    u = m_hat @ (P / (lam.sqrt() + eps).unsqueeze(-2)) @ P.mT
-    if rows is None:
-        return u
-    rho = torch.maximum(rows / (1 - beta2 ** step), torch.as_tensor(floor, dtype=rows.dtype, device=rows.device))
-    rho = rho.clamp_min(torch.finfo(rho.dtype).tiny)
-    return u * (rho.mean(-1, keepdim=True) / rho).sqrt().unsqueeze(-1)
+    return m_hat @ (P / (lam.sqrt() + eps).unsqueeze(-2)) @ P.mT
