@@ -165,7 +165,8 @@ def moment_diagnostics(opt, pairs, floor_factor: float | None, floor_mode: str =
                 floors = _floors(pair, floor_factor, floor_mode)
                 for side in ("A", "B"):
                     V = state[f"exp_avg_sq_{side}"] / (1 - beta2 ** state["step"])
-                    lam = torch.linalg.eigvalsh((V + V.mT) / 2).div(std2).tolist()
+                    unit = 1.0 if "exp_avg_sq_rows_A" in state else std2  # two-sided: V is unitless already
+                    lam = torch.linalg.eigvalsh((V + V.mT) / 2).div(unit).tolist()
                     rows.setdefault(f"eig_{side}", []).extend(lam)
                     rows.setdefault("below", []).extend(v < floors[side] for v in lam)
             for label, param in (("A", pair.lora_B.weight), ("B", pair.lora_A.weight)):
