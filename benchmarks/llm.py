@@ -50,7 +50,7 @@ from . import common, llm_tasks, utility
 STAGES = ("tune", "test", "probe")
 METHODS = ("zeroshot", "nonprivate", "prism", "prism_f5", "prism_sgd", "prism_geo", "prism_bal", "naive",
            "naive_default", "naive_bal", "ffa", "prism_factor_metric", "prism_fm_adam", "prism_fm_two_sided",
-           "prism_two_sided")
+           "prism_two_sided", "prism_bal_two_sided")
 PRIVATE = tuple(m for m in METHODS if m not in ("zeroshot", "nonprivate"))
 # the others: DEFAULT_GRID. Riemannian DP-SGD (prism_sgd) has no 1 / noise-std normalisation: at lr 1e-2 its
 # step in Z is ~200x smaller than the adaptive methods' (results/llm/probe8of40), hence its own grid
@@ -92,6 +92,8 @@ def method_config(method: str) -> dict:
         prism_fm_adam=dict(init="pissa", cls="PRISMElementwiseAdam", kwargs={}),  # ablation (llm_ablations)
         prism_fm_two_sided=dict(init="pissa", cls="PRISM", kwargs=dict(metric="balanced", preconditioner="two_sided")),
         prism_two_sided=dict(init="pissa", cls="PRISM", kwargs=dict(preconditioner="two_sided")),
+        prism_bal_two_sided=dict(init="balanced", cls="PRISM", kwargs=dict(metric="balanced",
+                                                                          preconditioner="two_sided")),
         naive_bal=dict(init="balanced", cls="NaiveDPLoRA", kwargs={}),
         naive=dict(init="pissa", cls="NaiveDPLoRA", kwargs={}),
         naive_default=dict(init="default", cls="NaiveDPLoRA", kwargs={}),
