@@ -42,7 +42,7 @@ EPSILONS = (8.0, 3.0)
 SEEDS = (0,)
 STAGES = ("generate", "evaluate")
 SAMPLES = 2000
-QUICK_SAMPLES = 8
+QUICK_SAMPLES = 32  # > methods.QUICK.batch_size: the downstream Poisson rate stays below 1
 EXAMPLES_KEPT = 3  # synthetic samples per label quoted in each generate JSON
 # the zero-shot (and Private Evolution) prompt: public text, the only thing these generators see
 INSTRUCTION = ("Write one short sentence (under 30 words) from a {label} movie review, the way a film critic "
@@ -118,8 +118,11 @@ def generate_job(variant: str, epsilon: float | None, seed: int, split: tasks.Sp
 
             tokenizer, model = synthetic.load_base(quick)
             config = private_evolution.Config.quick(epsilon) if quick else private_evolution.Config(epsilon=epsilon)
+            zero_shot = samples_path(folder, name("zeroshot", None, seed))  # S_0: the same public samples
+            initial = synthetic.read_jsonl(zero_shot) if zero_shot.exists() else None
             rows, report = private_evolution.run(model, tokenizer, split.train_x, split.train_y, n, config,
-                                                 INSTRUCTION, sampling_config(quick), seed=seed, quick=quick)
+                                                 INSTRUCTION, sampling_config(quick), seed=seed, initial=initial)
+            report["initial"] = str(zero_shot.relative_to(folder)) if initial is not None else "sampled"
             info.update(epsilon=report["epsilon"], instruction=INSTRUCTION)
         else:
             raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
