@@ -240,7 +240,8 @@ def _direct(folder: Path) -> dict:
     if not path.exists():
         return {}
     table = common.read_json(path)["test_accuracy"].get("rotten_tomatoes", {})
-    return {f"{m}_eps{e}": dict(mean=r["mean"], test_accuracy=r["test_accuracy"], seeds=r["seeds"])
+    return {f"{m}_eps{e}": dict(mean=r["mean"], test_accuracy=r["test_accuracy"], seeds=r["seeds"],
+                                epsilon=None if e == "inf" else float(e))
             for m in ("prism", "naive", "nonprivate") for e, r in table.get(m, {}).items()}
 
 
@@ -258,7 +259,8 @@ def table(summary: dict) -> str:
         lines.append(f"| synthetic: {key} | {eps} | {pct(r['test_accuracy'])} | {100 * r['mean_test_accuracy']:.1f} | "
                      f"{statistics.mean(r['frechet_to_test']):.4f} | {copies} | {statistics.mean(r['mean_words']):.1f} |")
     for key, r in sorted(summary["direct"].items()):
-        lines.append(f"| real, direct (benchmarks.utility): {key} | | {pct(r['test_accuracy'])} | {100 * r['mean']:.1f} "
+        eps = "-" if r.get("epsilon") is None else f"{r['epsilon']:g}"
+        lines.append(f"| real, direct (benchmarks.utility): {key} | {eps} | {pct(r['test_accuracy'])} | {100 * r['mean']:.1f} "
                      "| | | |")
     ref = summary.get("real_reference")
     if ref:
