@@ -26,7 +26,8 @@ accountant at sampling rate 1 (the same accountant as the fine-tuned generators)
 
     delta(eps) = Phi(-eps / mu + mu / 2) - e^eps Phi(-eps / mu - mu / 2).
 
-Everything after the noisy histograms (drawing, variation, the output) is post-processing.
+Everything after the noisy histograms (drawing, variation, the output) is post-processing. The noise is
+drawn from a seeded generator so that benchmark runs repeat; a release must draw it from OS entropy.
 """
 
 from __future__ import annotations
