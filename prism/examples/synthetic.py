@@ -1,0 +1,276 @@
+"""Private synthetic text in one command: fine-tune a generator with DP, sample, release the samples.
+
+    python -m prism.examples.synthetic --epsilon 8 --samples 2000 --out synthetic.jsonl
+    python -m prism.examples.synthetic --quick --out /tmp/synthetic.jsonl   # a tiny random model, seconds
+
+Private data: the Rotten Tomatoes training sentences of the benchmarks' split (the sentences that are
+neither among the 2,000 test sentences nor the 1,000 validation ones of `load_rotten_tomatoes(2000,
+seed=0)`), with their labels. Each example is one training text,
+
+    "Sentiment: positive\\nReview:" + " <the review sentence><eos>"
+
+(the loss on the review only; the label is in the prompt, so it is part of the example and protected
+with it). The generator, SmolLM2-135M-Instruct with LoRA r = 8 on q/k/v/o, is trained by a vanilla TRL
+SFTTrainer made private with `prism.hf.make_private` (Poisson sampling, per-example losses, PRISM with
+metric="balanced" or naive DP-LoRA; or non-privately, as a baseline). That training is the ONLY access
+to the private data: sampling from the trained generator and filtering the samples are post-processing
+(no privacy cost), and the filters (prism.examples.synthetic_sampling) use no private data. The JSONL
+written holds {"text", "label"} per line and can be released at the epsilon printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from .synthetic_sampling import LABELS, SamplingConfig, sample_balanced
+
+METHODS = ("prism", "naive", "nonprivate")
+DEFAULT_LR = {"prism": 1e-2, "naive": 1e-2, "nonprivate": 1e-3}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+VALIDATION_SIZE, TEST_SIZE = 1000, 2000  # the benchmarks' split (benchmarks.tasks.SIZES)
+
+
+def prompt(label: int) -> str:
+    """The conditioning prompt of a label (0 negative, 1 positive): public text, identical for every example."""
+    return f"Sentiment: {LABELS[label]}\nReview:"
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """How the generator is trained (the defaults: the study's settings)."""
+
+    method: str = "prism"
+    epsilon: float | None = 8.0  # target epsilon at `delta` (None for method="nonprivate")
+    delta: float = 1e-5
+    steps: int = 30
+    batch_size: int = 64  # expected logical batch b = q N
+    micro_batch: int = 32
+    lr: float | None = None  # default: DEFAULT_LR[method]
+    max_grad_norm: float = 1.0
+    rank: int = 8
+    max_length: int = 64  # tokens per training example (prompt + review), longer ones truncated
+    log_every: int = 5
+    seed: int = 0  # the Trainer's seed (LoRA init); Poisson sampling and noise: see train_generator
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if (self.epsilon is None) != (self.method == "nonprivate"):
+            raise ValueError(f"method={self.method!r} needs " + ("epsilon=None" if self.method == "nonprivate"
+                                                                 else "a target epsilon > 0"))
+        for name in ("steps", "batch_size", "micro_batch", "rank", "max_length"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be an integer > 0, got {getattr(self, name)!r}")
+
+    @property
+    def learning_rate(self) -> float:
+        return DEFAULT_LR[self.method] if self.lr is None else self.lr
+
+
+def training_split() -> tuple[list[str], list[int]]:
+    """The private training sentences and labels: benchmarks.tasks' Rotten Tomatoes split without its test
+    and validation sentences (not truncated to a multiple of a batch size)."""
+    from .sentiment import load_rotten_tomatoes
+
+    rest_x, rest_y, _, _ = load_rotten_tomatoes(TEST_SIZE, seed=0)
+    return rest_x[VALIDATION_SIZE:], rest_y[VALIDATION_SIZE:]
+
+
+def load_base(quick: bool = False):
+    """(tokenizer, causal LM): SmolLM2-135M-Instruct, or with `quick` a tiny random Llama (2 layers, hidden
+    64) with SmolLM2's tokenizer, for tests: it trains and samples in seconds and produces noise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from prism.pretrained import smollm2
+
+    hf_logging.set_verbosity_error()
+    path = smollm2()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if quick:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        return tokenizer, LlamaForCausalLM(config)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def with_lora(model, method: str, rank: int):
+    """LoRA r on q/k/v/o, alpha = r (delta W = B A). PRISM starts from PiSSA (it needs full-rank factors);
+    the others from peft's default (lora_B = 0), as their users run them (prism.examples.chat)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=TARGETS,
+                        init_lora_weights="pissa_niter_4" if method == "prism" else True)
+    return get_peft_model(model, config)
+
+
+def train_generator(texts: list[str], labels: list[int], config: GeneratorConfig, *, quick: bool = False,
+                    noise_generator: torch.Generator | None = None, sampling_seed: int | None = None):
+    """Fine-tune the label-conditioned generator on (texts, labels) and return (tokenizer, model, info).
+
+    The private methods run a vanilla `trl.SFTTrainer` made private by `prism.hf.make_private`: each step
+    draws a Poisson batch with rate q = b / N, clips each example's gradient to `max_grad_norm` and adds
+    Gaussian noise calibrated so that `steps` steps spend at most `epsilon` at `delta` (upper bound of the PRV
+    accountant). PRISM uses metric="balanced" (clip and noise in the factor norm at the balanced factors).
+    `noise_generator` and `sampling_seed` seed the noise and the Poisson draws for reproducible benchmark runs
+    only; the default (OS entropy) is the one to deploy.
+
+    info: method, epsilon spent (upper bound; None when non-private), noise multiplier, steps, N, lr, the
+    training loss of the last logged steps and the training time.
+    """
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    import prism
+    import prism.hf
+
+    if len(texts) != len(labels) or not texts:
+        raise ValueError(f"texts and labels must be non-empty and of equal length, got {len(texts)} and {len(labels)}")
+    if set(labels) - set(range(len(LABELS))):
+        raise ValueError(f"labels must lie in 0..{len(LABELS) - 1}, got {sorted(set(labels))}")
+    tokenizer, model = load_base(quick)
+    model = with_lora(model, config.method, config.rank)
+    micro_batches = max(1, math.ceil(config.batch_size / config.micro_batch))
+    dataset = Dataset.from_dict({"prompt": [prompt(y) for y in labels], "completion": [" " + t.strip() for t in texts]})
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = SFTConfig(output_dir=output_dir, max_steps=config.steps, learning_rate=config.learning_rate,
+                         lr_scheduler_type="constant", per_device_train_batch_size=math.ceil(config.batch_size / micro_batches),
+                         gradient_accumulation_steps=micro_batches, max_length=config.max_length, max_grad_norm=0.0,
+                         gradient_checkpointing=False, logging_steps=config.log_every, save_strategy="no",
+                         report_to="none", use_cpu=True, bf16=False, seed=config.seed, weight_decay=0.0,
+                         disable_tqdm=True)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer.add_callback(ProgressLines(config.steps))
+        optimizer = None
+        if config.method != "nonprivate":
+            cls, extra = (prism.PRISM, dict(metric="balanced")) if config.method == "prism" else (prism.NaiveDPLoRA, {})
+            # built for len(trainer.train_dataset): SFTTrainer drops examples truncation leaves without a review token
+            optimizer = trainer.optimizer = cls(
+                model, lr=config.learning_rate, max_grad_norm=config.max_grad_norm, target_epsilon=config.epsilon,
+                delta=config.delta, expected_batch_size=config.batch_size, dataset_size=len(trainer.train_dataset),
+                steps=config.steps, generator=noise_generator, **extra)
+            prism.hf.make_private(trainer, sampling_seed=sampling_seed)
+        start = time.time()
+        trainer.train()
+        seconds = time.time() - start
+    losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    info = dict(method=config.method, train_size=len(dataset), train_seconds=round(seconds, 1),
+                final_train_loss=losses[-1] if losses else None, config=asdict(config), lr=config.learning_rate)
+    if optimizer is not None:
+        lower, estimate, upper = optimizer.get_epsilon()
+        info.update(epsilon=upper, epsilon_estimate=estimate, epsilon_lower=lower, delta=config.delta,
+                    noise_multiplier=optimizer.noise_multiplier, steps_taken=optimizer.steps_taken)
+    else:
+        info.update(epsilon=None, delta=None)
+    model.eval()
+    return tokenizer, model, info
+
+
+def for_sampling(model):
+    """The model with its LoRA adapter merged into the base weights: the same function, fewer operations."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
+class ProgressLines(TrainerCallback):
+    """Prints the step, the training loss and the time left at each logging step (tqdm is off: logs stay readable)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.start = steps, time.time()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.time()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs and state.global_step:
+            left = (time.time() - self.start) / state.global_step * (self.steps - state.global_step)
+            print(f"  generator step {state.global_step}/{self.steps} loss {logs['loss']:.4f} "
+                  f"(~{left / 60:.1f} min left)", flush=True)
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    """One JSON object per line, written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    texts, labels = training_split()
+    if args.quick:
+        texts, labels = texts[:64], labels[:64]
+    config = GeneratorConfig(method=args.method, epsilon=None if args.method == "nonprivate" else args.epsilon,
+                             delta=args.delta, steps=args.steps, batch_size=args.batch_size,
+                             micro_batch=args.micro_batch, lr=args.lr, max_grad_norm=args.max_grad_norm,
+                             rank=args.rank, seed=args.seed, log_every=1 if args.quick else 5)
+    print(f"generator: {config.method}, {len(texts)} private training sentences, {config.steps} steps of expected "
+          f"batch {config.batch_size}, lr {config.learning_rate:g}, target epsilon {config.epsilon} at delta "
+          f"{config.delta:g}", flush=True)
+    tokenizer, model, info = train_generator(texts, labels, config, quick=args.quick)
+    sampling = SamplingConfig.quick() if args.quick else SamplingConfig()
+    rows, report = sample_balanced(for_sampling(model), tokenizer, prompt, args.samples, sampling, seed=args.seed)
+    write_jsonl(args.out, rows)
+    spent = "none (non-private generator)" if info["epsilon"] is None else \
+        f"epsilon {info['epsilon']:.3f} (upper bound) at delta {config.delta:g}"
+    print(f"wrote {len(rows)} synthetic reviews to {args.out}; privacy: {spent}; the samples and anything computed "
+          "from them cost no further privacy", flush=True)
+    return dict(generator=info, sampling=report)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--method", choices=METHODS, default="prism")
+    p.add_argument("--epsilon", type=float, default=8.0, help="target epsilon (default: 8)")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--steps", type=int, default=GeneratorConfig.steps)
+    p.add_argument("--batch-size", type=int, default=GeneratorConfig.batch_size, help="expected logical batch b = q N")
+    p.add_argument("--micro-batch", type=int, default=GeneratorConfig.micro_batch)
+    p.add_argument("--lr", type=float, default=None, help="default: prism and naive 1e-2, nonprivate 1e-3")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--samples", type=int, default=2000, help="synthetic reviews, half per label (default: 2000)")
+    p.add_argument("--out", required=True, help="the JSONL file to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init and of sampling (noise and Poisson "
+                                                       "draws always use OS entropy)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--quick", action="store_true", help="a tiny random model, 2 steps, 8 samples: a smoke test")
+    return p
+
+
+def main(argv=None) -> dict:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    warnings.filterwarnings("ignore", message=".*PiSSA.*")
+    args = parser().parse_args(argv)
+    if args.quick:
+        args.steps, args.batch_size, args.micro_batch, args.samples = 2, 16, 16, min(args.samples, 8)
+    if args.samples < 2 or args.samples % 2:
+        parser().error(f"--samples must be an even number >= 2 (half per label), got {args.samples}")
+    if args.method != "nonprivate" and not args.epsilon > 0:
+        parser().error(f"--epsilon must be > 0, got {args.epsilon}")
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()
