@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from .. import _validate, distributed, probe, sharding
+from .. import _validate, distributed, probe
 from ..accounting import PrivacyAccountant
 from ..functional import StepConfig
 from ..layers import LoRAPair, find_trainables
@@ -36,7 +36,7 @@ from ..plan import resolve_plan
 from ..sampling import SamplingCheck, poisson_data_loader
 from . import checkpoint, dense, guards
 from .groups import build_param_groups
-from .updates import WHOLE, Update, apply_updates, keep_whole_values, reconcile_whole_values, value_of
+from .updates import Update, apply_updates, keep_whole_values, reconcile_whole_values, value_of, whole_values
 
 
 class DPLoRAOptimizer(torch.optim.Optimizer):
@@ -179,8 +179,8 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
                 loss = closure()
         # collect, per-example blocks and clip already ran, at the end of every backward pass
         self._guards.before_step(self.steps_taken)
-        reduce.sum_over_ranks(self._units, self.stats, self._ranks, self._replicas, *self._whole_values(),
-                              self.generator)
+        reduce.sum_over_ranks(self._units, self.stats, self._ranks, self._replicas,
+                              *whole_values(self._params(), self.state), self.generator)
         self._guards.refuse_a_dead_adapter(self.stats)
         self._sampling_check.observe(self.stats.examples)
         # accounted before any noise is drawn: a noisy gradient enters the moments even if its write is refused
@@ -213,18 +213,6 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
     def value_of(self, param: Tensor, dtype: torch.dtype) -> Tensor:
         """The parameter's current value in `dtype` (its fp32 master copy for bf16/fp16 parameters)."""
         return value_of(param, self.state[param] if param in self.state else {}, dtype)
-
-    def _whole_values(self) -> tuple[list[Tensor], int]:
-        """(every trained tensor as a whole value, the number of sharded ones whose local part is stale)."""
-        values, stale = [], 0
-        for p in self._params():
-            if sharding.is_sharded(p):
-                whole = self.state[p][WHOLE]
-                values.append(whole)
-                stale += not sharding.holds_local_part(p, whole)
-            else:
-                values.append(p)
-        return values, stale
 
     def _params(self) -> list[Tensor]:
         return [p for group in self.param_groups for p in group["params"]]

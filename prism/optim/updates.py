@@ -61,6 +61,19 @@ def keep_whole_values(params, state: dict) -> None:
             state[param][WHOLE] = sharding.gather_whole(param).to(compute_dtype(param))
 
 
+def whole_values(params, state: dict) -> tuple[list[Tensor], int]:
+    """(every parameter as a whole value: the kept one for sharded parameters, the number of sharded ones
+    whose local part no longer matches it)."""
+    values, stale = [], 0
+    for param in params:
+        if sharding.is_sharded(param):
+            values.append(state[param][WHOLE])
+            stale += not sharding.holds_local_part(param, state[param][WHOLE])
+        else:
+            values.append(param)
+    return values, stale
+
+
 def reconcile_whole_values(params, state: dict) -> None:
     """After a checkpoint was loaded: keep its whole values if every rank's sharded parameters still hold
     their parts of them, else gather them anew from the parameters (the model's weights win, as for fp32
