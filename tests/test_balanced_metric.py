@@ -83,3 +83,16 @@ def test_a_checkpoint_loads_only_with_its_metric():
     PRISM(tiny_model("bert"), lr=0.1, max_grad_norm=1.0, **{**BALANCED, "metric": "frobenius"}).load_state_dict(old)
     with pytest.raises(ValueError, match="saved with metric=frobenius"):
         PRISM(tiny_model("bert"), lr=0.1, max_grad_norm=1.0, **BALANCED).load_state_dict(old)
+
+
+def test_a_checkpoint_from_before_the_metric_and_preconditioner_options_steps_with_their_defaults():
+    model = tiny_model("bert")
+    saved = PRISM(model, lr=0.1, max_grad_norm=1.0, **{**BALANCED, "metric": "frobenius"}).state_dict()
+    del saved["prism"]["metric"]
+    for group in saved["param_groups"]:
+        del group["metric"], group["preconditioner"]
+    opt = PRISM(model, lr=0.1, max_grad_norm=1.0, **{**BALANCED, "metric": "frobenius"})
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["metric"] == "frobenius" and opt.param_groups[0]["preconditioner"] == "one_sided"
+    per_example_losses("bert", model, make_batch("bert", b=5, seed=1)).sum().backward()
+    opt.step()

@@ -372,6 +372,9 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         """
         torch_part, extra = checkpoint.split_privacy_entry(self, state_dict)
         super().load_state_dict(torch_part)
+        for group in self.param_groups:  # options added since the checkpoint was saved take their defaults
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         checkpoint.restore_state_dtypes(self, torch_part["state"])
         reconcile_whole_values(self._params(), self.state)
         checkpoint.load_privacy_entry(self, extra)

@@ -199,8 +199,8 @@ class PRISM(DPLoRAOptimizer):
         return dict(super()._settings(), metric=self.defaults["metric"])
 
     def _extra_config(self, group: dict) -> dict:
-        return dict(metric=group["metric"], preconditioner=group["preconditioner"], floor_mode=group["floor_mode"], floor_factor=group["floor_factor"],
-                    max_condition=group["max_condition"])
+        keys = ("metric", "preconditioner", "floor_mode", "floor_factor", "max_condition")
+        return {key: group[key] for key in keys}
 
     def _lora_updates(self, configs: dict[int, StepConfig]) -> list[Update]:
         updates = []
