@@ -20,11 +20,6 @@ FULL_RANK_FIX = ('use init_lora_weights="pissa" (or "olora") in LoraConfig, or c
                  "prism.init_balanced_lora(model) before building the optimizer")
 
 
-def lora_factors(pair: LoRAPair, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(A, B) = (lora_B.weight (m, r), lora_A.weight^T (n, r)) as detached copies in `dtype`."""
-    return pair.lora_B.weight.detach().to(dtype), pair.lora_A.weight.detach().T.to(dtype)
-
-
 def check_rank_fits(pair: LoRAPair) -> None:
     """Raise a ValueError if r > min(m, n): no rank-r matrix of that shape exists."""
     m, n, r = pair.shape
