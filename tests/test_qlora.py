@@ -26,19 +26,21 @@ QUANTIZED = {
 }
 
 
-def _quantized_and_reference(quantization: str):
-    """A tiny Llama loaded with a quantized base, and an fp32 twin holding the weights its layers apply."""
+def _quantized_and_reference(quantization: str, device: str = "cpu"):
+    """A tiny Llama loaded with a quantized base on `device`, and an fp32 twin holding the weights its
+    layers apply."""
     base, _ = tiny_base("llama", hidden=64)
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base.save_pretrained(folder)
         try:
             quantized = AutoModelForCausalLM.from_pretrained(
-                folder, quantization_config=BitsAndBytesConfig(**QUANTIZED[quantization]), dtype=torch.float32)
+                folder, quantization_config=BitsAndBytesConfig(**QUANTIZED[quantization]), dtype=torch.float32,
+                device_map={"": device})
         except Exception as exc:  # bitsandbytes' CPU backend lacks some quantization types
             pytest.skip(f"bitsandbytes cannot load {quantization} on this device: {exc}")
     quantized.train()  # before any forward pass: on CPU an eval-mode pass switches to a kernel without backward
-    reference = tiny_base("llama", hidden=64)[0].float()
+    reference = tiny_base("llama", hidden=64)[0].float().to(device)
     kinds = {}
     with torch.no_grad():
         for name, module in quantized.named_modules():
@@ -55,14 +57,18 @@ def _lora(model):
                                             init_lora_weights=True))
 
 
+ON_CUDA = pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))
+
+
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
 @pytest.mark.parametrize("quantization", ["nf4", "fp4", "int8"])
-def test_a_private_step_on_a_quantized_base_equals_the_step_on_the_weights_it_applies(quantization):
-    quantized, reference, kinds = _quantized_and_reference(quantization)
+def test_a_private_step_on_a_quantized_base_equals_the_step_on_the_weights_it_applies(quantization, device):
+    quantized, reference, kinds = _quantized_and_reference(quantization, device)
     assert {kind.name for kind in kinds.values()} <= {"bitsandbytes Linear4bit", "bitsandbytes Linear8bitLt"}
     models = [_lora(quantized), _lora(reference)]
     for model in models:  # the same uncompensated balanced init on both (a quantized base cannot be rewritten)
         prism.init_balanced_lora(model, scale=0.1, compensate_base=False, generator=torch.Generator().manual_seed(0))
-    batch = make_batch("llama", b=4, seed=3)
+    batch = {k: v.to(device) for k, v in make_batch("llama", b=4, seed=3).items()}
     results = []
     for model in models:
         opt = prism.PRISM(model, lr=0.05, noise_multiplier=0.0, max_grad_norm=1e6, expected_batch_size=4,
