@@ -81,8 +81,10 @@ def test_a_private_step_on_a_quantized_base_equals_the_step_on_the_weights_it_ap
     (norms_q, factors_q), (norms_r, factors_r) = results
     assert norms_r.min() > 0
     torch.testing.assert_close(norms_q, norms_r, rtol=0.05, atol=0)
+    # LLM.int8 on a GPU also quantizes the activations (to int8, through fp16): not only the weights differ
+    tolerance = 2e-2 if (quantization, device) == ("int8", "cuda") else 1e-3
     for got, want in zip(factors_q, factors_r):
-        torch.testing.assert_close(got, want, rtol=0.05, atol=1e-3 * want.abs().max().item())
+        torch.testing.assert_close(got, want, rtol=0.05, atol=tolerance * want.abs().max().item())
 
 
 def test_an_init_that_rewrites_a_quantized_base_is_refused():
