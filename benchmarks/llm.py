@@ -3,6 +3,7 @@
     python -m benchmarks.llm --stage tune            # lr grid on the validation split (resumable)
     python -m benchmarks.llm --stage test            # tuned rates, all epsilons and seeds
     python -m benchmarks.llm --stage probe --stop-after 8  # 8 of 40 steps per method: diagnostics
+    python -m benchmarks.llm --stage gauge --methods prism_two_sided naive   # the same Z factored (c A, B / c)
     python -m benchmarks.llm --summary-only          # the tables from the result files
     python -m benchmarks.llm --quick                 # CI: a tiny random Llama, a few steps, no claims
 
@@ -26,7 +27,11 @@ Methods (all from peft's PiSSA adapter, "pissa_niter_4", unless named otherwise)
     naive_default  the same from peft's default init (lora_B = 0), the way its users run it
     ffa            FFA-LoRA: lora_A frozen (at PiSSA's), lora_B trained by NaiveDPLoRA
 
-Each run writes results/llm/<stage>/<method>_eps<e>_seed<s>_lr<lr>.json with the provenance, settings,
+The gauge stage starts every method from its PiSSA adapter re-factored as (c A, B / c) (the same Z, so the
+same model), c in --gauge-c, at the tuning epsilon, seed 0 and the method's tuned learning rate, scored
+on the validation split (c = 1 is the tuning run itself).
+
+Each run writes results/llm/<stage>/<method>[_c<c>]_eps<e>_seed<s>_lr<lr>.json with the provenance, settings,
 val/test accuracy and, for every step: the training loss, the fraction of examples clipped and the
 median per-example norm (optimizer.stats), ||dZ|| and ||dZ|| / ||Z|| per module, and the second
 moments read from the optimizer state against noise_std^2 (PRISM: eigenvalues of the r x r moments;
@@ -45,9 +50,11 @@ import torch
 
 import prism
 
-from . import common, llm_tasks, utility
+from . import common, llm_tasks, methods, utility
+from .llm_diagnostics import StepLog, init_summary, z_matrix
 
-STAGES = ("tune", "test", "probe")
+STAGES = ("tune", "test", "probe", "gauge")
+GAUGE_C = (0.1, 1.0, 10.0)
 METHODS = ("zeroshot", "nonprivate", "prism", "prism_f5", "prism_sgd", "prism_geo", "prism_bal", "naive",
            "naive_default", "naive_bal", "ffa", "prism_factor_metric", "prism_fm_adam", "prism_fm_two_sided",
            "prism_two_sided", "prism_bal_two_sided")
@@ -108,130 +115,10 @@ def _optimizer_class(name: str):
     return getattr(prism, name)
 
 
-# ---------------------------------------------------------------------------------------------- diagnostics
-
-def _module_kind(name: str) -> str:
-    return next((t for t in llm_tasks.TARGETS if t in name), "other")
-
-
-@torch.no_grad()
-def _z(pair) -> torch.Tensor:
-    return (pair.lora_B.weight.float() @ pair.lora_A.weight.float())
-
-
-def _quantiles(values) -> dict:
-    values = sorted(values)
-    if not values:
-        return {}
-    return dict(median=statistics.median(values), min=values[0], max=values[-1])
-
-
-def _round(x, digits=4):
-    if isinstance(x, float):
-        return float(f"{x:.{digits}g}") if math.isfinite(x) else x
-    if isinstance(x, dict):
-        return {k: _round(v, digits) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_round(v, digits) for v in x]
-    return x
-
-
-def _floors(pair, floor_factor: float, floor_mode: str) -> dict:
-    """The floor of each side's eigenvalues in units of noise_std^2 (method.md 3.5; "geometry": the mean
-    eigenvalue of the lifted noise, f tr(N^-1)/r (m - r)/m for A and f tr(M^-1)/r (n - r)/n for B)."""
-    if floor_mode != "geometry":
-        return dict(A=floor_factor, B=floor_factor)
-    A, B = pair.lora_B.weight.double(), pair.lora_A.weight.double().T
-    (m, r), n = A.shape, B.shape[0]
-    M, N = A.T @ A, B.T @ B
-    return dict(A=floor_factor * float(torch.linalg.inv(N).trace()) / r * (m - r) / m,
-                B=floor_factor * float(torch.linalg.inv(M).trace()) / r * (n - r) / n)
-
-
-def moment_diagnostics(opt, pairs, floor_factor: float | None, floor_mode: str = "scalar") -> dict:
-    """Second moments from the optimizer state (read only) in units of noise_std^2, per module kind.
-
-    PRISM: eigenvalues of the bias-corrected r x r moments V_A, V_B (keys exp_avg_sq_A/B) and the
-    fraction below the floor f; naive/ffa: the bias-corrected per-coordinate moments v of each factor.
-    """
-    std2 = opt.noise_std ** 2
-    if std2 == 0:
-        return {}
-    beta2 = opt.param_groups[0]["betas"][1]
-    out = {}
-    for kind in llm_tasks.TARGETS:
-        rows = {}
-        for pair in (p for p in pairs if _module_kind(p.name) == kind):
-            state = opt.state.get(pair.lora_B.weight, {})
-            if "exp_avg_sq_A" in state and state["exp_avg_sq_A"].shape[-2:] == (pair.shape[2],) * 2:  # PRISM
-                floors = _floors(pair, floor_factor, floor_mode)
-                for side in ("A", "B"):
-                    V = state[f"exp_avg_sq_{side}"] / (1 - beta2 ** state["step"])
-                    unit = 1.0 if "exp_avg_sq_rows_A" in state else std2  # two-sided: V is unitless already
-                    lam = torch.linalg.eigvalsh((V + V.mT) / 2).div(unit).tolist()
-                    rows.setdefault(f"eig_{side}", []).extend(lam)
-                    rows.setdefault("below", []).extend(v < floors[side] for v in lam)
-            for label, param in (("A", pair.lora_B.weight), ("B", pair.lora_A.weight)):
-                st = opt.state.get(param, {})
-                if "exp_avg_sq" in st:  # naive / ffa (dense AdamW state)
-                    v = st["exp_avg_sq"] / (1 - beta2 ** st["step"])
-                    rows.setdefault(f"v_{label}", []).append(float(v.median()) / std2)
-        below = rows.pop("below", None)
-        for key, values in rows.items():
-            out[f"{kind}.{key}"] = _quantiles(values)
-        if below:
-            out[f"{kind}.eig_A"]["below_floor"] = sum(below) / len(below)  # both sides
-    return out
-
-
-class StepLog:
-    """Per-step diagnostics; prints a progress line every `every` steps."""
-
-    def __init__(self, pairs, setup: Setup, every: int = 5):
-        self.pairs, self.setup, self.every, self.rows, self.start = pairs, setup, every, [], time.time()
-        self.z0 = [float(_z(p).norm()) for p in pairs]
-
-    def record(self, loss_sum, examples, clipped, norms, z_before, opt=None, floor_factor=None, floor_mode="scalar"):
-        z_after = [_z(p) for p in self.pairs]
-        dz = [float((a - b).norm()) for a, b in zip(z_after, z_before)]
-        zn = [float(b.norm()) for b in z_before]
-        row = dict(step=len(self.rows) + 1, examples=examples, loss=loss_sum / max(examples, 1),
-                   clipped_fraction=clipped / examples if examples else None,
-                   norm=_quantiles(norms) if norms else None)
-        for kind in llm_tasks.TARGETS:
-            idx = [i for i, p in enumerate(self.pairs) if _module_kind(p.name) == kind]
-            row[f"{kind}.dZ"] = _quantiles([dz[i] for i in idx])
-            row[f"{kind}.dZ_over_Z"] = _quantiles([dz[i] / zn[i] for i in idx if zn[i] > 0])
-        row["dZ_total"] = math.sqrt(sum(d * d for d in dz))
-        row["dZ_over_Z_total"] = row["dZ_total"] / max(math.sqrt(sum(z * z for z in zn)), 1e-30)
-        if opt is not None and not isinstance(opt, torch.optim.AdamW):
-            row["moments"] = moment_diagnostics(opt, self.pairs, floor_factor, floor_mode)
-        self.rows.append(_round(row))
-        step = row["step"]
-        if self.every and (step % self.every == 0 or step == 1):
-            elapsed = time.time() - self.start
-            clip = "" if row["clipped_fraction"] is None else f" clipped {row['clipped_fraction']:.2f}"
-            med = "" if not row["norm"] else f" norm {row['norm']['median']:.3g}"
-            print(f"    step {step}/{self.setup.steps} loss {row['loss']:.4f}{clip}{med} "
-                  f"dZ/Z q {row['q_proj.dZ_over_Z'].get('median', float('nan')):.2e} "
-                  f"v {row['v_proj.dZ_over_Z'].get('median', float('nan')):.2e} "
-                  f"(~{elapsed / step * (self.setup.steps - step):.0f}s left)", flush=True)
-
-
 # ---------------------------------------------------------------------------------------------- training
 
-def init_summary(pairs) -> dict:
-    """Singular values of the initial Z per module kind (PiSSA: W0's top r)."""
-    out = {}
-    for kind in llm_tasks.TARGETS:
-        svs = [torch.linalg.svdvals(_z(p)).tolist() for p in pairs if _module_kind(p.name) == kind]
-        if svs and svs[0][0] > 0:
-            out[kind] = dict(top=_quantiles([s[0] for s in svs]), rth=_quantiles([s[-1] for s in svs]))
-    return out
-
-
 def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: float, quick: bool = False,
-          data_cache: dict | None = None) -> dict:
+          data_cache: dict | None = None, gauge: float = 1.0) -> dict:
     torch.set_num_threads(setup.threads)
     cfg = method_config(method)
     torch.manual_seed(seed)
@@ -245,11 +132,13 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
             data_cache[key] = data
     pad = tokenizer.pad_token_id
     pairs = prism.find_trainables(model)[0]  # before FFA freezes lora_A (then they count as dense layers)
+    methods.refactor(model, gauge)  # (A, B) -> (c A, B / c): Z unchanged
     if cfg.get("freeze_A"):
         for name, param in model.named_parameters():
             if ".lora_A." in name:
                 param.requires_grad_(False)
-    result = dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, setup=asdict(setup), init=cfg["init"],
+    result = dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, gauge=gauge, setup=asdict(setup),
+                  init=cfg["init"],
                   lora=dict(r=setup.rank, alpha=setup.rank, targets=list(llm_tasks.TARGETS), modules=len(pairs)),
                   train_size=len(data.train), val_size=len(data.val), test_size=len(data.test),
                   init_singular_values=init_summary(pairs))
@@ -290,10 +179,10 @@ def _train_loop(method, cfg, model, pairs, data, pad, setup, epsilon, seed, lr) 
     loader = prism.poisson_data_loader(loader, expected_batch_size=setup.batch_size, steps=setup.steps,
                                        generator=sample_gen)
     targets = torch.tensor([data.answer_ids[y] for y in data.train.labels])
-    log = StepLog(pairs, setup)
+    log = StepLog(pairs, setup.steps)
     for batch in loader:
         batch = sorted(batch, key=lambda i: len(data.train.ids[i])) if len(batch) else []
-        z_before = [_z(p) for p in pairs]
+        z_before = [z_matrix(p) for p in pairs]
         loss_total, norms = 0.0, []
         for s in range(0, len(batch), setup.micro_batch):
             index = batch[s:s + setup.micro_batch]
@@ -333,9 +222,12 @@ def tag(epsilon):
     return "inf" if epsilon is None else f"{epsilon:g}"
 
 
-def run_path(folder: Path, stage: str, method: str, epsilon, seed: int, lr) -> Path:
+def run_path(folder: Path, stage: str, method: str, epsilon, seed: int, lr, gauge: float = 1.0) -> Path:
+    if gauge == 1.0 and stage == "gauge":
+        stage = "tune"  # the gauge sweep's c = 1 is the tuning run
     lr_tag = "none" if lr is None else f"{lr:g}"
-    return folder / "llm" / stage / f"{method}_eps{tag(epsilon)}_seed{seed}_lr{lr_tag}.json"
+    c_tag = "" if gauge == 1.0 else f"_c{gauge:g}"
+    return folder / "llm" / stage / f"{method}{c_tag}_eps{tag(epsilon)}_seed{seed}_lr{lr_tag}.json"
 
 
 def eps_of(method, epsilon):
@@ -380,9 +272,9 @@ def _ordered(grid):
     return grid if grid == [None] else utility.center_first(grid)
 
 
-def job(method, setup, epsilon, seed, lr, quick, cache):
+def job(method, setup, epsilon, seed, lr, quick, cache, gauge=1.0):
     def fn():
-        return train(method, setup, epsilon=epsilon, seed=seed, lr=lr, quick=quick, data_cache=cache)
+        return train(method, setup, epsilon=epsilon, seed=seed, lr=lr, quick=quick, data_cache=cache, gauge=gauge)
     return fn
 
 
@@ -394,6 +286,18 @@ def sweep(args, folder, setup) -> None:
                 for e in args.epsilons for s in args.seeds for lr in (args.lr_grid or [1e-2]) for m in args.methods
                 if m != "zeroshot"]
         common.run_queue(list(dict(jobs).items()), "llm probes")
+        return
+    if args.stage == "gauge":
+        setup, epsilon = replace(setup, test=False), args.tune_epsilon
+        jobs = []
+        for m in args.methods:
+            lr = tuned_lr(folder, m, args) or (args.lr_grid or [None])[0]
+            if lr is None or eps_of(m, epsilon) is None:
+                print(f"{m}: not tuned yet (or not private); pass --lr-grid LR to sweep it at LR")
+                continue
+            jobs += [(run_path(folder, "gauge", m, epsilon, 0, lr, c), job(m, setup, epsilon, 0, lr, args.quick, cache, c))
+                     for c in args.gauge_c]
+        common.run_queue(jobs, "llm gauge sweep")
         return
     if args.stage == "tune":
         setup = replace(setup, test=False)  # tuning sees the validation split only
@@ -442,8 +346,9 @@ def table(folder: Path) -> str:
         moments = last.get("moments") or {}
         eig = (moments.get("q_proj.eig_A") or moments.get("q_proj.v_A") or {}).get("median")
         below = [v["below_floor"] for k, v in moments.items() if "below_floor" in v]
+        gauge = f" (c = {r['gauge']:g})" if r.get("gauge", 1.0) != 1.0 else ""
         lines.append(
-            f"| {path.parent.name} | {r['method']} | {tag(r['target_epsilon'])} | {r['seed']} | {f(r['lr'], 'g')} | "
+            f"| {path.parent.name} | {r['method']}{gauge} | {tag(r['target_epsilon'])} | {r['seed']} | {f(r['lr'], 'g')} | "
             f"{100 * r['val_accuracy']:.1f} | {f(r.get('test_accuracy') and 100 * r['test_accuracy'], '.1f')} | "
             f"{f(r.get('final_train_loss'), '.3f')} | {f(r.get('clipped_fraction'), '.2f')} | "
             f"{f(dz(first, 'q_proj'), '.3f')}-{f(dz(last, 'q_proj'), '.3f')} | "
@@ -464,6 +369,7 @@ def main(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--lr-grid", nargs="+", type=float, default=None, help="one grid for every method")
     p.add_argument("--edge-steps", type=int, default=1)
+    p.add_argument("--gauge-c", nargs="+", type=float, default=list(GAUGE_C), help="the gauge stage's factors c")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop training after this many steps (noise still calibrated for --steps)")
