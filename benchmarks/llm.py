@@ -243,7 +243,7 @@ def grid_of(method, args):
 def tuning_grid(folder, method, args) -> list:
     """The method's grid, extended past the edge where its best validation accuracy lies (utility's rule)."""
     grid = grid_of(method, args)
-    if grid == [None]:
+    if len(grid) < 2:  # zero-shot, or a single rate given: nothing to extend
         return grid
     base = len(grid)
     while len(grid) - base < args.edge_steps:
