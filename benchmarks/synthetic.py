@@ -8,7 +8,7 @@
 
 Generators of 2,000 balanced synthetic reviews (prism.examples.synthetic; private data = the training
 sentences of benchmarks.tasks' Rotten Tomatoes split, the same as benchmarks.utility's):
-    prism       SmolLM2-135M-Instruct + LoRA fine-tuned by PRISM (metric="balanced"), at the target epsilon
+    prism       SmolLM2-135M-Instruct + LoRA fine-tuned by PRISM (preconditioner="two_sided"), at the target epsilon
     naive       the same with naive DP-LoRA (prism.NaiveDPLoRA, peft's default init)
     nonprivate  the same without clipping or noise (AdamW)
     zeroshot    the untuned instruct model, prompted through its chat template (no private data)

@@ -132,10 +132,12 @@ def build_trainer(args, model, tokenizer, train_pairs, output_dir: str):
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
     if args.method == "nonprivate":
         return trainer, None
-    cls = prism.PRISM if args.method == "prism" else prism.NaiveDPLoRA
+    # two-sided moments for PRISM on a language model (docs/method.md 3.5; benchmarks/results/llm)
+    cls, extra = ((prism.PRISM, dict(preconditioner="two_sided")) if args.method == "prism"
+                  else (prism.NaiveDPLoRA, {}))
     trainer.optimizer = cls(model, lr=args.lr, max_grad_norm=args.max_grad_norm, target_epsilon=args.epsilon,
                             delta=args.delta, expected_batch_size=args.batch_size,
-                            dataset_size=len(trainer.train_dataset), steps=args.steps)
+                            dataset_size=len(trainer.train_dataset), steps=args.steps, **extra)
     prism.hf.make_private(trainer)  # Poisson sampling, per-example losses, epsilon in the logs
     return trainer, trainer.optimizer
 

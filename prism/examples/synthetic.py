@@ -12,7 +12,7 @@ seed=0)`), with their labels. Each example is one training text,
 (the loss on the review only; the label is in the prompt, so it is part of the example and protected
 with it). The generator, SmolLM2-135M-Instruct with LoRA r = 8 on q/k/v/o, is trained by a vanilla TRL
 SFTTrainer made private with `prism.hf.make_private` (Poisson sampling, per-example losses, PRISM with
-metric="balanced" or naive DP-LoRA; or non-privately, as a baseline). That training is the ONLY access
+preconditioner="two_sided" or naive DP-LoRA; or non-privately, as a baseline). That training is the ONLY access
 to the private data: sampling from the trained generator and filtering the samples are post-processing
 (no privacy cost), and the filters (prism.examples.synthetic_sampling) use no private data. The JSONL
 written holds {"text", "label"} per line and can be released at the epsilon printed.
@@ -124,7 +124,8 @@ def train_generator(texts: list[str], labels: list[int], config: GeneratorConfig
     The private methods run a vanilla `trl.SFTTrainer` made private by `prism.hf.make_private`: each step
     draws a Poisson batch with rate q = b / N, clips each example's gradient to `max_grad_norm` and adds
     Gaussian noise calibrated so that `steps` steps spend at most `epsilon` at `delta` (upper bound of the PRV
-    accountant). PRISM uses metric="balanced" (clip and noise in the factor norm at the balanced factors).
+    accountant). PRISM uses preconditioner="two_sided" (per-row moments: on a language model the one-sided r x r
+    moments let a few outlier features set every row's step; benchmarks/results/llm).
     `noise_generator` and `sampling_seed` seed the noise and the Poisson draws for reproducible benchmark runs
     only; the default (OS entropy) is the one to deploy.
 
@@ -156,7 +157,8 @@ def train_generator(texts: list[str], labels: list[int], config: GeneratorConfig
         trainer.add_callback(ProgressLines(config.steps))
         optimizer = None
         if config.method != "nonprivate":
-            cls, extra = (prism.PRISM, dict(metric="balanced")) if config.method == "prism" else (prism.NaiveDPLoRA, {})
+            cls, extra = ((prism.PRISM, dict(preconditioner="two_sided")) if config.method == "prism"
+                          else (prism.NaiveDPLoRA, {}))
             # built for len(trainer.train_dataset): SFTTrainer drops examples truncation leaves without a review token
             optimizer = trainer.optimizer = cls(
                 model, lr=config.learning_rate, max_grad_norm=config.max_grad_norm, target_epsilon=config.epsilon,
