@@ -133,12 +133,15 @@ def build_trainer(args, model, tokenizer, train_pairs, output_dir: str):
     if args.method == "nonprivate":
         return trainer, None
     # two-sided moments for PRISM on a language model (docs/method.md 3.5; benchmarks/results/llm)
-    cls, extra = ((prism.PRISM, dict(preconditioner="two_sided")) if args.method == "prism"
+    cls, extra = ((prism.PRISM, dict(preconditioner=args.preconditioner)) if args.method == "prism"
                   else (prism.NaiveDPLoRA, {}))
+    seeded = args.noise_seed is not None  # reproducible benchmark runs only; OS entropy is the one to deploy
     trainer.optimizer = cls(model, lr=args.lr, max_grad_norm=args.max_grad_norm, target_epsilon=args.epsilon,
                             delta=args.delta, expected_batch_size=args.batch_size,
-                            dataset_size=len(trainer.train_dataset), steps=args.steps, **extra)
-    prism.hf.make_private(trainer)  # Poisson sampling, per-example losses, epsilon in the logs
+                            dataset_size=len(trainer.train_dataset), steps=args.steps,
+                            generator=torch.Generator().manual_seed(args.noise_seed) if seeded else None, **extra)
+    # Poisson sampling, per-example losses, epsilon in the logs
+    prism.hf.make_private(trainer, sampling_seed=args.noise_seed + 1 if seeded else None)
     return trainer, trainer.optimizer
 
 
@@ -192,6 +195,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=96, help="tokens per training example (SFTConfig.max_length)")
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0, help="seed of the data split; sampling and noise use OS entropy")
+    p.add_argument("--preconditioner", choices=["two_sided", "one_sided"], default="two_sided",
+                   help="PRISM's second moments (docs/method.md 3.5); two-sided is the one for language models")
+    p.add_argument("--noise-seed", type=int, default=None,
+                   help="seed the noise and the Poisson sampling (reproducible benchmarks only; default: OS entropy)")
     return p
 
 

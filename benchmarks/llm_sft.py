@@ -1,0 +1,185 @@
+"""Privacy-utility of a private chat fine-tune: held-out completion perplexity of SmolLM2 (issue 22, task b).
+
+    python -m benchmarks.llm_sft --stage tune     # lr grid at epsilon 3, seed 0, scored on validation (resumable)
+    python -m benchmarks.llm_sft --stage test     # tuned rates, epsilon 3 and 8, seeds 0-2, validation and test
+    python -m benchmarks.llm_sft --summary-only   # the table from the result files
+    python -m benchmarks.llm_sft --quick          # CI: a few steps on a few examples, no claims
+
+Task: the LLM main job's (prism.examples.chat): movie-dialogue statement -> reply pairs as conversations,
+the loss on the reply only, SmolLM2-135M-Instruct with LoRA r = 8 on q/k/v/o, a vanilla TRL SFTTrainer made
+private by prism.hf.make_private. Held out from training (chat.load_dialog's seeded split, data seed 0):
+VALIDATION pairs for tuning, the next TEST pairs for the reported numbers. Metric: the mean negative
+log-likelihood per reply token and its exponential, the perplexity (lower is better).
+Methods: zeroshot (no training), nonprivate (AdamW), prism (PRISM from PiSSA, two-sided moments),
+prism_one_sided (the paper's r x r moments), naive (NaiveDPLoRA from peft's default init, as its users run
+it). Every run: the same data, steps, expected batch and C; the run's seed seeds the noise and the Poisson
+draws. Learning rates: the grid below, chosen by validation loss at epsilon 3, seed 0, for every method alike.
+Results: results/llm_sft/<stage>/<method>_eps<e>_seed<s>_lr<lr>.json and results/llm_sft.json.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from . import common
+
+METHODS = ("zeroshot", "nonprivate", "prism", "prism_one_sided", "naive")
+GRID = {"nonprivate": (3e-4, 1e-3, 3e-3)}
+DEFAULT_GRID = (1e-3, 3e-3, 1e-2)
+TUNE_EPSILON, EPSILONS, SEEDS = 3.0, (3.0, 8.0), (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Setup:
+    steps: int = 30
+    batch_size: int = 64
+    micro_batch: int = 32
+    train_size: int = 20000
+    validation: int = 300
+    test: int = 300
+    max_chars: int = 80
+    max_length: int = 96
+    rank: int = 8
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    score_test: bool = True
+
+
+QUICK = Setup(steps=2, batch_size=8, micro_batch=8, train_size=64, validation=8, test=8)
+
+
+def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: float | None) -> dict:
+    """One run: fine-tune (unless zero-shot), then the completion loss on validation (and test)."""
+    from prism.examples import chat
+
+    torch.manual_seed(seed)
+    train_pairs, heldout = chat.load_dialog(setup.max_chars, setup.validation + setup.test, seed=0)
+    validation, test = heldout[:setup.validation], heldout[setup.validation:]
+    base = "prism" if method.startswith("prism") else method
+    tokenizer, model = chat.build_model(base, setup.rank)
+    result = dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, setup=asdict(setup))
+    if method != "zeroshot":
+        args = chat.parser().parse_args([])
+        for key, value in dict(method=base, epsilon=epsilon, delta=setup.delta, steps=setup.steps, lr=lr,
+                               batch_size=setup.batch_size, micro_batch=setup.micro_batch, rank=setup.rank,
+                               max_grad_norm=setup.max_grad_norm, max_length=setup.max_length, seed=seed,
+                               log_every=max(1, setup.steps // 6), noise_seed=seed,
+                               preconditioner="one_sided" if method == "prism_one_sided" else "two_sided").items():
+            setattr(args, key, value)
+        start = time.time()
+        with tempfile.TemporaryDirectory() as output_dir:
+            trainer, optimizer = chat.build_trainer(args, model, tokenizer, train_pairs[:setup.train_size], output_dir)
+            trainer.train()
+        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+        result.update(train_seconds=round(time.time() - start, 1), train_losses=losses)
+        if optimizer is not None:
+            result.update(epsilon=optimizer.get_epsilon()[2], noise_multiplier=optimizer.noise_multiplier)
+    result["val_loss"] = chat.completion_loss(model, tokenizer, validation)
+    if setup.score_test:
+        result["test_loss"] = chat.completion_loss(model, tokenizer, test)
+    result.update({f"{k}_perplexity": math.exp(result[f"{k}_loss"]) for k in ("val", "test") if f"{k}_loss" in result})
+    return result
+
+
+def run_path(folder: Path, stage: str, method: str, epsilon, seed: int, lr) -> Path:
+    eps = "inf" if epsilon is None else f"{epsilon:g}"
+    return folder / "llm_sft" / stage / f"{method}_eps{eps}_seed{seed}_lr{'none' if lr is None else f'{lr:g}'}.json"
+
+
+def private(method: str) -> bool:
+    return method not in ("zeroshot", "nonprivate")
+
+
+def grid(method: str, args) -> list:
+    return [None] if method == "zeroshot" else list(args.lr_grid or GRID.get(method, DEFAULT_GRID))
+
+
+def tuned_lr(folder: Path, method: str, args):
+    """The rate of the grid with the lowest validation loss at the tuning epsilon, seed 0 (None: not all run)."""
+    eps = TUNE_EPSILON if private(method) else None
+    paths = {lr: run_path(folder, "tune", method, eps, 0, lr) for lr in grid(method, args)}
+    if not all(p.exists() for p in paths.values()):
+        return None
+    return min(paths, key=lambda lr: common.read_json(paths[lr])["val_loss"])
+
+
+def job(method, setup, epsilon, seed, lr):
+    return lambda: train(method, setup, epsilon=epsilon, seed=seed, lr=lr)
+
+
+def sweep(args, folder: Path, setup: Setup) -> None:
+    if args.stage == "tune":
+        tune = replace(setup, score_test=False)
+        jobs = [(run_path(folder, "tune", m, TUNE_EPSILON if private(m) else None, 0, lr),
+                 job(m, tune, TUNE_EPSILON if private(m) else None, 0, lr))
+                for position in range(3) for m in args.methods for i, lr in enumerate(grid(m, args)) if i == position]
+        common.run_queue(jobs, "sft learning-rate tuning")
+        return
+    jobs = []
+    for seed in args.seeds:
+        for epsilon in args.epsilons:
+            for m in args.methods:
+                lr = tuned_lr(folder, m, args)
+                if lr is None and m != "zeroshot":
+                    print(f"{m}: not tuned yet, skipped")
+                    continue
+                if not private(m) and (epsilon != args.epsilons[0] or (m == "zeroshot" and seed != args.seeds[0])):
+                    continue
+                eps = epsilon if private(m) else None
+                jobs.append((run_path(folder, "test", m, eps, seed, lr), job(m, setup, eps, seed, lr)))
+    common.run_queue(jobs, "sft test runs")
+
+
+def table(folder: Path) -> str:
+    """Markdown: the test stage's mean +- std of the test perplexity per (method, epsilon), and every tuning run."""
+    rows = {}
+    for path in sorted((folder / "llm_sft" / "test").glob("*.json")):
+        r = common.read_json(path)
+        rows.setdefault((r["method"], r["target_epsilon"]), []).append(r["test_perplexity"])
+    lines = ["| method | epsilon | test perplexity (mean +- std) | seeds |", "|---|---|---|---|"]
+    for (method, eps), values in sorted(rows.items(), key=lambda x: (x[0][1] or 1e9, x[0][0])):
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(f"| {method} | {eps if eps is not None else '-'} | {statistics.mean(values):.2f} +- {std:.2f} | "
+                     f"{len(values)} |")
+    lines += ["", "| tuning run | validation perplexity | epsilon spent | final training loss |", "|---|---|---|---|"]
+    for path in sorted((folder / "llm_sft" / "tune").glob("*.json")):
+        r = common.read_json(path)
+        eps = r.get("epsilon")
+        final = (r.get("train_losses") or [None])[-1]
+        lines.append(f"| {path.stem} | {r['val_perplexity']:.2f} | {'' if eps is None else f'{eps:.3f}'} | "
+                     f"{'' if final is None else f'{final:.3f}'} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> str:
+    p = common.parser(__doc__.split("\n\n")[0])
+    p.add_argument("--stage", choices=["tune", "test"], default="tune")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS))
+    p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    p.add_argument("--lr-grid", nargs="+", type=float, default=None, help="one grid for every method")
+    p.add_argument("--summary-only", action="store_true")
+    args = p.parse_args(argv)
+    common.quiet()
+    setup = QUICK if args.quick else Setup()
+    if args.quick:
+        args.lr_grid, args.epsilons, args.seeds = args.lr_grid or [1e-3], [8.0], [0]
+    folder = common.out_dir(args)
+    if not args.summary_only:
+        sweep(args, folder, setup)
+    text = table(folder)
+    common.write_json(folder / "llm_sft.json", {f"{p.parent.name}/{p.stem}": common.read_json(p)
+                                                 for p in sorted((folder / "llm_sft").glob("*/*.json"))})
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
