@@ -26,6 +26,12 @@ Methods (all from peft's PiSSA adapter, "pissa_niter_4", unless named otherwise)
     naive          prism.NaiveDPLoRA (DP-AdamW on both factors)
     naive_default  the same from peft's default init (lora_B = 0), the way its users run it
     ffa            FFA-LoRA: lora_A frozen (at PiSSA's), lora_B trained by NaiveDPLoRA
+    prism_two_sided      PRISM(preconditioner="two_sided"): per-row moments (docs/method.md 3.5)
+    prism_two_sided_bal  the same from the balanced init (random subspaces, like naive_default's lora_A)
+    prism_factor_metric  PRISM(metric="balanced"): clipped and noised in the factor norm (method.md 3.7)
+    prism_fm_two_sided   the balanced metric with two-sided moments; prism_bal_two_sided: the same from
+                         the balanced init
+    prism_fm_adam        ablation: the balanced metric with Adam's per-coordinate moments (llm_ablations)
 
 The gauge stage starts every method from its PiSSA adapter re-factored as (c A, B / c) (the same Z, so the
 same model), c in --gauge-c, at the tuning epsilon, seed 0 and the method's tuned learning rate, scored
@@ -57,7 +63,7 @@ STAGES = ("tune", "test", "probe", "gauge")
 GAUGE_C = (0.1, 1.0, 10.0)
 METHODS = ("zeroshot", "nonprivate", "prism", "prism_f5", "prism_sgd", "prism_geo", "prism_bal", "naive",
            "naive_default", "naive_bal", "ffa", "prism_factor_metric", "prism_fm_adam", "prism_fm_two_sided",
-           "prism_two_sided", "prism_bal_two_sided")
+           "prism_two_sided", "prism_bal_two_sided", "prism_two_sided_bal")
 PRIVATE = tuple(m for m in METHODS if m not in ("zeroshot", "nonprivate"))
 # the others: DEFAULT_GRID. Riemannian DP-SGD (prism_sgd) has no 1 / noise-std normalisation: at lr 1e-2 its
 # step in Z is ~200x smaller than the adaptive methods' (results/llm/probe8of40), hence its own grid
@@ -99,6 +105,7 @@ def method_config(method: str) -> dict:
         prism_fm_adam=dict(init="pissa", cls="PRISMElementwiseAdam", kwargs={}),  # ablation (llm_ablations)
         prism_fm_two_sided=dict(init="pissa", cls="PRISM", kwargs=dict(metric="balanced", preconditioner="two_sided")),
         prism_two_sided=dict(init="pissa", cls="PRISM", kwargs=dict(preconditioner="two_sided")),
+        prism_two_sided_bal=dict(init="balanced", cls="PRISM", kwargs=dict(preconditioner="two_sided")),
         prism_bal_two_sided=dict(init="balanced", cls="PRISM", kwargs=dict(metric="balanced",
                                                                           preconditioner="two_sided")),
         naive_bal=dict(init="balanced", cls="NaiveDPLoRA", kwargs={}),
