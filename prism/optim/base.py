@@ -36,7 +36,7 @@ from ..plan import resolve_plan
 from ..sampling import SamplingCheck, poisson_data_loader
 from . import checkpoint, dense, guards
 from .groups import build_param_groups
-from .updates import Update, apply_updates, keep_whole_values, reconcile_whole_values, value_of, whole_values
+from .updates import Update, apply_updates, keep_whole_values, value_of, whole_values
 
 
 class DPLoRAOptimizer(torch.optim.Optimizer):
@@ -370,16 +370,7 @@ class DPLoRAOptimizer(torch.optim.Optimizer):
         Unlike torch's default, floating state keeps its saved dtype (fp32 moments stay fp32
         for bf16 parameters).
         """
-        torch_part, extra = checkpoint.split_privacy_entry(self, state_dict)
-        super().load_state_dict(torch_part)
-        for group in self.param_groups:  # options added since the checkpoint was saved take their defaults
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-        checkpoint.restore_state_dtypes(self, torch_part["state"])
-        reconcile_whole_values(self._params(), self.state)
-        checkpoint.load_privacy_entry(self, extra)
-        self._budget.forget()
-        self._collector.reset()  # clipped sums of an interrupted step must not join the loaded run
+        checkpoint.load(self, state_dict, super().load_state_dict)
 
     def __repr__(self) -> str:
         group = self.defaults

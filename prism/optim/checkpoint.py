@@ -10,7 +10,28 @@ from __future__ import annotations
 
 import torch
 
+from .updates import reconcile_whole_values
+
 KEY = "prism"
+
+
+def load(optimizer, state_dict: dict, load_torch_part) -> None:
+    """Load a prism checkpoint into `optimizer`; `load_torch_part` is torch.optim.Optimizer's own loader.
+
+    Param-group options added since the checkpoint was saved take their defaults (torch's loader drops
+    group keys the checkpoint lacks); floating state keeps its saved dtype; whole values of sharded
+    parameters are kept or re-gathered; the clipped sums of an interrupted step are dropped.
+    """
+    torch_part, extra = split_privacy_entry(optimizer, state_dict)
+    load_torch_part(torch_part)
+    for group in optimizer.param_groups:
+        for key, value in optimizer.defaults.items():
+            group.setdefault(key, value)
+    restore_state_dtypes(optimizer, torch_part["state"])
+    reconcile_whole_values(optimizer._params(), optimizer.state)
+    load_privacy_entry(optimizer, extra)
+    optimizer._budget.forget()
+    optimizer._collector.reset()
 
 
 def privacy_entry(optimizer) -> dict:
