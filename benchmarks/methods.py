@@ -1,6 +1,7 @@
-"""The five methods, trained on identical splits, steps, expected batch size and LoRA targets.
+"""The methods, trained on identical splits, steps, expected batch size and LoRA targets.
 
 - prism: prism.PRISM (PiSSA init: PRISM needs full-rank factors);
+- prism_two_sided: the same with preconditioner="two_sided" (per-row second moments, docs/method.md 3.5);
 - naive: prism.NaiveDPLoRA, DP-AdamW on both factors (peft's default init, lora_B = 0);
 - opacus: Opacus' DP-SGD machinery (PrivacyEngine.make_private, Poisson sampling, its own PRV
   accountant calibrated to the same epsilon and delta) around torch's AdamW, on the same peft model;
@@ -31,7 +32,7 @@ from prism.examples.sentiment import accuracy
 
 from .tasks import Split, minilm
 
-METHODS = ("prism", "naive", "opacus", "ffa", "nonprivate", "head")
+METHODS = ("prism", "prism_two_sided", "naive", "opacus", "ffa", "nonprivate", "head")
 OPACUS_METHODS = ("opacus", "head")  # trained by Opacus (needs the bench extra)
 
 
@@ -69,7 +70,7 @@ def train(method: str, split: Split, setup: Setup, *, epsilon: float | None, see
 
     Args:
         epsilon: target epsilon at setup.delta (None: non-private).
-        full_rank: PiSSA init (default: only for prism).
+        full_rank: PiSSA init (default: only for the PRISM methods).
         gauge: re-factor every initial adapter (A, B) as (gauge A, B / gauge) first (same Z).
         after_step: called with the optimizer after each step (the prism-family methods only).
     """
@@ -78,7 +79,7 @@ def train(method: str, split: Split, setup: Setup, *, epsilon: float | None, see
     if after_step is not None and method in OPACUS_METHODS:
         raise ValueError(f"{method}: after_step is for the methods trained by prism's optimizers")
     torch.manual_seed(seed)
-    tokenizer, model = minilm(method == "prism" if full_rank is None else full_rank, setup.rank)
+    tokenizer, model = minilm(method.startswith("prism") if full_rank is None else full_rank, setup.rank)
     refactor(model, gauge)
     model.train()  # from_pretrained returns eval mode; Opacus only records activations in training mode
     frozen = {"ffa": (".lora_A.",), "head": (".lora_A.", ".lora_B.")}.get(method, ())
@@ -154,8 +155,10 @@ def _train_prism_family(method, model, tokenizer, split, setup, epsilon, seed, l
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     else:
         cls, floor = prism.NaiveDPLoRA, {}
-        if method == "prism":
+        if method.startswith("prism"):
             cls, floor = prism.PRISM, dict(floor_mode=setup.floor_mode, floor_factor=setup.floor_factor)
+            if method == "prism_two_sided":
+                floor["preconditioner"] = "two_sided"
         sigma = noise_multiplier(epsilon, setup.delta, setup.batch_size / n, setup.steps)
         opt = cls(model, lr=lr, max_grad_norm=setup.max_grad_norm, dense_max_grad_norm=setup.dense_max_grad_norm,
                   noise_multiplier=sigma, delta=setup.delta, expected_batch_size=setup.batch_size, dataset_size=n,
