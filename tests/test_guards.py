@@ -62,6 +62,26 @@ def test_non_reentrant_checkpointing_is_exact_and_reentrant_is_refused():
         per_example_losses("llama", model, batch).sum().backward()
 
 
+def test_checkpointing_frees_what_the_per_example_step_needs_until_the_backward_pass():
+    """Under non-reentrant checkpointing the LoRA modules' inputs are saved like activations: dropped after
+    the forward pass (not held by prism's hooks) and recomputed for the backward pass."""
+    import gc
+    import weakref
+
+    model = tiny_model("llama", dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = PRISM(model, **BASE)
+    inputs = []
+    for pair in opt.pairs:
+        pair.lora_A.register_forward_hook(lambda module, args, out: inputs.append(weakref.ref(args[0])))
+    loss = per_example_losses("llama", model, make_batch("llama", b=3, seed=1)).sum()
+    gc.collect()
+    assert len(inputs) == len(opt.pairs) and all(ref() is None for ref in inputs)
+    loss.backward()
+    assert opt.stats.examples == 3 and opt.stats.last_norms.min() > 0
+
+
 def test_one_backward_through_two_forward_passes_is_refused():
     model = tiny_model("bert")
     PRISM(model, **BASE)
@@ -126,38 +146,51 @@ def test_a_module_whose_rows_are_not_examples_is_refused(build):
 
 
 class _MaskedTagger(torch.nn.Module):
-    """A per-token head whose output the model zeroes at padding in place (as Wav2Vec2 does to its
-    projector's output): the write detaches a hook registered on that output."""
+    """A per-token head whose output the model zeroes at padding, in place (as Wav2Vec2 does to its
+    projector's output) or not; `bypass`: the head's weight applied without calling the head."""
 
-    def __init__(self, in_place: bool):
+    def __init__(self, in_place: bool = False, bypass: bool = False):
         super().__init__()
-        self.in_place = in_place
+        self.in_place, self.bypass = in_place, bypass
         self.embed = torch.nn.Embedding(VOCAB, 8)
         self.proj = torch.nn.Linear(8, 8)
         self.head = torch.nn.Linear(8, 3)
 
     def forward(self, input_ids, attention_mask):
-        out = self.head(self.proj(self.embed(input_ids)))
+        hidden = self.proj(self.embed(input_ids))
+        out = torch.nn.functional.linear(hidden, self.head.weight) if self.bypass else self.head(hidden)
         if self.in_place:
             out[attention_mask == 0] = 0.0
             return out
         return out * attention_mask[..., None]
 
 
-@pytest.mark.parametrize("in_place", [False, True])
-def test_a_gradient_the_hooks_never_saw_is_refused_at_backward(in_place):
+def _masked_tagger_step(**options):
+    """Per-example norms and clipped sums of one noiseless backward pass of a _MaskedTagger."""
     torch.manual_seed(0)
-    model = get_peft_model(_MaskedTagger(in_place), LoraConfig(r=2, target_modules=["proj"], modules_to_save=["head"],
-                                                               init_lora_weights="pissa"))
+    model = get_peft_model(_MaskedTagger(**options), LoraConfig(r=2, target_modules=["proj"],
+                                                                modules_to_save=["head"], init_lora_weights="pissa"))
     opt = PRISM(model, **BASE)
     batch = make_batch("llama", b=3, seed=1)
-    loss = model(batch["input_ids"], batch["attention_mask"]).square().sum()
-    if in_place:
-        with pytest.raises(RuntimeError, match="head.*: the parameters got a gradient .* never saw"):
-            loss.backward()
-    else:
-        loss.backward()
-        assert opt.stats.examples == 3
+    (model(batch["input_ids"], batch["attention_mask"]).square().sum(-1) * torch.arange(1.0, 4.0)[:, None]).sum().backward()
+    return opt.stats.last_norms.clone(), [s for sums in opt.clipped_sums().values() for s in sums]
+
+
+def test_a_model_writing_into_a_hooked_output_in_place_trains_like_one_that_does_not():
+    """The in-place write reaches the per-example stage as part of the output's gradient (hooked outputs
+    are in-place identities in autograd), so the norms and clipped sums are those of the same mask
+    applied out of place."""
+    norms, sums = _masked_tagger_step(in_place=True)
+    want_norms, want_sums = _masked_tagger_step(in_place=False)
+    assert norms.shape == (3,) and norms.min() > 0
+    torch.testing.assert_close(norms, want_norms)
+    for got, want in zip(sums, want_sums, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_gradient_the_hooks_never_saw_is_refused_at_backward():
+    with pytest.raises(RuntimeError, match="head.*: the parameters got a gradient .* never saw"):
+        _masked_tagger_step(bypass=True)
 
 
 def test_a_second_optimizer_on_a_privately_trained_model_warns():

@@ -71,9 +71,9 @@ def clip_backward_pass(units: Sequence[Unit], task: int, max_grad_norm: float, s
     if unseen:
         raise RuntimeError(
             f"{', '.join(unseen)}: the parameters got a gradient in this backward pass that prism's per-example "
-            "hooks never saw. The model changed the module's output in place (e.g. hidden[~mask] = 0), which "
-            "detaches the hook, or used its weights outside the module's forward call. That gradient cannot be "
-            "clipped per example: leave the module out of target_modules / modules_to_save.")
+            "hooks never saw: the model used the module's weights outside its forward call (e.g. F.linear(h, "
+            "module.weight)). That gradient cannot be clipped per example: leave the module out of "
+            "target_modules / modules_to_save.")
     if not active:
         return
     sizes = {u.pending[0].shape[0] for u in active}

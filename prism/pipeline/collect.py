@@ -1,10 +1,13 @@
 """Stage 1, collect: in-place hooks that feed each backward pass to the per-example and clip stages.
 
 The hooks sit on the user's own modules (peft's lora_A / lora_B and dense nn.Linear layers);
-the model is never wrapped. For each forward call with gradients enabled they keep references
-to the tensors autograd keeps anyway (the inputs of lora_A and lora_B) and register a hook on
-the output. When that output's gradient arrives, a `Unit` turns (inputs, output gradient) into
-per-example tensors (stage 2, pipeline.per_example). At the end of the backward pass the
+the model is never wrapped. For each forward call with gradients enabled they pass the module's
+output through an identity autograd function (`_Capture`) that saves what the per-example stage
+needs (the inputs of lora_A and lora_B, which autograd saves anyway) as saved tensors: under
+non-reentrant gradient checkpointing they are dropped after the forward pass and recomputed in the
+backward pass like every other activation, and activation offloading moves them too. When the
+output's gradient arrives, `_Capture`'s backward hands (inputs, output gradient) to a `Unit`, which
+turns them into per-example tensors (stage 2, pipeline.per_example). At the end of the backward pass the
 collector runs the clip stage (pipeline.clip.clip_backward_pass, scheduled by `_schedule_clip`):
 each example's GLOBAL norm over all units, its clip factor, and the clipped sums added to each
 unit's accumulators; per-example tensors are then dropped. Gradient accumulation
@@ -132,7 +135,8 @@ class PerExampleCollector:
                 if x is None:
                     raise RuntimeError(f"{unit.name}: lora_B was called on something other than lora_A's output; "
                                        "prism supports peft's standard LoRA forward only.")
-                self._watch(output, unit, x, inputs[0])
+                return self._watch(output, unit, x, inputs[0])
+            return None
 
         self._add_unit(unit)
         self._handles += [lora_A.register_forward_hook(on_lora_A), lora_B.register_forward_hook(on_lora_B)]
@@ -141,8 +145,7 @@ class PerExampleCollector:
         """Hook a dense nn.Linear; `unit.per_example(x, go)` gets its input and output gradient."""
 
         def on_forward(mod, inputs, output):
-            if output.requires_grad:
-                self._watch(output, unit, inputs[0])
+            return self._watch(output, unit, inputs[0]) if output.requires_grad else None
 
         self._add_unit(unit)
         self._handles.append(module.register_forward_hook(on_forward))
@@ -177,30 +180,32 @@ class PerExampleCollector:
 
         loss.register_hook(on_loss_grad)
 
-    def _watch(self, output: Tensor, unit: Unit, *captured: Tensor) -> None:
+    def _watch(self, output: Tensor, unit: Unit, *captured: Tensor) -> Tensor | None:
+        """The module's output to return from its forward hook (None: unchanged): routed through `_Capture`,
+        whose backward calls on_grad with the captured tensors and the output's gradient."""
         if self._paused:
-            return
-        captured_box = [captured]
+            return None
         forward_pass = self._forward_pass
         recomputed_in_backward = current_backward_pass() != NOT_IN_BACKWARD
         if not recomputed_in_backward:
             self._check_rows_are_examples(unit, output)
+        reached = [False]
 
-        def on_grad(grad: Tensor):
+        def on_grad(inputs: tuple[Tensor, ...], grad: Tensor | None):
             if recomputed_in_backward:
                 raise RuntimeError(
                     "reentrant gradient checkpointing runs nested backward passes, which would clip each "
                     "checkpointed segment on its own. Use non-reentrant checkpointing: model."
                     "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}).")
-            if captured_box[0] is None:
+            if reached[0]:
                 raise RuntimeError(
                     "a gradient reached the same forward pass twice (backward called twice, e.g. with "
                     "retain_graph=True); each example would count twice. Sum the losses and call "
                     "backward once per forward pass.")
-            inputs, captured_box[0] = captured_box[0], None
+            reached[0] = True
             self._on_grad(unit, inputs, grad, forward_pass)
 
-        output.register_hook(on_grad)
+        return _Capture.apply(output, on_grad, *captured)
 
     def _check_rows_are_examples(self, unit: Unit, output: Tensor) -> None:
         if self._root_depth == 0:
@@ -273,3 +278,26 @@ class PerExampleCollector:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+class _Capture(torch.autograd.Function):
+    """Identity on a hooked module's output. Saves `captured` through autograd's saved-tensor machinery (so
+    gradient checkpointing recomputes them instead of prism holding them from the forward to the backward
+    pass) and, in backward, calls on_grad(captured, gradient of the output) before passing the gradient on.
+    An undefined gradient reaches on_grad as None (not as zeros), which it refuses."""
+
+    @staticmethod
+    def forward(ctx, output: Tensor, on_grad, *captured: Tensor) -> Tensor:
+        ctx.on_grad = on_grad
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(*captured)
+        # returned as an in-place identity, not a view: a model may write into the output in place
+        # (hidden[~mask] = 0), and the gradient reaching backward is then the one of the output itself
+        ctx.mark_dirty(output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad: Tensor | None):
+        saved = ctx.saved_tensors  # once: under checkpointing each unpack recomputes
+        ctx.on_grad(saved, grad)
+        return (grad, None) + (None,) * len(saved)
