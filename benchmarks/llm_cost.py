@@ -32,18 +32,16 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch.nn import functional as F
 
 from . import common
-from .speed import _device_name, _prism_backend, _rss_mb
+from .speed import _device_name, _prism_backend, time_steps
 
 METHODS = ("nonprivate", "prism", "prism_two_sided", "naive", "ffa", "opacus")
 TARGETS = ["q_proj", "v_proj"]
@@ -181,29 +179,15 @@ def measure(cfg: Config, method: str, steps: int, device: str, random_weights: b
         ids = torch.randint(1, model.config.vocab_size, (cfg.batch, cfg.seq),
                             generator=torch.Generator().manual_seed(0)).to(device)
         step = make_stepper(method, model, cfg.batch)
-        if on_gpu:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        memory_before = torch.cuda.memory_allocated() / 2**20 if on_gpu else _rss_mb()
-        times, cpu_times = [], []
-        for i in range(steps + 2):
-            start, cpu_start = time.perf_counter(), time.process_time()
-            step(ids)
-            if on_gpu:
-                torch.cuda.synchronize()
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-                cpu_times.append(time.process_time() - cpu_start)
+        timed = time_steps(lambda: step(ids), steps, on_gpu)
     except Exception as exc:  # recorded: the table says which method could not run and why
         return dict(error=f"{type(exc).__name__}: {str(exc)[:500]}")
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if on_gpu
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    median = statistics.median(times)
-    return dict(median_step_s=median, step_times_s=times, median_step_cpu_s=statistics.median(cpu_times),
-                tokens_per_s=cfg.batch * cfg.seq / median, peak_memory_mb=peak,
-                training_memory_mb=peak - memory_before, threads=torch.get_num_threads(),
-                prism_backend=_prism_backend(device) if method.startswith("prism") else None,
-                load_average=os.getloadavg())
+    median = statistics.median(timed["step_times_s"])
+    return dict(median_step_s=median, median_step_cpu_s=statistics.median(timed["cpu_times_s"]),
+                tokens_per_s=cfg.batch * cfg.seq / median,
+                training_memory_mb=timed["peak_memory_mb"] - timed["memory_before_steps_mb"],
+                threads=torch.get_num_threads(), load_average=os.getloadavg(),
+                prism_backend=_prism_backend(device) if method.startswith("prism") else None, **timed)
 
 
 def measure_config(cfg: Config, methods, steps: int, threads: int | None, device: str,

@@ -125,11 +125,10 @@ def prepare(model_name: str, method: str, device: str, random_weights: bool):
     return make_stepper(method, model, batch), ids, labels
 
 
-def worker(model_name: str, method: str, steps: int, device: str, random_weights: bool) -> dict:
-    """Measure one method in this (fresh) process."""
-    common.quiet()
-    on_gpu = device == "cuda"
-    step, ids, labels = prepare(model_name, method, device, random_weights)
+def time_steps(step, steps: int, on_gpu: bool) -> dict:
+    """Run `step()` steps + 2 times: the wall and CPU times of the last `steps` (synchronised on a GPU), the
+    memory before the first step and the peak (GPU: torch's allocations, its peak counter reset first; CPU:
+    the process's peak resident set size)."""
     if on_gpu:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -137,7 +136,7 @@ def worker(model_name: str, method: str, steps: int, device: str, random_weights
     times, cpu_times = [], []
     for i in range(steps + 2):
         start, cpu_start = time.perf_counter(), time.process_time()
-        step(ids, labels)
+        step()
         if on_gpu:
             torch.cuda.synchronize()
         if i >= 2:
@@ -145,10 +144,17 @@ def worker(model_name: str, method: str, steps: int, device: str, random_weights
             cpu_times.append(time.process_time() - cpu_start)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if on_gpu
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return dict(median_step_s=statistics.median(times), step_times_s=times, cpu_times_s=cpu_times,
-                threads=torch.get_num_threads(), memory_before_steps_mb=memory_before,
+    return dict(step_times_s=times, cpu_times_s=cpu_times, memory_before_steps_mb=memory_before, peak_memory_mb=peak)
+
+
+def worker(model_name: str, method: str, steps: int, device: str, random_weights: bool) -> dict:
+    """Measure one method in this (fresh) process."""
+    common.quiet()
+    step, ids, labels = prepare(model_name, method, device, random_weights)
+    timed = time_steps(lambda: step(ids, labels), steps, device == "cuda")
+    return dict(median_step_s=statistics.median(timed["step_times_s"]), threads=torch.get_num_threads(),
                 prism_backend=_prism_backend(device) if method.startswith("prism") else None,
-                peak_memory_mb=peak, load_average=os.getloadavg())
+                load_average=os.getloadavg(), **timed)
 
 
 def profile(model_name: str, method: str, device: str, random_weights: bool, rows: int = 25) -> None:
