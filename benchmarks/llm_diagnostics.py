@@ -57,7 +57,8 @@ def moment_diagnostics(opt, pairs, floor_factor: float | None, floor_mode: str =
     """Second moments from the optimizer state (read only) in units of noise_std^2, per module kind.
 
     PRISM: eigenvalues of the bias-corrected r x r moments V_A, V_B (keys exp_avg_sq_A/B) and the
-    fraction below the floor f; naive/ffa: the bias-corrected per-coordinate moments v of each factor.
+    fraction below the floor f (one-sided only: the two-sided moment is of a row-normalised direction,
+    unitless, and its floor is not in these units); naive/ffa: the bias-corrected per-coordinate moments v of each factor.
     """
     std2 = opt.noise_std ** 2
     if std2 == 0:
@@ -75,7 +76,8 @@ def moment_diagnostics(opt, pairs, floor_factor: float | None, floor_mode: str =
                     unit = 1.0 if "exp_avg_sq_rows_A" in state else std2  # two-sided: V is unitless already
                     lam = torch.linalg.eigvalsh((V + V.mT) / 2).div(unit).tolist()
                     rows.setdefault(f"eig_{side}", []).extend(lam)
-                    rows.setdefault("below", []).extend(v < floors[side] for v in lam)
+                    if unit != 1.0:  # the floor is in std^2 units; two-sided eigenvalues are unitless
+                        rows.setdefault("below", []).extend(v < floors[side] for v in lam)
             for label, param in (("A", pair.lora_B.weight), ("B", pair.lora_A.weight)):
                 st = opt.state.get(param, {})
                 if "exp_avg_sq" in st:  # naive / ffa (dense AdamW state)
