@@ -352,7 +352,8 @@ def table(folder: Path) -> str:
             return (row.get(f"{kind}.dZ_over_Z") or {}).get("median")
         moments = last.get("moments") or {}
         eig = (moments.get("q_proj.eig_A") or moments.get("q_proj.v_A") or {}).get("median")
-        below = [v["below_floor"] for k, v in moments.items() if "below_floor" in v]
+        two_sided = method_config(r["method"]).get("kwargs", {}).get("preconditioner") == "two_sided"
+        below = [] if two_sided else [v["below_floor"] for k, v in moments.items() if "below_floor" in v]
         gauge = f" (c = {r['gauge']:g})" if r.get("gauge", 1.0) != 1.0 else ""
         lines.append(
             f"| {path.parent.name} | {r['method']}{gauge} | {tag(r['target_epsilon'])} | {r['seed']} | {f(r['lr'], 'g')} | "
