@@ -84,9 +84,9 @@ def build_model(cfg: Config, method: str, device: str, random_weights: bool):
     torch.manual_seed(0)
     dtype = torch.float32 if cfg.base == "fp32" else torch.bfloat16
     if cfg.model == "smollm2" and not random_weights:
-        import prism
+        from prism.pretrained import smollm2
 
-        base = AutoModelForCausalLM.from_pretrained(prism.pretrained.smollm2(), dtype=dtype).to(device)
+        base = AutoModelForCausalLM.from_pretrained(smollm2(), dtype=dtype).to(device)
     else:
         config = LlamaConfig(**SHAPES[cfg.model], max_position_embeddings=max(cfg.seq, 2048), pad_token_id=0)
         with torch.device(device):
@@ -203,6 +203,8 @@ def measure_config(cfg: Config, methods, steps: int, threads: int | None, device
         if out.returncode != 0:
             raise RuntimeError(f"{cfg.name} {group} failed:\n{out.stderr[-3000:]}")
         runs.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    if all("error" in r for r in runs.values()):  # a broken setup, not a measurement: no result file
+        raise RuntimeError(f"{cfg.name}: every method failed, e.g. {runs['nonprivate']['error']}")
     base = runs["nonprivate"]
     for method, r in runs.items():
         if "error" in base:  # without the reference there are no ratios
