@@ -117,9 +117,10 @@ def job(method, setup, epsilon, seed, lr):
 def sweep(args, folder: Path, setup: Setup) -> None:
     if args.stage == "tune":
         tune = replace(setup, score_test=False)
+        # rate-major: every method at its grid's first rate, then the second, ...
+        order = sorted(((i, m, lr) for m in args.methods for i, lr in enumerate(grid(m, args))), key=lambda x: x[0])
         jobs = [(run_path(folder, "tune", m, TUNE_EPSILON if private(m) else None, 0, lr),
-                 job(m, tune, TUNE_EPSILON if private(m) else None, 0, lr))
-                for position in range(3) for m in args.methods for i, lr in enumerate(grid(m, args)) if i == position]
+                 job(m, tune, TUNE_EPSILON if private(m) else None, 0, lr)) for _, m, lr in order]
         common.run_queue(jobs, "sft learning-rate tuning")
         return
     jobs = []
