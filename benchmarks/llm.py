@@ -4,11 +4,14 @@
     python -m benchmarks.llm --stage test            # tuned rates, all epsilons and seeds
     python -m benchmarks.llm --stage probe --stop-after 8  # 8 of 40 steps per method: diagnostics
     python -m benchmarks.llm --stage gauge --methods prism_two_sided naive   # the same Z factored (c A, B / c)
+    python -m benchmarks.llm --stage test --task sms_spam --epsilons 3 --seeds 0   # the check task, same rates
     python -m benchmarks.llm --summary-only          # the tables from the result files
     python -m benchmarks.llm --quick                 # CI: a tiny random Llama, a few steps, no claims
 
 Task (benchmarks.llm_tasks): Rotten Tomatoes as "Review: ... Sentiment:" -> " positive" | " negative",
-the loss on the answer token only (one token each), scored by comparing the two answers' likelihoods.
+the loss on the answer token only (one token each), scored by comparing the two answers' likelihoods;
+SMS spam ("Message: ... Spam or ham:" -> " ham" | " spam") as a check, at the rates tuned on Rotten
+Tomatoes (results under results/llm/sms_spam-test/).
 Model: SmolLM2-135M-Instruct (prism.pretrained.smollm2), LoRA r = 8, alpha = 8 on q_proj and v_proj of
 all 30 layers (60 modules, 460,800 parameters), no dropout, no new head (the LM head stays frozen).
 Every method trains with a plain loop: prism.poisson_data_loader draws each logical batch (expected
@@ -87,6 +90,7 @@ class Setup:
     test: bool = True  # score the test split (2000) too
     stop_after: int | None = None  # probes: noise calibrated for `steps`, training stopped after this many
     threads: int = 1
+    task: str = "rotten_tomatoes"  # llm_tasks.PROMPTS; other tasks: test stage only, at the rates tuned on this one
 
 
 QUICK = Setup(steps=3, batch_size=16, micro_batch=8, max_length=32, val_size=64)
@@ -130,11 +134,11 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
     cfg = method_config(method)
     torch.manual_seed(seed)
     tokenizer, model = llm_tasks.load_model(quick, cfg["init"], setup.rank)
-    key = (quick, setup.max_length, setup.batch_size, setup.val_size)
+    key = (quick, setup.task, setup.max_length, setup.batch_size, setup.val_size)
     if data_cache is not None and key in data_cache:
         data = data_cache[key]
     else:
-        data = llm_tasks.load_data(tokenizer, setup.max_length, setup.batch_size, quick, setup.val_size)
+        data = llm_tasks.load_data(tokenizer, setup.max_length, setup.batch_size, quick, setup.val_size, setup.task)
         if data_cache is not None:
             data_cache[key] = data
     pad = tokenizer.pad_token_id
@@ -317,7 +321,7 @@ def sweep(args, folder, setup) -> None:
             if all(p.exists() for p, _ in jobs):
                 return
             common.run_queue(jobs, "llm learning-rate tuning")
-    jobs = []
+    jobs, stage = [], "test" if setup.task == "rotten_tomatoes" else f"{setup.task}-test"
     for seed in args.seeds:
         for epsilon in args.epsilons:
             for m in args.methods:
@@ -328,7 +332,7 @@ def sweep(args, folder, setup) -> None:
                 e = eps_of(m, epsilon)
                 if e is None and epsilon != args.epsilons[0]:
                     continue
-                jobs.append((run_path(folder, "test", m, e, seed, lr), job(m, setup, e, seed, lr, args.quick, cache)))
+                jobs.append((run_path(folder, stage, m, e, seed, lr), job(m, setup, e, seed, lr, args.quick, cache)))
     common.run_queue(jobs, "llm test runs")
 
 
@@ -368,6 +372,8 @@ def table(folder: Path) -> str:
 def main(argv=None):
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--stage", choices=STAGES, default="tune")
+    p.add_argument("--task", choices=list(llm_tasks.PROMPTS), default="rotten_tomatoes",
+                   help="the task; all but rotten_tomatoes run the test stage only, at rotten_tomatoes' tuned rates")
     p.add_argument("--methods", nargs="+", choices=METHODS,
                    default=["zeroshot", "nonprivate", "prism", "naive", "prism_f5", "naive_default", "ffa"])
     p.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS))
@@ -386,8 +392,11 @@ def main(argv=None):
     p.add_argument("--no-test", action="store_true", help="score the validation split only")
     p.add_argument("--summary-only", action="store_true")
     args = p.parse_args(argv)
+    if args.task != "rotten_tomatoes" and args.stage != "test" and not args.summary_only:
+        p.error(f"--task {args.task} runs the test stage only (--stage test): the learning rates are tuned on "
+                "rotten_tomatoes, the issue's protocol")
     common.quiet()
-    setup = QUICK if args.quick else Setup()
+    setup = replace(QUICK if args.quick else Setup(), task=args.task)
     setup = replace(setup, **{k: v for k, v in dict(steps=args.steps, batch_size=args.batch_size,
                                                      val_size=args.val_size, stop_after=args.stop_after).items() if v is not None})
     if args.no_test:

@@ -1,11 +1,12 @@
-"""The LLM benchmark's task, model and scoring: sentiment classification as text with SmolLM2.
+"""The LLM benchmark's tasks, model and scoring: classification as text with SmolLM2.
 
-Rotten Tomatoes (benchmarks.tasks' fixed split, so results compare like for like with
-benchmarks.utility) as a completion task, without the chat template:
+benchmarks.tasks' fixed splits (so results compare like for like with benchmarks.utility) as
+completion tasks, without the chat template:
 
-    "Review: <review sentence>\\nSentiment:" -> " positive" | " negative"
+    rotten_tomatoes  "Review: <review sentence>\\nSentiment:" -> " negative" | " positive"
+    sms_spam         "Message: <SMS>\\nSpam or ham:"          -> " ham" | " spam"
 
-Both answers are single tokens of SmolLM2's tokenizer (checked at load time), so the loss on the
+In each task both answers are single tokens of SmolLM2's tokenizer (checked at load time), so the loss on the
 answer only is the cross-entropy of one next-token prediction (over the whole vocabulary, the LM
 head unchanged, no new head) and the prediction compares the two answer tokens' logits (= their
 likelihoods). No chat template: it would add ~25 tokens of system prompt to every ~30-token example
@@ -26,9 +27,20 @@ from torch.nn import functional as F
 
 from . import tasks
 
-ANSWERS = (" negative", " positive")  # label 0, 1
-PREFIX, SUFFIX = "Review: ", "\nSentiment:"
 TARGETS = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A task as text: prefix + example + suffix, continued by answers[label]."""
+
+    prefix: str
+    suffix: str
+    answers: tuple[str, str]  # label 0, 1
+
+
+PROMPTS = {"rotten_tomatoes": Prompt("Review: ", "\nSentiment:", (" negative", " positive")),
+           "sms_spam": Prompt("Message: ", "\nSpam or ham:", (" ham", " spam"))}
 
 
 @dataclass(frozen=True)
@@ -56,20 +68,24 @@ def tokenizer_path(quick: bool):
     return smollm2()
 
 
-def load_data(tokenizer, max_length: int, batch_size: int, quick: bool = False, val_size: int | None = None) -> Data:
-    """benchmarks.tasks' Rotten Tomatoes split (train truncated to a multiple of `batch_size`),
-    encoded; the validation split cut to its first `val_size` examples if given."""
-    split = tasks.load_task("rotten_tomatoes", batch_size, quick=quick)
+def load_data(tokenizer, max_length: int, batch_size: int, quick: bool = False, val_size: int | None = None,
+              task: str = "rotten_tomatoes") -> Data:
+    """benchmarks.tasks' split of `task` (train truncated to a multiple of `batch_size`), encoded as
+    PROMPTS[task]; the validation split cut to its first `val_size` examples if given."""
+    if task not in PROMPTS:
+        raise ValueError(f"unknown task {task!r}: choose one of {sorted(PROMPTS)}")
+    prompt = PROMPTS[task]
+    split = tasks.load_task(task, batch_size, quick=quick)
     answer_ids = []
-    for answer in ANSWERS:
+    for answer in prompt.answers:
         ids = tokenizer(answer, add_special_tokens=False).input_ids
         if len(ids) != 1:  # then the likelihood of an answer would be the sum over its tokens
             raise ValueError(f"{answer!r} is {len(ids)} tokens in this tokenizer; the scoring assumes one")
         answer_ids.append(ids[0])
-    suffix = tokenizer(SUFFIX, add_special_tokens=False).input_ids
+    suffix = tokenizer(prompt.suffix, add_special_tokens=False).input_ids
 
     def encode(texts, labels):
-        ids = [tokenizer(PREFIX + t, add_special_tokens=False).input_ids[:max_length - len(suffix)] + suffix
+        ids = [tokenizer(prompt.prefix + t, add_special_tokens=False).input_ids[:max_length - len(suffix)] + suffix
                for t in texts]
         return Encoded(ids, list(labels))
 

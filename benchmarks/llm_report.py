@@ -1,0 +1,113 @@
+"""The LLM benchmark's headline (issue 22): test results over seeds, one table and one plot.
+
+    python -m benchmarks.llm_report
+
+Reads the test stages of benchmarks.llm (classification accuracy: results/llm/test/ for Rotten Tomatoes,
+results/llm/<task>-test/ for the check tasks) and benchmarks.llm_sft (completion perplexity:
+results/llm_sft/test/), and writes results/llm_summary.json (per task, method and epsilon: the mean, the
+sample standard deviation over seeds, the values, the seeds and the learning rate), prints the markdown
+table and draws results/llm.png (accuracy and perplexity against epsilon; zero-shot and non-private as
+horizontal lines). Runs of one (task, method, epsilon) at different learning rates are refused: the test
+stage runs each method at its one tuned rate.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from . import common
+
+# (task, results folder, metric key, label of the metric, higher is better)
+SOURCES = (
+    ("rotten_tomatoes", Path("llm") / "test", "test_accuracy", "test accuracy (%)", True),
+    ("sms_spam", Path("llm") / "sms_spam-test", "test_accuracy", "test accuracy (%)", True),
+    ("chat (SFT)", Path("llm_sft") / "test", "test_perplexity", "test perplexity", False),
+)
+REFERENCES = ("zeroshot", "nonprivate")  # no epsilon: drawn as horizontal lines
+
+
+def tag(epsilon) -> str:
+    return "inf" if epsilon is None else f"{epsilon:g}"
+
+
+def summarize(folder: Path) -> dict:
+    """{task: {method: {epsilon tag: {mean, std, values, seeds, lr}}}} from the test-stage result files."""
+    summary = {}
+    for task, sub, key, _, _ in SOURCES:
+        runs = {}
+        for path in sorted((folder / sub).glob("*.json")):
+            r = common.read_json(path)
+            runs.setdefault((r["method"], tag(r["target_epsilon"])), []).append(r)
+        rows = summary.setdefault(task, {})
+        for (method, eps), group in sorted(runs.items()):
+            rates = {r["lr"] for r in group}
+            if len(rates) > 1:
+                raise ValueError(f"{task}: {method} at epsilon {eps} has test runs at several learning rates "
+                                 f"{sorted(rates, key=str)}; keep the tuned rate's only")
+            values = [r[key] for r in group]
+            if key == "test_accuracy":
+                values = [100 * v for v in values]
+            rows.setdefault(method, {})[eps] = dict(
+                mean=statistics.mean(values), std=statistics.stdev(values) if len(values) > 1 else None,
+                values=values, seeds=[r["seed"] for r in group], lr=group[0]["lr"])
+    return summary
+
+
+def _cell(row) -> str:
+    if row is None:
+        return ""
+    spread = "" if row["std"] is None else f" ± {row['std']:.1f}"
+    return f"{row['mean']:.1f}{spread} (n={len(row['seeds'])})"
+
+
+def table(summary: dict) -> str:
+    """Markdown: one row per (task, method), columns epsilon 3, epsilon 8, no privacy."""
+    lines = ["| task | metric | method | lr | eps 3 | eps 8 | no DP |", "|---" * 7 + "|"]
+    for task, _, _, label, _ in SOURCES:
+        for method, rows in summary.get(task, {}).items():
+            lr = next(iter(rows.values()))["lr"]
+            lines.append(f"| {task} | {label} | {method} | {'-' if lr is None else f'{lr:g}'} | "
+                         f"{_cell(rows.get('3'))} | {_cell(rows.get('8'))} | {_cell(rows.get('inf'))} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path: Path) -> None:
+    plt = common.maybe_pyplot()
+    if plt is None:
+        return
+    shown = [s for s in SOURCES if summary.get(s[0])]
+    if not shown:
+        print("no test-stage results yet: no plot")
+        return
+    fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4), squeeze=False)
+    for ax, (task, _, _, label, higher) in zip(axes[0], shown):
+        for method, rows in summary[task].items():
+            if method in REFERENCES and "inf" in rows:
+                ax.axhline(rows["inf"]["mean"], linestyle="--" if method == "nonprivate" else ":",
+                           color="k" if method == "nonprivate" else "grey", label=method)
+                continue
+            points = sorted((float(e), r) for e, r in rows.items() if e != "inf")
+            ax.errorbar([e for e, _ in points], [r["mean"] for _, r in points],
+                        yerr=[r["std"] or 0.0 for _, r in points], marker="o", capsize=3, label=method)
+        ax.set(xlabel="epsilon (delta = 1e-5)", ylabel=label + ("" if higher else ", lower is better"), title=task)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main(argv=None) -> str:
+    p = common.parser(__doc__.split("\n\n")[0])
+    args = p.parse_args(argv)
+    folder = common.out_dir(args)
+    summary = summarize(folder)
+    common.write_json(folder / "llm_summary.json", summary)
+    plot(summary, folder / "llm.png")
+    text = table(summary)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
