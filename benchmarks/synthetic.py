@@ -13,6 +13,9 @@ sentences of benchmarks.tasks' Rotten Tomatoes split, the same as benchmarks.uti
     nonprivate  the same without clipping or noise (AdamW)
     zeroshot    the untuned instruct model, prompted through its chat template (no private data)
     pe          Private Evolution from the untuned model (benchmarks.private_evolution), at the target epsilon
+    <g>_judged  generator g's samples kept where the untuned public model, as a zero-shot classifier, agrees
+                with their label (prism.examples.synthetic_sampling.judge_filter), balanced by keeping the
+                first of each label: a subset of g's samples, at g's epsilon (post-processing)
 Stages, one JSON per run under results/synthetic/<stage>/:
     generate    train the generator and sample; the samples go to results/synthetic/samples/*.jsonl
                 (git-ignored: they are regenerated, not committed); the JSON keeps a few of them
@@ -36,8 +39,10 @@ import torch
 
 from . import common, tasks
 
-VARIANTS = ("prism", "naive", "nonprivate", "zeroshot", "pe")
-PRIVATE = ("prism", "naive", "pe")
+GENERATORS = ("prism", "naive", "nonprivate", "zeroshot", "pe")
+JUDGED = "_judged"  # a generator's samples after the public label judge (post-processing, no new samples)
+VARIANTS = GENERATORS + tuple(g + JUDGED for g in GENERATORS)
+PRIVATE = tuple(v for v in VARIANTS if v.removesuffix(JUDGED) in ("prism", "naive", "pe"))
 EPSILONS = (8.0, 3.0)
 SEEDS = (0,)
 STAGES = ("generate", "evaluate")
@@ -113,6 +118,18 @@ def generate_job(variant: str, epsilon: float | None, seed: int, split: tasks.Sp
             rows, report = sample_balanced(model, tokenizer, None, n, sampling_config(quick), seed=seed,
                                            prompt_ids=zero_shot_prompt_ids(tokenizer))
             info.update(epsilon=0.0, instruction=INSTRUCTION)
+        elif variant.endswith(JUDGED):
+            from prism.examples.synthetic_sampling import PublicLabelJudge, judge_filter
+
+            source = name(variant.removesuffix(JUDGED), epsilon, seed)
+            if not samples_path(folder, source).exists():
+                raise SystemExit(f"{samples_path(folder, source)} is missing: run the generate stage of "
+                                 f"{variant.removesuffix(JUDGED)} first")
+            tokenizer, model = synthetic.load_base(quick)
+            rows, report = judge_filter(synthetic.read_jsonl(samples_path(folder, source)),
+                                        PublicLabelJudge(model, tokenizer))
+            report["source"] = source
+            info.update(epsilon=common.read_json(result_path(folder, "generate", source))["epsilon"])
         elif variant == "pe":
             from . import private_evolution
 
@@ -277,7 +294,7 @@ def table(summary: dict) -> str:
 
 def main(argv=None) -> dict:
     p = common.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(GENERATORS))
     p.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--stages", nargs="+", choices=STAGES + ("canary",), default=list(STAGES))

@@ -71,3 +71,60 @@ def test_sampling_gives_up_with_a_clear_error_when_nothing_passes_the_filters():
     config = SamplingConfig(max_new_tokens=4, batch_size=4, max_rounds=1)
     with pytest.raises(RuntimeError, match="passed the filters"):
         sample_balanced(model, tokenizer, synthetic.prompt, 4, config)
+
+
+def test_the_public_judge_reads_plain_sentiment_with_the_real_model():
+    smollm2_or_skip()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from prism.examples.synthetic_sampling import PublicLabelJudge
+    from prism.pretrained import smollm2
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2())
+    judge = PublicLabelJudge(AutoModelForCausalLM.from_pretrained(smollm2()), tokenizer, batch_size=2)
+    texts = ["A wonderful, moving film: I loved every minute of it.", "A dull, tedious mess and a waste of time.",
+             "Brilliant acting and a beautiful story.", "The worst film of the year: boring and ugly."]
+    assert judge(texts) == [1, 0, 1, 0]
+
+
+def test_judge_filter_keeps_the_agreed_rows_balanced_and_reports_agreement():
+    from prism.examples.synthetic_sampling import judge_filter
+
+    rows = [dict(text=f"n{i}", label=0) for i in range(4)] + [dict(text=f"p{i}", label=1) for i in range(4)]
+    verdicts = {"n0": 0, "n1": 1, "n2": 0, "n3": 0, "p0": 1, "p1": 0, "p2": 1, "p3": 0}
+    kept, report = judge_filter(rows, lambda texts: [verdicts[t] for t in texts])
+    assert [r["text"] for r in kept] == ["n0", "n2", "p0", "p2"]  # 3 negatives agreed, 2 positives: 2 each
+    assert report == dict(per_label=dict(negative=dict(samples=4, agreed=3), positive=dict(samples=4, agreed=2)),
+                          kept=4)
+
+
+def test_sampling_with_a_judge_drops_what_it_reads_as_the_other_label():
+    smollm2_or_skip()
+    tokenizer, model = synthetic.load_base(quick=True)
+    config = SamplingConfig.quick()
+    with pytest.raises(RuntimeError, match="label mismatch"):  # a judge that reads everything as positive
+        sample_balanced(model, tokenizer, synthetic.prompt, 4, config, judge=lambda texts: [1] * len(texts))
+    flips = iter(range(10 ** 6))
+    rows, report = sample_balanced(model, tokenizer, synthetic.prompt, 4, config,
+                                   judge=lambda texts: [next(flips) % 2 for _ in texts])
+    assert sorted(r["label"] for r in rows) == [0, 0, 1, 1] and report["dropped"]["label mismatch"] > 0
+
+
+def test_quick_workflow_with_the_label_filter_builds_a_judge_from_the_untuned_base(tmp_path, monkeypatch):
+    smollm2_or_skip()
+    built = []
+
+    class AlternatingJudge:  # the tiny random base model reads everything alike: stand in for its verdicts
+        def __init__(self, model, tokenizer):
+            built.append(model)
+            self.count = 0
+
+        def __call__(self, texts):
+            self.count += len(texts)
+            return [(self.count - len(texts) + i) % 2 for i in range(len(texts))]
+
+    monkeypatch.setattr(synthetic, "PublicLabelJudge", AlternatingJudge)
+    out = tmp_path / "synthetic.jsonl"
+    result = synthetic.main(["--quick", "--label-filter", "--out", str(out), "--threads", "1"])
+    assert len(built) == 1 and not hasattr(built[0], "peft_config")  # the base model, no adapter
+    assert result["sampling"]["kept"] == 8 and result["sampling"]["dropped"]["label mismatch"] > 0

@@ -14,8 +14,9 @@ with it). The generator, SmolLM2-135M-Instruct with LoRA r = 8 on q/k/v/o, is tr
 SFTTrainer made private with `prism.hf.make_private` (Poisson sampling, per-example losses, PRISM with
 preconditioner="two_sided" or naive DP-LoRA; or non-privately, as a baseline). That training is the ONLY access
 to the private data: sampling from the trained generator and filtering the samples are post-processing
-(no privacy cost), and the filters (prism.examples.synthetic_sampling) use no private data. The JSONL
-written holds {"text", "label"} per line and can be released at the epsilon printed.
+(no privacy cost), and the filters (prism.examples.synthetic_sampling) use no private data;
+`--label-filter` adds one that keeps the samples whose label the untuned public model, as a zero-shot
+classifier, agrees with. The JSONL written holds {"text", "label"} per line and can be released at the epsilon printed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .synthetic_sampling import LABELS, SamplingConfig, sample_balanced
+from .synthetic_sampling import LABELS, PublicLabelJudge, SamplingConfig, sample_balanced
 
 METHODS = ("prism", "naive", "nonprivate")
 DEFAULT_LR = {"prism": 1e-2, "naive": 1e-2, "nonprivate": 1e-3}
@@ -232,7 +233,12 @@ def run(args) -> dict:
           f"{config.delta:g}", flush=True)
     tokenizer, model, info = train_generator(texts, labels, config, quick=args.quick)
     sampling = SamplingConfig.quick() if args.quick else SamplingConfig()
-    rows, report = sample_balanced(for_sampling(model), tokenizer, prompt, args.samples, sampling, seed=args.seed)
+    judge = None
+    if args.label_filter:  # a fresh copy of the released base model: it never saw the private data
+        judge_tokenizer, judge_model = load_base(args.quick)
+        judge = PublicLabelJudge(judge_model, judge_tokenizer)
+    rows, report = sample_balanced(for_sampling(model), tokenizer, prompt, args.samples, sampling, seed=args.seed,
+                                   judge=judge)
     write_jsonl(args.out, rows)
     spent = "none (non-private generator)" if info["epsilon"] is None else \
         f"epsilon {info['epsilon']:.3f} (upper bound) at delta {config.delta:g}"
@@ -256,6 +262,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the JSONL file to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init and of sampling (noise and Poisson "
                                                        "draws always use OS entropy)")
+    p.add_argument("--label-filter", action="store_true",
+                   help="drop samples that the untuned public model, as a zero-shot classifier, reads as the other "
+                        "label (no privacy cost: it never sees the private data)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--quick", action="store_true", help="a tiny random model, 2 steps, 8 samples: a smoke test")
     return p

@@ -13,7 +13,11 @@ so keeping or dropping a sample is post-processing of the released generator:
   4. "scaffolding": the text repeats the prompt's format ("Sentiment:" or "Review:");
   5. "too short" / "too long": fewer than 3 or more than 50 words (the real sentences have 1-60 words,
      most 5-35; the bounds are round numbers, not fitted to them);
-  6. "duplicate": the same text (case and spacing ignored) was already kept, for either label.
+  6. "duplicate": the same text (case and spacing ignored) was already kept, for either label;
+  7. optional, "label mismatch": a public judge (PublicLabelJudge: the UNTUNED instruct model as a zero-shot
+     classifier) reads the sample as the other label. A DP generator trained briefly learns the style of the
+     data before its label conditioning; this filter keeps the samples whose label a public model agrees with.
+     It adds the public model's knowledge to the set (compare with the zero-shot generator filtered alike).
 """
 
 from __future__ import annotations
@@ -60,6 +64,59 @@ def dedupe_key(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+class PublicLabelJudge:
+    """A public zero-shot sentiment classifier: the untuned causal LM, prompted "Review: <text>\\nSentiment:",
+    predicts the label whose answer word (" negative" / " positive", one token each) is more likely.
+
+    It must be a model that never saw the private data (the released base model), so that filtering by it
+    stays post-processing.
+    """
+
+    PREFIX, SUFFIX, ANSWERS = "Review: ", "\nSentiment:", (" negative", " positive")  # label 0, 1
+
+    def __init__(self, model, tokenizer, batch_size: int = 32, max_length: int = 96):
+        self.model, self.tokenizer, self.batch_size, self.max_length = model, tokenizer, batch_size, max_length
+        ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in self.ANSWERS]
+        if any(len(i) != 1 for i in ids):
+            raise ValueError(f"the judge's answers {self.ANSWERS} must be single tokens of this tokenizer, got {ids}")
+        self.answer_ids = torch.tensor([i[0] for i in ids])
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> list[int]:
+        """The predicted label of each text (right-padded batches, read at each prompt's last token)."""
+        was_training = self.model.training
+        self.model.eval()
+        suffix = self.tokenizer(self.SUFFIX, add_special_tokens=False)["input_ids"]
+        pad = self.tokenizer.pad_token_id or 0  # right padding, masked: any id
+        predictions = []
+        for start in range(0, len(texts), self.batch_size):
+            rows = [self.tokenizer(self.PREFIX + t, add_special_tokens=False)["input_ids"][:self.max_length] + suffix
+                    for t in texts[start:start + self.batch_size]]
+            width = max(map(len, rows))
+            ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+            last = torch.tensor([len(r) - 1 for r in rows])
+            logits = self.model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(rows)), last]
+            predictions += logits[:, self.answer_ids].argmax(-1).tolist()
+        self.model.train(was_training)
+        return predictions
+
+
+def judge_filter(rows: list[dict], judge: Callable[[list[str]], list[int]]) -> tuple[list[dict], dict]:
+    """The rows whose label the judge agrees with, balanced (the first rows of each label, as many as the
+    scarcer label keeps), and a report: per label, how many the judge agreed with."""
+    predicted = judge([r["text"] for r in rows])
+    agreed = [[r for r, p in zip(rows, predicted) if r["label"] == label == p] for label in range(len(LABELS))]
+    keep = min(map(len, agreed))
+    if keep == 0:
+        raise ValueError(f"the judge agreed with no sample of some label ({[len(a) for a in agreed]} per label of "
+                         f"{len(rows)}): nothing balanced is left; check the judge and the samples' labels")
+    kept = [r for label_rows in agreed for r in label_rows[:keep]]
+    report = {name: dict(samples=sum(r["label"] == label for r in rows), agreed=len(agreed[label]))
+              for label, name in enumerate(LABELS)}
+    return kept, dict(per_label=report, kept=len(kept))
+
+
 def rejection(text: str, finished: bool, config: SamplingConfig) -> str | None:
     """Why a cleaned sample is dropped (filters 1 and 3-5 of the module docstring), or None to keep it."""
     if config.require_end and not finished:
@@ -101,11 +158,13 @@ def generate(model, tokenizer, prompts: list[list[int]], config: SamplingConfig)
 
 
 def sample_balanced(model, tokenizer, prompt: Callable[[int], str] | None, n: int, config: SamplingConfig,
-                    seed: int = 0, prompt_ids: Callable[[int], list[int]] | None = None) -> tuple[list[dict], dict]:
+                    seed: int = 0, prompt_ids: Callable[[int], list[int]] | None = None,
+                    judge: Callable[[list[str]], list[int]] | None = None) -> tuple[list[dict], dict]:
     """n filtered samples, n / 2 per label, as rows {"text", "label"}, with a report of what was dropped.
 
     Each label's prompt is `prompt(label)` (plain text, tokenized as the trainer did) or `prompt_ids(label)`
-    (token ids, e.g. a chat template). One progress line per batch. Raises RuntimeError if a label still lacks
+    (token ids, e.g. a chat template). `judge` (e.g. PublicLabelJudge; it must not have seen private data)
+    predicts each sample's label: samples it reads as the other label are dropped. One progress line per batch. Raises RuntimeError if a label still lacks
     samples after config.max_rounds x n / 2 generations (the generator rarely produces acceptable text).
     """
     if n < 2 or n % 2:
@@ -127,11 +186,14 @@ def sample_balanced(model, tokenizer, prompt: Callable[[int], str] | None, n: in
                                    f"generations (dropped: {dict(reasons)}); the generator rarely produces acceptable "
                                    "text: train it longer, or relax SamplingConfig")
             batch = min(config.batch_size, math.ceil((per_label - count) * 1.25))  # a little extra for the filters
-            for text, finished in generate(model, tokenizer, [ids] * batch, config):
-                text = clean(text)
+            texts = [(clean(text), finished) for text, finished in generate(model, tokenizer, [ids] * batch, config)]
+            verdicts = judge([t for t, _ in texts]) if judge is not None else [label] * len(texts)
+            for (text, finished), verdict in zip(texts, verdicts):
                 reason = rejection(text, finished, config)
                 if reason is None and dedupe_key(text) in seen:
                     reason = "duplicate"
+                if reason is None and verdict != label:
+                    reason = "label mismatch"
                 if reason is not None:
                     reasons[reason] += 1
                 elif count < per_label:
