@@ -29,7 +29,6 @@ The summary compares with benchmarks.utility's direct classifiers (results/utili
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import time
