@@ -21,7 +21,8 @@ SUM loss for the private methods, the batch mean for the non-private one.
 Methods (all from peft's PiSSA adapter, "pissa_niter_4", unless named otherwise):
     zeroshot       no training
     nonprivate     AdamW, no clipping, no noise
-    prism          prism.PRISM, floor f = 0.5 (default)       prism_f5   the same, f = 5
+    prism          prism.PRISM(preconditioner="one_sided"): the paper's r x r moments, floor f = 0.5 (default);
+                   prism_f5: the same, f = 5; prism_geo, prism_bal, prism_factor_metric are one-sided too
     prism_sgd      prism.PRISM(adaptive=False): Riemannian DP-SGD
     prism_geo      prism.PRISM(floor_mode="geometry"): the floor at the lifted noise's own scale
     prism_bal      PRISM from prism.init_balanced_lora (c = 1/sqrt(3), base compensated), not PiSSA
@@ -29,7 +30,7 @@ Methods (all from peft's PiSSA adapter, "pissa_niter_4", unless named otherwise)
     naive          prism.NaiveDPLoRA (DP-AdamW on both factors)
     naive_default  the same from peft's default init (lora_B = 0), the way its users run it
     ffa            FFA-LoRA: lora_A frozen (at PiSSA's), lora_B trained by NaiveDPLoRA
-    prism_two_sided      PRISM(preconditioner="two_sided"): per-row moments (docs/method.md 3.5)
+    prism_two_sided      PRISM(preconditioner="two_sided", the default): per-row moments (docs/method.md 3.5)
     prism_two_sided_bal  the same from the balanced init (random subspaces, like naive_default's lora_A)
     prism_factor_metric  PRISM(metric="balanced"): clipped and noised in the factor norm (method.md 3.7)
     prism_fm_two_sided   the balanced metric with two-sided moments; prism_bal_two_sided: the same from
@@ -96,16 +97,21 @@ class Setup:
 QUICK = Setup(steps=3, batch_size=16, micro_batch=8, max_length=32, val_size=64)
 
 
+ONE_SIDED = "one_sided"  # the paper's r x r moments: what these methods ran with (the default before two-sided)
+
+
 def method_config(method: str) -> dict:
     """init and optimizer of a method."""
     return dict(
         zeroshot=dict(init="pissa"), nonprivate=dict(init="pissa"),
-        prism=dict(init="pissa", cls="PRISM", kwargs=dict(floor_factor=0.5)),
-        prism_f5=dict(init="pissa", cls="PRISM", kwargs=dict(floor_factor=5.0)),
+        prism=dict(init="pissa", cls="PRISM", kwargs=dict(floor_factor=0.5, preconditioner=ONE_SIDED)),
+        prism_f5=dict(init="pissa", cls="PRISM", kwargs=dict(floor_factor=5.0, preconditioner=ONE_SIDED)),
         prism_sgd=dict(init="pissa", cls="PRISM", kwargs=dict(adaptive=False)),
-        prism_geo=dict(init="pissa", cls="PRISM", kwargs=dict(floor_mode="geometry", floor_factor=0.5)),
-        prism_bal=dict(init="balanced", cls="PRISM", kwargs=dict(floor_factor=0.5)),
-        prism_factor_metric=dict(init="pissa", cls="PRISM", kwargs=dict(metric="balanced", floor_factor=0.5)),
+        prism_geo=dict(init="pissa", cls="PRISM",
+                       kwargs=dict(floor_mode="geometry", floor_factor=0.5, preconditioner=ONE_SIDED)),
+        prism_bal=dict(init="balanced", cls="PRISM", kwargs=dict(floor_factor=0.5, preconditioner=ONE_SIDED)),
+        prism_factor_metric=dict(init="pissa", cls="PRISM",
+                                 kwargs=dict(metric="balanced", floor_factor=0.5, preconditioner=ONE_SIDED)),
         prism_fm_adam=dict(init="pissa", cls="PRISMElementwiseAdam", kwargs={}),  # ablation (llm_ablations)
         prism_fm_two_sided=dict(init="pissa", cls="PRISM", kwargs=dict(metric="balanced", preconditioner="two_sided")),
         prism_two_sided=dict(init="pissa", cls="PRISM", kwargs=dict(preconditioner="two_sided")),

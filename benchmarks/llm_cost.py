@@ -11,7 +11,7 @@ the examples (noise multiplier 1, C = 1: the cost does not depend on them), the 
 Every configuration (model, T, gradient checkpointing off/on, base precision) is measured for
 
     nonprivate        AdamW (the reference of every ratio)
-    prism             prism.PRISM, defaults (one-sided moments)
+    prism             prism.PRISM(preconditioner="one_sided"): the paper's r x r moments
     prism_two_sided   prism.PRISM(preconditioner="two_sided")
     naive             prism.NaiveDPLoRA (DP-AdamW on both factors)
     ffa               FFA-LoRA: lora_A frozen, lora_B trained by NaiveDPLoRA
@@ -41,7 +41,7 @@ import torch
 from torch.nn import functional as F
 
 from . import common
-from .speed import _device_name, _prism_backend, time_steps
+from .speed import device_name, prism_backend_name, time_steps
 
 METHODS = ("nonprivate", "prism", "prism_two_sided", "naive", "ffa", "opacus")
 TARGETS = ["q_proj", "v_proj"]
@@ -155,7 +155,8 @@ def make_stepper(method: str, model, batch: int):
         loss_of = lambda ids: per_example_loss(model, ids).mean()  # noqa: E731
     else:
         cls = prism.NaiveDPLoRA if method in ("naive", "ffa") else prism.PRISM
-        options = dict(preconditioner="two_sided") if method == "prism_two_sided" else {}
+        options = {} if cls is prism.NaiveDPLoRA else \
+            dict(preconditioner="two_sided" if method == "prism_two_sided" else "one_sided")
         opt = cls(model, lr=1e-4, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
                   loss_reduction="sum", **options)
         loss_of = lambda ids: per_example_loss(model, ids).sum()  # noqa: E731
@@ -187,7 +188,7 @@ def measure(cfg: Config, method: str, steps: int, device: str, random_weights: b
                 tokens_per_s=cfg.batch * cfg.seq / median,
                 training_memory_mb=timed["peak_memory_mb"] - timed["memory_before_steps_mb"],
                 threads=torch.get_num_threads(), load_average=os.getloadavg(),
-                prism_backend=_prism_backend(device) if method.startswith("prism") else None, **timed)
+                prism_backend=prism_backend_name(device) if method.startswith("prism") else None, **timed)
 
 
 def measure_config(cfg: Config, methods, steps: int, threads: int | None, device: str,
@@ -219,7 +220,7 @@ def measure_config(cfg: Config, methods, steps: int, threads: int | None, device
         print(f"  {cfg.name:32s} {method:16s} step {r['median_step_s']:.3f}s (x{r['time_ratio']:.2f}), "
               f"{r['tokens_per_s']:.0f} tokens/s, peak {r['peak_memory_mb']:.0f} MB (x{r['peak_ratio']:.2f})",
               flush=True)
-    return dict(config=asdict(cfg), rank=RANK, targets=TARGETS, steps=steps, device=_device_name(device),
+    return dict(config=asdict(cfg), rank=RANK, targets=TARGETS, steps=steps, device=device_name(device),
                 memory="torch's CUDA allocations" if device == "cuda" else "resident set size",
                 random_weights=random_weights or cfg.model != "smollm2", runs=runs)
 

@@ -1,7 +1,9 @@
 """The methods, trained on identical splits, steps, expected batch size and LoRA targets.
 
-- prism: prism.PRISM (PiSSA init: PRISM needs full-rank factors);
-- prism_two_sided: the same with preconditioner="two_sided" (per-row second moments, docs/method.md 3.5);
+- prism: prism.PRISM(preconditioner="one_sided"), the paper's r x r moments (PiSSA init: PRISM needs
+  full-rank factors);
+- prism_two_sided: the same with preconditioner="two_sided" (per-row second moments, docs/method.md 3.5;
+  the library's default);
 - naive: prism.NaiveDPLoRA, DP-AdamW on both factors (peft's default init, lora_B = 0);
 - opacus: Opacus' DP-SGD machinery (PrivacyEngine.make_private, Poisson sampling, its own PRV
   accountant calibrated to the same epsilon and delta) around torch's AdamW, on the same peft model;
@@ -157,8 +159,7 @@ def _train_prism_family(method, model, tokenizer, split, setup, epsilon, seed, l
         cls, floor = prism.NaiveDPLoRA, {}
         if method.startswith("prism"):
             cls, floor = prism.PRISM, dict(floor_mode=setup.floor_mode, floor_factor=setup.floor_factor)
-            if method == "prism_two_sided":
-                floor["preconditioner"] = "two_sided"
+            floor["preconditioner"] = "two_sided" if method == "prism_two_sided" else "one_sided"
         sigma = noise_multiplier(epsilon, setup.delta, setup.batch_size / n, setup.steps)
         opt = cls(model, lr=lr, max_grad_norm=setup.max_grad_norm, dense_max_grad_norm=setup.dense_max_grad_norm,
                   noise_multiplier=sigma, delta=setup.delta, expected_batch_size=setup.batch_size, dataset_size=n,

@@ -4,7 +4,8 @@
     python -m benchmarks.speed --quick    # CI: tiny random models, a few steps
     python -m benchmarks.speed --device cuda [--random-weights]   # on a GPU, with larger batches
 
-Methods: nonprivate (AdamW), prism (prism.kernels' compiled ops where built), prism_reference
+Methods: nonprivate (AdamW), prism (one-sided moments, as measured before two-sided became the default;
+prism.kernels' compiled ops where built), prism_reference
 (PRISM_KERNELS=reference: the pure-PyTorch path), naive (NaiveDPLoRA), opacus_hooks and opacus_ghost
 (Opacus' DP AdamW, grad_sample_mode "hooks" / "ghost"). Each (model, method) runs in its own fresh
 subprocess, so its peak memory is its own: on the CPU the resident memory (getrusage's high-water
@@ -89,9 +90,9 @@ def make_stepper(method: str, model, batch: int):
     if method == "nonprivate":
         opt, criterion = torch.optim.AdamW(trainable, lr=1e-4), lambda logits, y: F.cross_entropy(logits, y)
     elif method in ("prism", "prism_reference", "naive"):
-        cls = prism.NaiveDPLoRA if method == "naive" else prism.PRISM
+        cls, options = (prism.NaiveDPLoRA, {}) if method == "naive" else (prism.PRISM, dict(preconditioner="one_sided"))
         opt = cls(model, lr=1e-4, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=batch,
-                  loss_reduction="sum")
+                  loss_reduction="sum", **options)
         criterion = lambda logits, y: F.cross_entropy(logits, y, reduction="sum")  # noqa: E731
     else:
         from opacus import PrivacyEngine
@@ -153,7 +154,7 @@ def worker(model_name: str, method: str, steps: int, device: str, random_weights
     step, ids, labels = prepare(model_name, method, device, random_weights)
     timed = time_steps(lambda: step(ids, labels), steps, device == "cuda")
     return dict(median_step_s=statistics.median(timed["step_times_s"]), threads=torch.get_num_threads(),
-                prism_backend=_prism_backend(device) if method.startswith("prism") else None,
+                prism_backend=prism_backend_name(device) if method.startswith("prism") else None,
                 load_average=os.getloadavg(), **timed)
 
 
@@ -177,7 +178,7 @@ def profile(model_name: str, method: str, device: str, random_weights: bool, row
         print(averages.table(sort_by=key, row_limit=rows, max_name_column_width=60))
 
 
-def _prism_backend(device: str) -> str:
+def prism_backend_name(device: str) -> str:
     try:
         from prism import kernels
     except ImportError:
@@ -223,11 +224,11 @@ def measure_model(model_name: str, methods, steps: int, rounds: int, threads: in
         r["training_memory_ratio"] = r["training_memory_mb"] / max(base["training_memory_mb"], 1e-9)
     memory = "torch's CUDA allocations" if device == "cuda" else "resident set size"
     return dict(model=model_name, batch=batch, seq=seq, rank=rank, targets=targets, steps=steps, rounds=rounds,
-                threads=merged["nonprivate"]["threads"], device=_device_name(device), memory=memory,
+                threads=merged["nonprivate"]["threads"], device=device_name(device), memory=memory,
                 random_weights=random_weights, runs=merged)
 
 
-def _device_name(device: str) -> str:
+def device_name(device: str) -> str:
     return torch.cuda.get_device_name() if device == "cuda" else "cpu"
 
 

@@ -34,7 +34,7 @@ class StepConfig:
     weight_decay: float
     floor_mode: str = "scalar"
     metric: str = "frobenius"
-    preconditioner: str = "one_sided"
+    preconditioner: str = "two_sided"
     floor_factor: float = 0.0
     max_condition: float = 1e4
 

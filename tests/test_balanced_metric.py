@@ -85,8 +85,10 @@ def test_a_checkpoint_loads_only_with_its_metric():
         PRISM(tiny_model("bert"), lr=0.1, max_grad_norm=1.0, **BALANCED).load_state_dict(old)
 
 
-def test_a_checkpoint_from_before_the_metric_and_preconditioner_options_steps_with_their_defaults():
+def test_a_checkpoint_from_before_the_metric_and_preconditioner_options_steps_as_it_was_trained():
+    """Such checkpoints ran the Frobenius metric and the one-sided moments; the default is now two-sided."""
     model = tiny_model("bert")
+    assert PRISM(model, lr=0.1, max_grad_norm=1.0, **BALANCED).param_groups[0]["preconditioner"] == "two_sided"
     saved = PRISM(model, lr=0.1, max_grad_norm=1.0, **{**BALANCED, "metric": "frobenius"}).state_dict()
     del saved["prism"]["metric"]
     for group in saved["param_groups"]:

@@ -13,20 +13,23 @@ import torch
 from .updates import reconcile_whole_values
 
 KEY = "prism"
+# what checkpoints from before a param-group option existed meant by it (not necessarily today's default)
+IMPLIED_GROUP_OPTIONS = dict(metric="frobenius", preconditioner="one_sided")
 
 
 def load(optimizer, state_dict: dict, load_torch_part) -> None:
     """Load a prism checkpoint into `optimizer`; `load_torch_part` is torch.optim.Optimizer's own loader.
 
-    Param-group options added since the checkpoint was saved take their defaults (torch's loader drops
-    group keys the checkpoint lacks); floating state keeps its saved dtype; whole values of sharded
+    Param-group options added since the checkpoint was saved take the value such checkpoints ran with
+    (IMPLIED_GROUP_OPTIONS), else their defaults (torch's loader drops group keys the checkpoint lacks);
+    floating state keeps its saved dtype; whole values of sharded
     parameters are kept or re-gathered; the clipped sums of an interrupted step are dropped.
     """
     torch_part, extra = split_privacy_entry(optimizer, state_dict)
     load_torch_part(torch_part)
     for group in optimizer.param_groups:
         for key, value in optimizer.defaults.items():
-            group.setdefault(key, value)
+            group.setdefault(key, IMPLIED_GROUP_OPTIONS.get(key, value))
     restore_state_dtypes(optimizer, torch_part["state"])
     reconcile_whole_values(optimizer._params(), optimizer.state)
     load_privacy_entry(optimizer, extra)
@@ -54,7 +57,7 @@ def split_privacy_entry(optimizer, state_dict: dict) -> tuple[dict, dict]:
         raise ValueError("this state_dict has no 'prism' entry: it was not saved by a prism optimizer.")
     extra = state_dict.pop(KEY)
     # what checkpoints from before a setting existed meant by it
-    implied = dict(dense_max_grad_norm=extra["max_grad_norm"], metric="frobenius")
+    implied = dict(dense_max_grad_norm=extra["max_grad_norm"], metric=IMPLIED_GROUP_OPTIONS["metric"])
     for key, value in optimizer._settings().items():
         saved = extra.get(key, implied.get(key))
         if saved != value:

@@ -95,9 +95,10 @@ class PRISM(DPLoRAOptimizer):
             (A^T A = B^T B, a function of Z, so still gauge invariant), with the noise isotropic in
             the horizontal factor directions; the update follows the factor gradient, whose step in
             Z weights each singular direction by its singular value (docs/method.md 3.7).
-        preconditioner (str, optional): "one_sided" (default, the paper's): r x r second moments per
-            factor; "two_sided": also a second moment per row of each factor (its features), which damps
-            rows whose gradients dominate the others' (method 3.5). Gauge invariant either way.
+        preconditioner (str, optional): "two_sided" (default): r x r second moments per factor and a
+            second moment per row of each factor (its features), which damps rows whose gradients
+            dominate the others', as a language model's outlier features do (method 3.5); "one_sided":
+            the r x r moments alone (the paper's). Gauge invariant either way.
         floor_mode (str, optional): "scalar" or "geometry" noise floor of the second moments (default: "scalar";
             "geometry" is for the Frobenius metric only).
         floor_factor (float, optional): f in the floor f * std^2, with the dense layers' own std
@@ -117,7 +118,7 @@ class PRISM(DPLoRAOptimizer):
     ICML 2026.
     """
 
-    def __init__(self, model: nn.Module, *, metric: str = "frobenius", preconditioner: str = "one_sided",
+    def __init__(self, model: nn.Module, *, metric: str = "frobenius", preconditioner: str = "two_sided",
                  floor_mode: str = "scalar", floor_factor: float = 0.5, max_condition: float = 1e4, **kwargs):
         _validate.one_of({"frobenius", "balanced"}, metric=metric)
         _validate.one_of({"one_sided", "two_sided"}, preconditioner=preconditioner)

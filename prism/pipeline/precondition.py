@@ -84,7 +84,7 @@ def preconditioned(exp_avg: Tensor, exp_avg_sq: Tensor, step: int, betas: tuple[
     if rows is not None:
         scale = _row_scale(rows, beta2, step, floor)
         m_hat = m_hat / scale.unsqueeze(-1)
-        floor = floor * scale.square().reciprocal().mean(-1, keepdim=True)
+        floor = (floor / scale.square()).mean(-1, keepdim=True)  # each term <= 1; 0 without a floor (no overflow)
     lam, P = torch.linalg.eigh((V_hat + V_hat.mT) / 2)
     lam = lam.clamp_min(0)
     lam = torch.maximum(lam, (lam.amax(-1, keepdim=True) / max_condition).clamp_min(floor))
