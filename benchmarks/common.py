@@ -137,3 +137,10 @@ def maybe_pyplot():
         print("matplotlib is not installed (pip install 'prism-dp[bench]'): skipping the plot")
         return None
     return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write (120 dpi) and name the plot."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")

@@ -142,9 +142,7 @@ def plot(summary: dict, path) -> None:
     right.set(xscale="log", yscale="log", xlabel="c in (cA, B/c)", ylabel="E ||noise in Z||_F^2 per step / eta^2",
               title="noise energy in Z (all LoRA modules)")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -92,9 +92,7 @@ def plot(summary: dict, path: Path) -> None:
                         yerr=[r["std"] or 0.0 for _, r in points], marker="o", capsize=3, label=method)
         ax.set(xlabel="epsilon (delta = 1e-5)", ylabel=label + ("" if higher else ", lower is better"), title=task)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> str:

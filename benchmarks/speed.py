@@ -275,9 +275,7 @@ def plot(summary: dict, path) -> None:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(names))], names)
         ax.set_ylabel(label)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -202,9 +202,7 @@ def plot(summary: dict, path: Path) -> None:
             ax.legend()
         else:
             ax.text(0.5, 0.5, "pending (learning-rate tuning)", ha="center", transform=ax.transAxes)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"plot: {path}")
+    common.save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
