@@ -343,12 +343,13 @@ def sweep(args, folder, setup) -> None:
 
 
 def table(folder: Path) -> str:
-    """Markdown: every result file under results/llm, one row each: accuracies, the final training loss,
+    """Markdown: every result file under results/llm, one row each: accuracies, the validation answer loss (the
+    two answers renormalised), the final training loss,
     the mean clipped fraction, ||dZ|| / ||Z|| (median over modules) at the first and the last step, and
     the second moments at the last step over noise_std^2 (PRISM: median eigenvalue of V_A on q_proj and
     the fraction of all eigenvalues below the floor; naive: median per-coordinate moment of lora_B)."""
-    lines = ["| stage | method | eps | seed | lr | val | test | final loss | clipped | dZ/Z q first-last | "
-             "dZ/Z v first-last | V/std^2 q | below floor | s |", "|---" * 14 + "|"]
+    lines = ["| stage | method | eps | seed | lr | val | val answer loss | test | final loss | clipped | "
+             "dZ/Z q first-last | dZ/Z v first-last | V/std^2 q | below floor | s |", "|---" * 15 + "|"]
 
     def f(x, fmt):
         return "" if x is None else format(x, fmt)
@@ -367,7 +368,8 @@ def table(folder: Path) -> str:
         gauge = f" (c = {r['gauge']:g})" if r.get("gauge", 1.0) != 1.0 else ""
         lines.append(
             f"| {path.parent.name} | {r['method']}{gauge} | {tag(r['target_epsilon'])} | {r['seed']} | {f(r['lr'], 'g')} | "
-            f"{100 * r['val_accuracy']:.1f} | {f(r.get('test_accuracy') and 100 * r['test_accuracy'], '.1f')} | "
+            f"{100 * r['val_accuracy']:.1f} | {f(r.get('val', {}).get('answer_loss'), '.3f')} | "
+            f"{f(r.get('test_accuracy') and 100 * r['test_accuracy'], '.1f')} | "
             f"{f(r.get('final_train_loss'), '.3f')} | {f(r.get('clipped_fraction'), '.2f')} | "
             f"{f(dz(first, 'q_proj'), '.3f')}-{f(dz(last, 'q_proj'), '.3f')} | "
             f"{f(dz(first, 'v_proj'), '.3f')}-{f(dz(last, 'v_proj'), '.3f')} | {f(eig, '.3f')} | "
