@@ -14,6 +14,7 @@ the test accuracy over seeds) goes to results/utility.json and results/utility.p
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 from dataclasses import replace
@@ -205,6 +206,16 @@ def plot(summary: dict, path: Path) -> None:
     common.save_figure(fig, path)
 
 
+def everything(args) -> argparse.Namespace:
+    """args widened to every task, method, epsilon and seed: a run restricted to a few (e.g. `--methods prism
+    --seeds 1`) still rewrites the whole summary, not one that forgets the others' results."""
+    available = [m for m in methods.METHODS if m not in methods.OPACUS_METHODS or methods.opacus_available()]
+    return argparse.Namespace(**{**vars(args), "tasks": list(dict.fromkeys([*tasks.TASKS, *args.tasks])),
+                                 "methods": list(dict.fromkeys([*available, *args.methods])),
+                                 "epsilons": sorted(set(EPSILONS) | set(args.epsilons)),
+                                 "seeds": sorted(set(SEEDS) | set(args.seeds))})
+
+
 def main(argv=None) -> dict:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", choices=tasks.TASKS, default=list(tasks.TASKS))
@@ -235,8 +246,9 @@ def main(argv=None) -> dict:
                         dense_max_grad_norm=args.dense_max_grad_norm, floor_mode=args.floor_mode,
                         floor_factor=args.floor_factor)
         sweep(args, folder, setup)
-    summary = summarize(args, folder)
-    print(table(summary, args.epsilons))
+    scope = args if args.quick else everything(args)
+    summary = summarize(scope, folder)
+    print(table(summary, scope.epsilons))
     plot(summary, folder / "utility.png")
     return summary
 
