@@ -1,0 +1,40 @@
+"""The summaries the READMEs quote: they cover every result on disk, never only the last run's."""
+
+import argparse
+
+import pytest
+
+from benchmarks import common, llm_report, utility
+
+
+def test_a_restricted_utility_run_still_summarises_every_method_and_task():
+    args = argparse.Namespace(tasks=["sms_spam"], methods=["prism_two_sided"], epsilons=[3.0], seeds=[1], quick=False)
+    scope = utility.everything(args)
+    assert set(scope.tasks) >= {"rotten_tomatoes", "sms_spam"}
+    assert {"prism", "prism_two_sided", "naive", "nonprivate"} <= set(scope.methods)
+    assert scope.epsilons == sorted(set(utility.EPSILONS)) and scope.seeds == sorted(set(utility.SEEDS))
+
+
+def _test_run(folder, method, epsilon, seed, lr, accuracy):
+    name = f"{method}_eps{llm_report.tag(epsilon)}_seed{seed}_lr{lr}.json"
+    common.write_json(folder / "llm" / "test" / name,
+                      dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, test_accuracy=accuracy))
+
+
+def test_llm_report_gives_mean_and_sample_std_over_seeds_per_method_and_epsilon(tmp_path):
+    for seed, acc in enumerate((0.80, 0.82, 0.84)):
+        _test_run(tmp_path, "prism_two_sided", 3.0, seed, 0.01, acc)
+    _test_run(tmp_path, "zeroshot", None, 0, None, 0.77)
+    summary = llm_report.summarize(tmp_path)["rotten_tomatoes"]
+    row = summary["prism_two_sided"]["3"]
+    assert row["mean"] == pytest.approx(82.0) and row["std"] == pytest.approx(2.0) and row["seeds"] == [0, 1, 2]
+    assert summary["zeroshot"]["inf"]["std"] is None
+    text = llm_report.table(llm_report.summarize(tmp_path))
+    assert "| rotten_tomatoes | test accuracy (%) | prism_two_sided | 0.01 | 82.0 ± 2.0 (n=3) |  |  |" in text
+
+
+def test_llm_report_refuses_one_method_tested_at_two_learning_rates(tmp_path):
+    _test_run(tmp_path, "naive", 3.0, 0, 0.01, 0.8)
+    _test_run(tmp_path, "naive", 3.0, 1, 0.03, 0.8)
+    with pytest.raises(ValueError, match="several learning rates"):
+        llm_report.summarize(tmp_path)
