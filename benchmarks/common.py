@@ -144,3 +144,8 @@ def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
+
+
+def epsilon_tag(epsilon: float | None) -> str:
+    """An epsilon as it appears in result file names and summary keys: "inf" for no privacy, else e.g. "3"."""
+    return "inf" if epsilon is None else f"{epsilon:g}"

@@ -235,16 +235,12 @@ def _mean(values):
 
 # ---------------------------------------------------------------------------------------------- sweep
 
-def tag(epsilon):
-    return "inf" if epsilon is None else f"{epsilon:g}"
-
-
 def run_path(folder: Path, stage: str, method: str, epsilon, seed: int, lr, gauge: float = 1.0) -> Path:
     if gauge == 1.0 and stage == "gauge":
         stage = "tune"  # the gauge sweep's c = 1 is the tuning run
     lr_tag = "none" if lr is None else f"{lr:g}"
     c_tag = "" if gauge == 1.0 else f"_c{gauge:g}"
-    return folder / "llm" / stage / f"{method}{c_tag}_eps{tag(epsilon)}_seed{seed}_lr{lr_tag}.json"
+    return folder / "llm" / stage / f"{method}{c_tag}_eps{common.epsilon_tag(epsilon)}_seed{seed}_lr{lr_tag}.json"
 
 
 def eps_of(method, epsilon):
@@ -367,7 +363,7 @@ def table(folder: Path) -> str:
         below = [] if two_sided else [v["below_floor"] for k, v in moments.items() if "below_floor" in v]
         gauge = f" (c = {r['gauge']:g})" if r.get("gauge", 1.0) != 1.0 else ""
         lines.append(
-            f"| {path.parent.name} | {r['method']}{gauge} | {tag(r['target_epsilon'])} | {r['seed']} | {f(r['lr'], 'g')} | "
+            f"| {path.parent.name} | {r['method']}{gauge} | {common.epsilon_tag(r['target_epsilon'])} | {r['seed']} | {f(r['lr'], 'g')} | "
             f"{100 * r['val_accuracy']:.1f} | {f(r.get('val', {}).get('answer_loss'), '.3f')} | "
             f"{f(r.get('test_accuracy') and 100 * r['test_accuracy'], '.1f')} | "
             f"{f(r.get('final_train_loss'), '.3f')} | {f(r.get('clipped_fraction'), '.2f')} | "

@@ -27,10 +27,6 @@ SOURCES = (
 REFERENCES = ("zeroshot", "nonprivate")  # no epsilon: drawn as horizontal lines
 
 
-def tag(epsilon) -> str:
-    return "inf" if epsilon is None else f"{epsilon:g}"
-
-
 def summarize(folder: Path) -> dict:
     """{task: {method: {epsilon tag: {mean, std, values, seeds, lr}}}} from the test-stage result files."""
     summary = {}
@@ -38,7 +34,9 @@ def summarize(folder: Path) -> dict:
         runs = {}
         for path in sorted((folder / sub).glob("*.json")):
             r = common.read_json(path)
-            runs.setdefault((r["method"], tag(r["target_epsilon"])), []).append(r)
+            if key not in r:  # e.g. a run scored on validation only (--no-test)
+                continue
+            runs.setdefault((r["method"], common.epsilon_tag(r["target_epsilon"])), []).append(r)
         rows = summary.setdefault(task, {})
         for (method, eps), group in sorted(runs.items()):
             rates = {r["lr"] for r in group}
@@ -62,13 +60,16 @@ def _cell(row) -> str:
 
 
 def table(summary: dict) -> str:
-    """Markdown: one row per (task, method), columns epsilon 3, epsilon 8, no privacy."""
-    lines = ["| task | metric | method | lr | eps 3 | eps 8 | no DP |", "|---" * 7 + "|"]
+    """Markdown: one row per (task, method), a column per epsilon found, then no privacy."""
+    found = {e for by_method in summary.values() for rows in by_method.values() for e in rows if e != "inf"}
+    columns = sorted(found, key=float) + ["inf"]
+    lines = ["| task | metric | method | lr | " + " | ".join(f"eps {e}" for e in columns[:-1]) + " | no DP |",
+             "|---" * (len(columns) + 4) + "|"]
     for task, _, _, label, _ in SOURCES:
         for method, rows in summary.get(task, {}).items():
             lr = next(iter(rows.values()))["lr"]
             lines.append(f"| {task} | {label} | {method} | {'-' if lr is None else f'{lr:g}'} | "
-                         f"{_cell(rows.get('3'))} | {_cell(rows.get('8'))} | {_cell(rows.get('inf'))} |")
+                         + " | ".join(_cell(rows.get(e)) for e in columns) + " |")
     return "\n".join(lines)
 
 

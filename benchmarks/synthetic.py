@@ -215,6 +215,8 @@ def reference_job(split: tasks.Split, folder: Path):
 
 
 def runs(variants, epsilons, seeds) -> list[tuple[str, float | None, int]]:
+    """(variant, epsilon, seed) to run, judged variants last (they read their generator's samples)."""
+    variants = sorted(variants, key=lambda v: v.endswith(JUDGED))
     out = []
     for seed in seeds:
         for epsilon in epsilons:

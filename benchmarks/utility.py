@@ -29,12 +29,8 @@ SEEDS = (0, 1, 2)
 EDGE_STEPS = 2
 
 
-def tag(epsilon: float | None) -> str:
-    return "inf" if epsilon is None else f"{epsilon:g}"
-
-
 def run_path(folder: Path, task: str, method: str, epsilon: float | None, seed: int, lr: float) -> Path:
-    return folder / "utility" / task / f"{method}_eps{tag(epsilon)}_seed{seed}_lr{lr:g}.json"
+    return folder / "utility" / task / f"{method}_eps{common.epsilon_tag(epsilon)}_seed{seed}_lr{lr:g}.json"
 
 
 def epsilons_of(method: str, epsilons) -> list[float | None]:
@@ -144,7 +140,7 @@ def summarize(args, folder: Path) -> dict:
                 if runs:
                     acc = [r["test_accuracy"] for r in runs]
                     std = statistics.stdev(acc) if len(acc) > 1 else None  # sample std over seeds
-                    rows[tag(epsilon)] = dict(lr=lr, mean=statistics.mean(acc), std=std,
+                    rows[common.epsilon_tag(epsilon)] = dict(lr=lr, mean=statistics.mean(acc), std=std,
                                               seeds=[r["seed"] for r in runs], test_accuracy=acc,
                                               epsilon_spent=[r.get("epsilon") for r in runs])
     common.write_json(folder / "utility.json", summary)
@@ -164,7 +160,7 @@ def table(summary: dict, epsilons) -> str:
             cells = ["" if lr not in accs else "pending" if accs[lr] is None else f"{100 * accs[lr]:.1f}"
                      for lr in grid]
             lines.append(f"| {task} | {m} | " + " | ".join(cells) + " |")
-    columns = [tag(e) for e in epsilons]
+    columns = [common.epsilon_tag(e) for e in epsilons]
     lines += ["", "test accuracy at the tuned learning rate:", "",
               "| task | method | " + " | ".join(f"eps {c}" for c in columns) + " | non-private |",
               "|---" * (len(columns) + 3) + "|"]

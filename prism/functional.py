@@ -80,7 +80,8 @@ def prism_module_step(A: Tensor, B: Tensor, Y_sum: Tensor, W_sum: Tensor, basis:
             of cfg.metric).
         basis: tangent_basis(A, B), the one the per-example blocks were computed in.
         state: the optimizer state; with cfg.adaptive, holds "step" (int),
-            "exp_avg_A" (m, r), "exp_avg_sq_A" (r, r), "exp_avg_B" (n, r), "exp_avg_sq_B" (r, r);
+            "exp_avg_A" (m, r), "exp_avg_sq_A" (r, r), "exp_avg_B" (n, r), "exp_avg_sq_B" (r, r), and with
+            cfg.preconditioner == "two_sided" the row moments "exp_avg_sq_rows_A" (m,), "exp_avg_sq_rows_B" (n,);
             updated in place.
     """
     if cfg.metric == "balanced":

@@ -89,12 +89,18 @@ def test_a_checkpoint_from_before_the_metric_and_preconditioner_options_steps_as
     """Such checkpoints ran the Frobenius metric and the one-sided moments; the default is now two-sided."""
     model = tiny_model("bert")
     assert PRISM(model, lr=0.1, max_grad_norm=1.0, **BALANCED).param_groups[0]["preconditioner"] == "two_sided"
-    saved = PRISM(model, lr=0.1, max_grad_norm=1.0, **{**BALANCED, "metric": "frobenius"}).state_dict()
+    old = dict(BALANCED, metric="frobenius", preconditioner="one_sided")
+    trained = PRISM(model, lr=0.1, max_grad_norm=1.0, **old)
+    per_example_losses("bert", model, make_batch("bert", b=5, seed=0)).sum().backward()
+    trained.step()  # moments exist: one-sided ones only
+    saved = trained.state_dict()
     del saved["prism"]["metric"]
     for group in saved["param_groups"]:
         del group["metric"], group["preconditioner"]
     opt = PRISM(model, lr=0.1, max_grad_norm=1.0, **{**BALANCED, "metric": "frobenius"})
-    opt.load_state_dict(saved)
+    with pytest.warns(UserWarning, match=r"preconditioner='one_sided' \(built with 'two_sided'\)"):
+        opt.load_state_dict(saved)
     assert opt.param_groups[0]["metric"] == "frobenius" and opt.param_groups[0]["preconditioner"] == "one_sided"
     per_example_losses("bert", model, make_batch("bert", b=5, seed=1)).sum().backward()
     opt.step()
+    assert opt.state and not any("exp_avg_sq_rows_A" in state for state in opt.state.values())  # still one-sided

@@ -94,8 +94,8 @@ def test_horizontal_lift_is_orthogonally_equivariant():
     torch.testing.assert_close(oB, hB @ O)
 
 
-@pytest.mark.parametrize("adaptive", [True, False])
-def test_a_stack_of_modules_takes_the_steps_each_module_takes_alone(adaptive):
+@pytest.mark.parametrize("adaptive, preconditioner", [(True, "two_sided"), (True, "one_sided"), (False, "two_sided")])
+def test_a_stack_of_modules_takes_the_steps_each_module_takes_alone(adaptive, preconditioner):
     """The optimizer runs the modules of one shape as one stack (k, m, r): without noise, two steps
     of the stack (moments included) equal two steps of each module on its own."""
     from prism.functional import StepConfig, prism_module_step
@@ -105,7 +105,7 @@ def test_a_stack_of_modules_takes_the_steps_each_module_takes_alone(adaptive):
     A = torch.randn(k, m, r, generator=g, dtype=torch.float64)
     B = torch.randn(k, n, r, generator=g, dtype=torch.float64) * torch.tensor([1.0, 10.0, 0.1])[:, None, None]
     cfg = StepConfig(lr=0.1, noise_std=0.0, expected_batch_size=4.0, adaptive=adaptive, betas=(0.9, 0.999),
-                     eps=1e-8, weight_decay=0.01, max_condition=50.0)
+                     eps=1e-8, weight_decay=0.01, max_condition=50.0, preconditioner=preconditioner)
     stacked_state, states = {}, [{} for _ in range(k)]
     for _ in range(2):
         Y, W = torch.randn(k, m, r, generator=g, dtype=torch.float64), torch.randn(k, n, r, generator=g,

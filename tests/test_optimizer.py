@@ -188,6 +188,7 @@ def test_bf16_parameters_keep_fp32_state_through_a_round_trip():
     again = PRISM(model, **BASE)
     again.load_state_dict(opt.state_dict())
     assert again.state[lora_B]["exp_avg_sq_A"].dtype == torch.float32
+    assert again.state[lora_B]["exp_avg_sq_rows_A"].dtype == torch.float32  # two-sided (the default)
     assert all(torch.isfinite(z).all() for z in lora_Z(model))
 
 

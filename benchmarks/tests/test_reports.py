@@ -16,7 +16,7 @@ def test_a_restricted_utility_run_still_summarises_every_method_and_task():
 
 
 def _test_run(folder, method, epsilon, seed, lr, accuracy):
-    name = f"{method}_eps{llm_report.tag(epsilon)}_seed{seed}_lr{lr}.json"
+    name = f"{method}_eps{common.epsilon_tag(epsilon)}_seed{seed}_lr{lr}.json"
     common.write_json(folder / "llm" / "test" / name,
                       dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, test_accuracy=accuracy))
 
@@ -30,7 +30,8 @@ def test_llm_report_gives_mean_and_sample_std_over_seeds_per_method_and_epsilon(
     assert row["mean"] == pytest.approx(82.0) and row["std"] == pytest.approx(2.0) and row["seeds"] == [0, 1, 2]
     assert summary["zeroshot"]["inf"]["std"] is None
     text = llm_report.table(llm_report.summarize(tmp_path))
-    assert "| rotten_tomatoes | test accuracy (%) | prism_two_sided | 0.01 | 82.0 ± 2.0 (n=3) |  |  |" in text
+    assert "| rotten_tomatoes | test accuracy (%) | prism_two_sided | 0.01 | 82.0 ± 2.0 (n=3) |  |" in text
+    assert text.splitlines()[0] == "| task | metric | method | lr | eps 3 | no DP |"
 
 
 def test_llm_report_refuses_one_method_tested_at_two_learning_rates(tmp_path):

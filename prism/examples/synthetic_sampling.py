@@ -1,8 +1,8 @@
 """Sampling synthetic reviews from a generator, and the filters that decide which samples are kept.
 
 Sampling settings (SamplingConfig, fixed for every generator of the study): nucleus sampling with
-temperature 1.0 and top-p 0.95, at most 48 new tokens (95 % of the real training sentences are at most 45 tokens), batches of
-32 prompts (left-padded), seeded; LoRA merged into the weights first (the same function, faster).
+temperature 1.0 and top-p 0.95, at most 48 new tokens (95 % of the real training sentences are at most
+45 tokens), batches of 32 prompts (left-padded), seeded; LoRA merged into the weights first (the same function, faster).
 
 Filters, in this order; each looks at the sample alone or at the other samples, NEVER at private data,
 so keeping or dropping a sample is post-processing of the released generator:
@@ -83,7 +83,8 @@ class PublicLabelJudge:
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> list[int]:
-        """The predicted label of each text (right-padded batches, read at each prompt's last token)."""
+        """The predicted label of each text (right-padded batches, read at each prompt's last token; the LM head
+        runs on those positions only)."""
         was_training = self.model.training
         self.model.eval()
         suffix = self.tokenizer(self.SUFFIX, add_special_tokens=False)["input_ids"]
@@ -93,11 +94,14 @@ class PublicLabelJudge:
             rows = [self.tokenizer(self.PREFIX + t, add_special_tokens=False)["input_ids"][:self.max_length] + suffix
                     for t in texts[start:start + self.batch_size]]
             width = max(map(len, rows))
-            ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-            last = torch.tensor([len(r) - 1 for r in rows])
-            logits = self.model(input_ids=ids, attention_mask=mask).logits[torch.arange(len(rows)), last]
-            predictions += logits[:, self.answer_ids].argmax(-1).tolist()
+            device = next(self.model.parameters()).device
+            ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+            positions, column = torch.unique(torch.tensor([len(r) - 1 for r in rows], device=device),
+                                             return_inverse=True)
+            logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits
+            answers = logits[torch.arange(len(rows), device=device), column][:, self.answer_ids.to(device)]
+            predictions += answers.argmax(-1).tolist()
         self.model.train(was_training)
         return predictions
 
@@ -106,7 +110,8 @@ def judge_filter(rows: list[dict], judge: Callable[[list[str]], list[int]]) -> t
     """The rows whose label the judge agrees with, balanced (the first rows of each label, as many as the
     scarcer label keeps), and a report: per label, how many the judge agreed with."""
     predicted = judge([r["text"] for r in rows])
-    agreed = [[r for r, p in zip(rows, predicted) if r["label"] == label == p] for label in range(len(LABELS))]
+    agreed = [[r for r, p in zip(rows, predicted, strict=True) if r["label"] == label == p]
+              for label in range(len(LABELS))]
     keep = min(map(len, agreed))
     if keep == 0:
         raise ValueError(f"the judge agreed with no sample of some label ({[len(a) for a in agreed]} per label of "
@@ -164,8 +169,9 @@ def sample_balanced(model, tokenizer, prompt: Callable[[int], str] | None, n: in
 
     Each label's prompt is `prompt(label)` (plain text, tokenized as the trainer did) or `prompt_ids(label)`
     (token ids, e.g. a chat template). `judge` (e.g. PublicLabelJudge; it must not have seen private data)
-    predicts each sample's label: samples it reads as the other label are dropped. One progress line per batch. Raises RuntimeError if a label still lacks
-    samples after config.max_rounds x n / 2 generations (the generator rarely produces acceptable text).
+    predicts each sample's label: samples it reads as the other label are dropped. One progress line per
+    batch. Raises RuntimeError if a label still lacks samples after config.max_rounds x n / 2 generations
+    (the generator rarely produces acceptable text).
     """
     if n < 2 or n % 2:
         raise ValueError(f"n must be an even number >= 2 (half per label), got {n}")
@@ -188,7 +194,7 @@ def sample_balanced(model, tokenizer, prompt: Callable[[int], str] | None, n: in
             batch = min(config.batch_size, math.ceil((per_label - count) * 1.25))  # a little extra for the filters
             texts = [(clean(text), finished) for text, finished in generate(model, tokenizer, [ids] * batch, config)]
             verdicts = judge([t for t, _ in texts]) if judge is not None else [label] * len(texts)
-            for (text, finished), verdict in zip(texts, verdicts):
+            for (text, finished), verdict in zip(texts, verdicts, strict=True):
                 reason = rejection(text, finished, config)
                 if reason is None and dedupe_key(text) in seen:
                     reason = "duplicate"

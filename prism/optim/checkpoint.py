@@ -8,6 +8,8 @@ loader would cast fp32 moments of bf16 parameters down to bf16).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .updates import reconcile_whole_values
@@ -26,10 +28,16 @@ def load(optimizer, state_dict: dict, load_torch_part) -> None:
     parameters are kept or re-gathered; the clipped sums of an interrupted step are dropped.
     """
     torch_part, extra = split_privacy_entry(optimizer, state_dict)
+    built = [{key: group.get(key) for key in IMPLIED_GROUP_OPTIONS} for group in optimizer.param_groups]
     load_torch_part(torch_part)
-    for group in optimizer.param_groups:
+    for group, before in zip(optimizer.param_groups, built):
         for key, value in optimizer.defaults.items():
             group.setdefault(key, IMPLIED_GROUP_OPTIONS.get(key, value))
+        changed = {k: (v, group[k]) for k, v in before.items() if v is not None and group.get(k) != v}
+        if changed:
+            warnings.warn("the checkpoint's settings replace the optimizer's: " + ", ".join(
+                f"{k}={new!r} (built with {old!r})" for k, (old, new) in changed.items()) +
+                "; the run resumes as it was trained", stacklevel=3)
     restore_state_dtypes(optimizer, torch_part["state"])
     reconcile_whole_values(optimizer._params(), optimizer.state)
     load_privacy_entry(optimizer, extra)
