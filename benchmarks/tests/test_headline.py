@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-COLUMNS = {"PRISM": "prism", "naive DP-LoRA": "naive", "Opacus DP-AdamW": "opacus", "FFA-LoRA": "ffa",
+COLUMNS = {"PRISM": "prism_two_sided", "PRISM one-sided": "prism", "naive DP-LoRA": "naive", "Opacus DP-AdamW": "opacus", "FFA-LoRA": "ffa",
            "DP head only": "head", "non-private LoRA": "nonprivate"}
 TASKS = {"Rotten Tomatoes (sentiment)": "rotten_tomatoes", "SMS spam": "sms_spam"}
 
