@@ -260,7 +260,7 @@ def _direct(folder: Path) -> dict:
     table = common.read_json(path)["test_accuracy"].get("rotten_tomatoes", {})
     return {f"{m}_eps{e}": dict(mean=r["mean"], test_accuracy=r["test_accuracy"], seeds=r["seeds"],
                                 epsilon=None if e == "inf" else float(e))
-            for m in ("prism", "naive", "nonprivate") for e, r in table.get(m, {}).items()}
+            for m in ("prism", "prism_two_sided", "naive", "nonprivate") for e, r in table.get(m, {}).items()}
 
 
 def _canaries(folder: Path) -> list[dict]:
