@@ -192,10 +192,13 @@ def sample_balanced(model, tokenizer, prompt: Callable[[int], str] | None, n: in
                                    f"generations (dropped: {dict(reasons)}); the generator rarely produces acceptable "
                                    "text: train it longer, or relax SamplingConfig")
             batch = min(config.batch_size, math.ceil((per_label - count) * 1.25))  # a little extra for the filters
-            texts = [(clean(text), finished) for text, finished in generate(model, tokenizer, [ids] * batch, config)]
-            verdicts = judge([t for t, _ in texts]) if judge is not None else [label] * len(texts)
-            for (text, finished), verdict in zip(texts, verdicts, strict=True):
-                reason = rejection(text, finished, config)
+            out = generate(model, tokenizer, [ids] * batch, config)
+            texts = [clean(text) for text, _ in out]
+            reasons_now = [rejection(text, finished, config) for text, (_, finished) in zip(texts, out)]
+            survivors = [t for t, r in zip(texts, reasons_now) if r is None]  # only these need the judge
+            verdicts = iter(judge(survivors) if judge is not None else [label] * len(survivors))
+            for text, reason in zip(texts, reasons_now):
+                verdict = next(verdicts) if reason is None else None
                 if reason is None and dedupe_key(text) in seen:
                     reason = "duplicate"
                 if reason is None and verdict != label:
