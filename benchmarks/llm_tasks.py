@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
+from prism.examples.synthetic_sampling import PublicLabelJudge
+
 from . import tasks
 
 TARGETS = ("q_proj", "v_proj")
@@ -39,7 +41,8 @@ class Prompt:
     answers: tuple[str, str]  # label 0, 1
 
 
-PROMPTS = {"rotten_tomatoes": Prompt("Review: ", "\nSentiment:", (" negative", " positive")),
+# Rotten Tomatoes: the public label judge's prompt (its zero-shot row measures the judge on real reviews)
+PROMPTS = {"rotten_tomatoes": Prompt(PublicLabelJudge.PREFIX, PublicLabelJudge.SUFFIX, PublicLabelJudge.ANSWERS),
            "sms_spam": Prompt("Message: ", "\nSpam or ham:", (" ham", " spam"))}
 
 

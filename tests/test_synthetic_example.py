@@ -108,6 +108,8 @@ def test_sampling_with_a_judge_drops_what_it_reads_as_the_other_label():
     rows, report = sample_balanced(model, tokenizer, synthetic.prompt, 4, config,
                                    judge=lambda texts: [next(flips) % 2 for _ in texts])
     assert sorted(r["label"] for r in rows) == [0, 0, 1, 1] and report["dropped"]["label mismatch"] > 0
+    with pytest.raises(ValueError, match="one label per text"):  # a judge that loses texts fails loudly
+        sample_balanced(model, tokenizer, synthetic.prompt, 4, config, judge=lambda texts: [0] * (len(texts) + 1))
 
 
 def test_quick_workflow_with_the_label_filter_builds_a_judge_from_the_untuned_base(tmp_path, monkeypatch):

@@ -196,7 +196,11 @@ def sample_balanced(model, tokenizer, prompt: Callable[[int], str] | None, n: in
             texts = [clean(text) for text, _ in out]
             reasons_now = [rejection(text, finished, config) for text, (_, finished) in zip(texts, out)]
             survivors = [t for t, r in zip(texts, reasons_now) if r is None]  # only these need the judge
-            verdicts = iter(judge(survivors) if judge is not None else [label] * len(survivors))
+            verdicts = judge(survivors) if judge is not None else [label] * len(survivors)
+            if len(verdicts) != len(survivors):
+                raise ValueError(f"the judge returned {len(verdicts)} labels for {len(survivors)} texts: it must "
+                                 "return one label per text, in order")
+            verdicts = iter(verdicts)
             for text, reason in zip(texts, reasons_now):
                 verdict = next(verdicts) if reason is None else None
                 if reason is None and dedupe_key(text) in seen:
