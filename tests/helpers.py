@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from torch.func import functional_call, grad
 from torch.nn import functional as F
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
-                          LlamaForCausalLM, TrainerCallback)
+                          LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments)
 from transformers.utils import logging as hf_logging
 
 from prism import per_example_causal_lm_loss
@@ -197,3 +197,17 @@ class StopAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             control.should_training_stop = True
+
+
+def trainer_for(model, opt, data, tmp_path, callbacks=None, **args):
+    """A vanilla Trainer on `data` (a dict of tensors) with the optimizer `opt`: CPU, no saving, no reports."""
+    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                    logging_steps=2, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True)
+    settings.update(args)
+    return Trainer(model=model, args=TrainingArguments(**settings), train_dataset=TensorDataset(data),
+                   data_collator=stack_collate, optimizers=(opt, None), callbacks=callbacks)
+
+
+def private_settings(n, **extra):
+    """Optimizer arguments of a private run on n examples."""
+    return {**dict(lr=0.03, max_grad_norm=1.0, delta=1e-5, dataset_size=n), **extra}
