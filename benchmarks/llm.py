@@ -253,32 +253,17 @@ def grid_of(method, args):
     return list(args.lr_grid or LR_GRID.get(method, DEFAULT_GRID))
 
 
+def _tune_score(folder, method, args):
+    return lambda lr: utility.read_score(run_path(folder, "tune", method, eps_of(method, args.tune_epsilon), 0, lr))
+
+
 def tuning_grid(folder, method, args) -> list:
     """The method's grid, extended past the edge where its best validation accuracy lies (utility's rule)."""
-    grid = grid_of(method, args)
-    if len(grid) < 2:  # zero-shot, or a single rate given: nothing to extend
-        return grid
-    base = len(grid)
-    while len(grid) - base < args.edge_steps:
-        paths = {lr: run_path(folder, "tune", method, eps_of(method, args.tune_epsilon), 0, lr) for lr in grid}
-        if not all(p.exists() for p in paths.values()):
-            break
-        best = max(grid, key=lambda lr: common.read_json(paths[lr])["val_accuracy"])
-        if best == grid[0]:
-            grid.insert(0, utility.rate_past(grid[0], grid[1]))
-        elif best == grid[-1]:
-            grid.append(utility.rate_past(grid[-1], grid[-2]))
-        else:
-            break
-    return grid
+    return utility.extended_grid(grid_of(method, args), _tune_score(folder, method, args), args.edge_steps)
 
 
 def tuned_lr(folder, method, args):
-    grid = tuning_grid(folder, method, args)
-    paths = {lr: run_path(folder, "tune", method, eps_of(method, args.tune_epsilon), 0, lr) for lr in grid}
-    if not all(p.exists() for p in paths.values()):
-        return None
-    return max(grid, key=lambda lr: common.read_json(paths[lr])["val_accuracy"])
+    return utility.best_rate(tuning_grid(folder, method, args), _tune_score(folder, method, args))
 
 
 def _ordered(grid):

@@ -13,7 +13,8 @@ log-likelihood per reply token and its exponential, the perplexity (lower is bet
 Methods: zeroshot (no training), nonprivate (AdamW), prism (PRISM from PiSSA, two-sided moments),
 prism_one_sided (the paper's r x r moments), naive (NaiveDPLoRA from peft's default init, as its users run
 it). Every run: the same data, steps, expected batch and C; the run's seed seeds the noise and the Poisson
-draws. Learning rates: the grid below, chosen by validation loss at epsilon 3, seed 0, for every method alike.
+draws. Learning rates: the grid below, chosen by validation loss at epsilon 3, seed 0, for every method alike, and
+extended past an edge that holds the optimum (benchmarks.utility's rule, --edge-steps).
 Results: results/llm_sft/<stage>/<method>_eps<e>_seed<s>_lr<lr>.json and results/llm_sft.json.
 """
 
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from . import common
+from . import common, utility
 
 METHODS = ("zeroshot", "nonprivate", "prism", "prism_one_sided", "naive")
 GRID = {"nonprivate": (3e-4, 1e-3, 3e-3)}
@@ -101,13 +102,20 @@ def grid(method: str, args) -> list:
     return [None] if method == "zeroshot" else list(args.lr_grid or GRID.get(method, DEFAULT_GRID))
 
 
+def _tune_score(folder: Path, method: str):
+    """minus the validation loss of the method's tuning run at a rate (None while it is missing)."""
+    eps = TUNE_EPSILON if private(method) else None
+    return lambda lr: utility.read_score(run_path(folder, "tune", method, eps, 0, lr), "val_loss", -1.0)
+
+
+def tuning_grid(folder: Path, method: str, args) -> list:
+    """The method's grid, extended past the edge where its lowest validation loss lies (utility's rule)."""
+    return utility.extended_grid(grid(method, args), _tune_score(folder, method), args.edge_steps)
+
+
 def tuned_lr(folder: Path, method: str, args):
     """The rate of the grid with the lowest validation loss at the tuning epsilon, seed 0 (None: not all run)."""
-    eps = TUNE_EPSILON if private(method) else None
-    paths = {lr: run_path(folder, "tune", method, eps, 0, lr) for lr in grid(method, args)}
-    if not all(p.exists() for p in paths.values()):
-        return None
-    return min(paths, key=lambda lr: common.read_json(paths[lr])["val_loss"])
+    return utility.best_rate(tuning_grid(folder, method, args), _tune_score(folder, method))
 
 
 def job(method, setup, epsilon, seed, lr):
@@ -117,12 +125,15 @@ def job(method, setup, epsilon, seed, lr):
 def sweep(args, folder: Path, setup: Setup) -> None:
     if args.stage == "tune":
         tune = replace(setup, score_test=False)
-        # rate-major: every method at its grid's first rate, then the second, ...
-        order = sorted(((i, m, lr) for m in args.methods for i, lr in enumerate(grid(m, args))), key=lambda x: x[0])
-        jobs = [(run_path(folder, "tune", m, TUNE_EPSILON if private(m) else None, 0, lr),
-                 job(m, tune, TUNE_EPSILON if private(m) else None, 0, lr)) for _, m, lr in order]
-        common.run_queue(jobs, "sft learning-rate tuning")
-        return
+        while True:  # rate-major from the grid's middle (every method at one rate first), then the extensions
+            grids = {m: tuning_grid(folder, m, args) for m in args.methods}
+            grids = {m: g if g == [None] else utility.center_first(g) for m, g in grids.items()}
+            order = sorted(((i, m, lr) for m in args.methods for i, lr in enumerate(grids[m])), key=lambda x: x[0])
+            jobs = [(run_path(folder, "tune", m, TUNE_EPSILON if private(m) else None, 0, lr),
+                     job(m, tune, TUNE_EPSILON if private(m) else None, 0, lr)) for _, m, lr in order]
+            if all(p.exists() for p, _ in jobs):
+                return
+            common.run_queue(jobs, "sft learning-rate tuning")
     jobs = []
     for seed in args.seeds:
         for epsilon in args.epsilons:
@@ -162,16 +173,18 @@ def table(folder: Path) -> str:
 def main(argv=None) -> str:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--stage", choices=["tune", "test"], default="tune")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m != "prism_one_sided"],
+                   help="default: all but prism_one_sided (the paper's moments, no longer PRISM's default)")
     p.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--lr-grid", nargs="+", type=float, default=None, help="one grid for every method")
+    p.add_argument("--edge-steps", type=int, default=1, help="rates added past a grid edge holding the optimum")
     p.add_argument("--summary-only", action="store_true")
     args = p.parse_args(argv)
     common.quiet()
     setup = QUICK if args.quick else Setup()
     if args.quick:
-        args.lr_grid, args.epsilons, args.seeds = args.lr_grid or [1e-3], [8.0], [0]
+        args.lr_grid, args.epsilons, args.seeds, args.edge_steps = args.lr_grid or [1e-3], [8.0], [0], 0
     folder = common.out_dir(args)
     if not args.summary_only:
         sweep(args, folder, setup)

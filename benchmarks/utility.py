@@ -19,6 +19,7 @@ import math
 import statistics
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 from . import common, methods, tasks
 
@@ -67,17 +68,18 @@ def rate_past(edge: float, neighbour: float) -> float:
     return min(beyond, key=lambda lr: abs(math.log10(lr) - target))
 
 
-def tuning_grid(folder: Path, task: str, method: str, grid, edge_steps: int = EDGE_STEPS) -> list[float]:
-    """The rates `method` is tuned over: the common grid, extended by one rate past an edge for as long as
-    the best validation accuracy lies on that edge, by at most `edge_steps` rates. An optimum on the edge of
-    a grid is an artefact of where the grid ends; the rule is the same for every method, so the comparison
-    stays fair. Rates whose tuning run is missing are in the grid; the extension waits for them."""
+def extended_grid(grid, score: Callable[[float], float | None], edge_steps: int = EDGE_STEPS) -> list[float]:
+    """The rates a method is tuned over: `grid`, extended by one rate past an edge for as long as the best
+    score (score(lr): the tuning run's validation score, higher is better; None while that run is missing)
+    lies on that edge, by at most `edge_steps` rates. An optimum on the edge of a grid is an artefact of
+    where the grid ends; the rule is the same for every method, so the comparison stays fair. Rates whose
+    tuning run is missing are in the grid; the extension waits for them."""
     grid, base = sorted(grid), len(grid)
     while len(grid) > 1 and len(grid) - base < edge_steps:
-        paths = {lr: run_path(folder, task, method, tune_epsilon(method), 0, lr) for lr in grid}
-        if not all(p.exists() for p in paths.values()):
+        scores = {lr: score(lr) for lr in grid}
+        if any(v is None for v in scores.values()):
             break
-        best = max(grid, key=lambda lr: common.read_json(paths[lr])["val_accuracy"])
+        best = max(grid, key=scores.get)
         if best == grid[0]:
             grid.insert(0, rate_past(grid[0], grid[1]))
         elif best == grid[-1]:
@@ -87,13 +89,27 @@ def tuning_grid(folder: Path, task: str, method: str, grid, edge_steps: int = ED
     return grid
 
 
+def best_rate(grid, score: Callable[[float], float | None]) -> float | None:
+    """The rate of `grid` with the best score, or None while a tuning run is missing."""
+    scores = {lr: score(lr) for lr in grid}
+    return None if any(v is None for v in scores.values()) else max(grid, key=scores.get)
+
+
+def read_score(path: Path, key: str = "val_accuracy", sign: float = 1.0) -> float | None:
+    """sign * the result file's `key`, or None if the run has not finished."""
+    return sign * common.read_json(path)[key] if path.exists() else None
+
+
+def tuning_grid(folder: Path, task: str, method: str, grid, edge_steps: int = EDGE_STEPS) -> list[float]:
+    """The method's tuning grid on `task` (extended_grid on its validation accuracy)."""
+    return extended_grid(grid, lambda lr: read_score(run_path(folder, task, method, tune_epsilon(method), 0, lr)),
+                         edge_steps)
+
+
 def tuned_lr(folder: Path, task: str, method: str, grid, edge_steps: int = EDGE_STEPS) -> float | None:
     """The rate of the method's tuning grid with the best validation accuracy, or None while a tuning run is missing."""
-    grid = tuning_grid(folder, task, method, grid, edge_steps)
-    paths = {lr: run_path(folder, task, method, tune_epsilon(method), 0, lr) for lr in grid}
-    if not all(p.exists() for p in paths.values()):
-        return None
-    return max(grid, key=lambda lr: common.read_json(paths[lr])["val_accuracy"])
+    return best_rate(tuning_grid(folder, task, method, grid, edge_steps),
+                     lambda lr: read_score(run_path(folder, task, method, tune_epsilon(method), 0, lr)))
 
 
 def sweep(args, folder: Path, setup: methods.Setup) -> None:

@@ -47,6 +47,20 @@ def test_an_interior_optimum_keeps_the_common_grid(tmp_path):
     assert utility.tuned_lr(tmp_path, "task", "prism", grid) == 1e-2
 
 
+def test_the_chat_benchmark_extends_its_grid_towards_the_lowest_validation_loss(tmp_path):
+    from types import SimpleNamespace
+
+    from benchmarks import llm_sft
+
+    args = SimpleNamespace(lr_grid=None, edge_steps=1)
+    for lr, loss in zip(llm_sft.DEFAULT_GRID, (2.0, 2.5, 3.0)):  # lowest loss at the lowest rate
+        common.write_json(llm_sft.run_path(tmp_path, "tune", "naive", llm_sft.TUNE_EPSILON, 0, lr), dict(val_loss=loss))
+    assert llm_sft.tuning_grid(tmp_path, "naive", args) == [3e-4, *llm_sft.DEFAULT_GRID]
+    assert llm_sft.tuned_lr(tmp_path, "naive", args) is None  # waits for the run at 3e-4
+    common.write_json(llm_sft.run_path(tmp_path, "tune", "naive", llm_sft.TUNE_EPSILON, 0, 3e-4), dict(val_loss=2.2))
+    assert llm_sft.tuned_lr(tmp_path, "naive", args) == 1e-3
+
+
 def test_the_run_queue_resumes_and_skips_runs_another_process_finished(tmp_path):
     first, second, third = (tmp_path / f"run{i}.json" for i in range(3))
     common.write_json(first, dict(val_accuracy=0.1))
