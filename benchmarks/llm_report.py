@@ -8,7 +8,10 @@ results/llm_sft/test/), and writes results/llm_summary.json (per task, method an
 sample standard deviation over seeds, the values, the seeds and the learning rate), prints the markdown
 table and draws results/llm.png (accuracy and perplexity against epsilon; zero-shot and non-private as
 horizontal lines). Runs of one (task, method, epsilon) at different learning rates are refused: the test
-stage runs each method at its one tuned rate.
+stage runs each method at its one tuned rate. A second table pairs PRISM with each private baseline seed by
+seed (the same seed draws the same Poisson batches; the test split is shared): the mean and sample std of
+the per-seed difference, which is what "PRISM is x points above" means. llm_summary.json holds both:
+{"results": {task: {method: {epsilon: ...}}}, "paired": {task: {epsilon: {method: ...}}}}.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ SOURCES = (
     ("chat (SFT)", Path("llm_sft") / "test", "test_perplexity", "test perplexity", False),
 )
 REFERENCES = ("zeroshot", "nonprivate")  # no epsilon: drawn as horizontal lines
+PRISM = "prism_two_sided"  # the library's default PRISM, the method the paired table compares with the others
 
 
 def summarize(folder: Path) -> dict:
@@ -50,6 +54,45 @@ def summarize(folder: Path) -> dict:
                 mean=statistics.mean(values), std=statistics.stdev(values) if len(values) > 1 else None,
                 values=values, seeds=[r["seed"] for r in group], lr=group[0]["lr"])
     return summary
+
+
+def paired(summary: dict, reference: str = PRISM) -> dict:
+    """{task: {epsilon: {method: {mean, std, seeds}}}}: reference minus method on the seeds both have, for every
+    private method tested at an epsilon the reference was tested at."""
+    out = {}
+    for task, by_method in summary.items():
+        if reference not in by_method:
+            continue
+        for eps, ref in by_method[reference].items():
+            mine = dict(zip(ref["seeds"], ref["values"]))
+            for method, rows in by_method.items():
+                if method in (reference, *REFERENCES) or eps not in rows:
+                    continue
+                theirs = dict(zip(rows[eps]["seeds"], rows[eps]["values"]))
+                seeds = sorted(set(mine) & set(theirs))
+                if not seeds:
+                    continue
+                diffs = [mine[s] - theirs[s] for s in seeds]
+                out.setdefault(task, {}).setdefault(eps, {})[method] = dict(
+                    mean=statistics.mean(diffs), std=statistics.stdev(diffs) if len(diffs) > 1 else None,
+                    differences=diffs, seeds=seeds)
+    return out
+
+
+def paired_table(pairs: dict, reference: str = PRISM) -> str:
+    """Markdown: one row per (task, epsilon, baseline): reference minus baseline, mean ± std over paired seeds."""
+    lines = [f"| task | eps | {reference} minus | difference (mean ± std over seeds) | per seed |", "|---" * 5 + "|"]
+    for task, by_eps in pairs.items():
+        for eps, by_method in sorted(by_eps.items(), key=lambda x: float(x[0])):
+            for method, row in sorted(by_method.items(), key=lambda x: -x[1]["mean"]):
+                per_seed = ", ".join(f"{d:+.2f}" for d in row["differences"])
+                lines.append(f"| {task} | {eps} | {method} | {_signed(row)} | {per_seed} |")
+    return "\n".join(lines)
+
+
+def _signed(row) -> str:
+    spread = "" if row["std"] is None else f" ± {row['std']:.2f}"
+    return f"{row['mean']:+.2f}{spread} (n={len(row['seeds'])})"
 
 
 def _cell(row) -> str:
@@ -101,9 +144,10 @@ def main(argv=None) -> str:
     args = p.parse_args(argv)
     folder = common.out_dir(args)
     summary = summarize(folder)
-    common.write_json(folder / "llm_summary.json", summary)
+    pairs = paired(summary)
+    common.write_json(folder / "llm_summary.json", dict(results=summary, paired=pairs))
     plot(summary, folder / "llm.png")
-    text = table(summary)
+    text = table(summary) + "\n\n" + paired_table(pairs)
     print(text)
     return text
 

@@ -34,6 +34,21 @@ def test_llm_report_gives_mean_and_sample_std_over_seeds_per_method_and_epsilon(
     assert text.splitlines()[0] == "| task | metric | method | lr | eps 3 | no DP |"
 
 
+def test_llm_report_pairs_prism_with_each_baseline_seed_by_seed(tmp_path):
+    for seed, (prism_acc, naive_acc) in enumerate(((0.84, 0.82), (0.80, 0.79), (0.83, 0.80))):
+        _test_run(tmp_path, "prism_two_sided", 3.0, seed, 0.003, prism_acc)
+        _test_run(tmp_path, "naive", 3.0, seed, 0.001, naive_acc)
+    _test_run(tmp_path, "ffa", 3.0, 1, 0.003, 0.81)  # one seed only: paired on that seed
+    _test_run(tmp_path, "nonprivate", None, 0, 0.0003, 0.9)  # not private: no pair
+    pairs = llm_report.paired(llm_report.summarize(tmp_path))["rotten_tomatoes"]["3"]
+    assert set(pairs) == {"naive", "ffa"}
+    assert pairs["naive"]["differences"] == pytest.approx([2.0, 1.0, 3.0])
+    assert pairs["naive"]["mean"] == pytest.approx(2.0) and pairs["naive"]["std"] == pytest.approx(1.0)
+    assert pairs["ffa"] == dict(mean=pytest.approx(-1.0), std=None, differences=[pytest.approx(-1.0)], seeds=[1])
+    assert "| rotten_tomatoes | 3 | naive | +2.00 ± 1.00 (n=3) | +2.00, +1.00, +3.00 |" in llm_report.paired_table(
+        llm_report.paired(llm_report.summarize(tmp_path)))
+
+
 def test_llm_report_refuses_one_method_tested_at_two_learning_rates(tmp_path):
     _test_run(tmp_path, "naive", 3.0, 0, 0.01, 0.8)
     _test_run(tmp_path, "naive", 3.0, 1, 0.03, 0.8)
