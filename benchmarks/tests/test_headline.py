@@ -30,35 +30,30 @@ def _mean_std(cell):
     return float(mean), float(std)
 
 
-def test_the_readme_headline_matches_utility_json_at_epsilon_3():
-    results = json.loads((ROOT / "benchmarks/results/utility.json").read_text())["test_accuracy"]
+def _check_rows(tasks, columns, results, scale):
+    """Every README row named in `tasks` against results[task][method][epsilon 3 or "inf"] (mean, std) x scale;
+    columns not in `columns` must be "–". Returns how many cells were compared."""
     checked = 0
     for header, cells in _headline_rows():
-        if cells[0] not in TASKS:
+        if cells[0] not in tasks:
             continue
-        task = results[TASKS[cells[0]]]
+        task = results[tasks[cells[0]]]
         for name, cell in zip(header[1:], cells[1:]):
-            method = COLUMNS[name]
-            summary = task[method]["inf" if method == "nonprivate" else "3"]
-            expected = (round(100 * summary["mean"], 1), round(100 * summary["std"], 1))
+            if name not in columns:
+                assert cell == "–", (cells[0], name)
+                continue
+            summary = task[columns[name]]["inf" if columns[name] == "nonprivate" else "3"]
+            expected = (round(scale * summary["mean"], 1), round(scale * summary["std"], 1))
             assert _mean_std(cell) == expected, (cells[0], name)
             checked += 1
-    assert checked == len(TASKS) * len(COLUMNS)
+    return checked
+
+
+def test_the_readme_headline_matches_utility_json_at_epsilon_3():
+    results = json.loads((ROOT / "benchmarks/results/utility.json").read_text())["test_accuracy"]
+    assert _check_rows(TASKS, COLUMNS, results, scale=100) == len(TASKS) * len(COLUMNS)
 
 
 def test_the_readme_language_model_row_matches_llm_summary_json_at_epsilon_3():
-    results = json.loads((ROOT / "benchmarks/results/llm_summary.json").read_text())["results"]
-    checked = 0
-    for header, cells in _headline_rows():
-        if cells[0] not in LLM_TASKS:
-            continue
-        task = results[LLM_TASKS[cells[0]]]
-        for name, cell in zip(header[1:], cells[1:]):
-            if name not in LLM_COLUMNS:
-                assert cell == "–", (cells[0], name)
-                continue
-            method = LLM_COLUMNS[name]
-            summary = task[method]["inf" if method == "nonprivate" else "3"]
-            assert _mean_std(cell) == (round(summary["mean"], 1), round(summary["std"], 1)), (cells[0], name)
-            checked += 1
-    assert checked == len(LLM_TASKS) * len(LLM_COLUMNS)
+    results = json.loads((ROOT / "benchmarks/results/llm_summary.json").read_text())["results"]  # in percent
+    assert _check_rows(LLM_TASKS, LLM_COLUMNS, results, scale=1) == len(LLM_TASKS) * len(LLM_COLUMNS)
