@@ -266,10 +266,6 @@ def tuned_lr(folder, method, args):
     return utility.best_rate(tuning_grid(folder, method, args), _tune_score(folder, method, args))
 
 
-def _ordered(grid):
-    return grid if grid == [None] else utility.center_first(grid)
-
-
 def job(method, setup, epsilon, seed, lr, quick, cache, gauge=1.0):
     def fn():
         return train(method, setup, epsilon=epsilon, seed=seed, lr=lr, quick=quick, data_cache=cache, gauge=gauge)
@@ -300,11 +296,9 @@ def sweep(args, folder, setup) -> None:
     if args.stage == "tune":
         setup = replace(setup, test=False)  # tuning sees the validation split only
         while True:  # rate-major (every method at the grid's middle rate first), then the grid extensions
-            grids = {m: _ordered(tuning_grid(folder, m, args)) for m in args.methods}
-            order = sorted(((i, m) for m in args.methods for i in range(len(grids[m]))), key=lambda x: x[0])
-            jobs = [(run_path(folder, "tune", m, eps_of(m, args.tune_epsilon), 0, grids[m][i]),
-                     job(m, setup, eps_of(m, args.tune_epsilon), 0, grids[m][i], args.quick, cache))
-                    for i, m in order]
+            order = utility.rate_major({m: tuning_grid(folder, m, args) for m in args.methods})
+            jobs = [(run_path(folder, "tune", m, eps_of(m, args.tune_epsilon), 0, lr),
+                     job(m, setup, eps_of(m, args.tune_epsilon), 0, lr, args.quick, cache)) for m, lr in order]
             if all(p.exists() for p, _ in jobs):
                 return
             common.run_queue(jobs, "llm learning-rate tuning")

@@ -126,11 +126,9 @@ def sweep(args, folder: Path, setup: Setup) -> None:
     if args.stage == "tune":
         tune = replace(setup, score_test=False)
         while True:  # rate-major from the grid's middle (every method at one rate first), then the extensions
-            grids = {m: tuning_grid(folder, m, args) for m in args.methods}
-            grids = {m: g if g == [None] else utility.center_first(g) for m, g in grids.items()}
-            order = sorted(((i, m, lr) for m in args.methods for i, lr in enumerate(grids[m])), key=lambda x: x[0])
+            order = utility.rate_major({m: tuning_grid(folder, m, args) for m in args.methods})
             jobs = [(run_path(folder, "tune", m, TUNE_EPSILON if private(m) else None, 0, lr),
-                     job(m, tune, TUNE_EPSILON if private(m) else None, 0, lr)) for _, m, lr in order]
+                     job(m, tune, TUNE_EPSILON if private(m) else None, 0, lr)) for m, lr in order]
             if all(p.exists() for p, _ in jobs):
                 return
             common.run_queue(jobs, "sft learning-rate tuning")

@@ -53,6 +53,14 @@ def center_first(grid) -> list[float]:
     return sorted(grid, key=lambda lr: (abs(grid.index(lr) - middle), -lr))
 
 
+def rate_major(grids: dict) -> list[tuple[str, float | None]]:
+    """(method, rate) pairs: every method's grid centre-first ([None]: no rate), the first rate of every method,
+    then the second, ...: an unfinished tuning stage has compared all methods at the same rates."""
+    ordered = {m: g if g == [None] else center_first(g) for m, g in grids.items()}
+    return [(m, g[i]) for i in range(max(map(len, ordered.values()), default=0)) for m, g in ordered.items()
+            if i < len(g)]
+
+
 def tune_epsilon(method: str) -> float | None:
     return None if method == "nonprivate" else TUNE_EPSILON
 

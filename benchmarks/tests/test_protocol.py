@@ -79,3 +79,9 @@ def test_the_run_queue_resumes_and_skips_runs_another_process_finished(tmp_path)
                                 (third, run_third)])
     assert calls == ["second"]
     assert [r["val_accuracy"] for r in results] == [0.1, 0.2, 0.3]
+
+
+def test_rate_major_orders_every_method_centre_first_one_rate_at_a_time():
+    order = utility.rate_major({"prism": [3e-3, 1e-2, 3e-2], "zeroshot": [None], "naive": [1e-3, 3e-3, 1e-2, 3e-2]})
+    assert order == [("prism", 1e-2), ("zeroshot", None), ("naive", 1e-2), ("prism", 3e-2), ("naive", 3e-3),
+                     ("prism", 3e-3), ("naive", 3e-2), ("naive", 1e-3)]
