@@ -203,8 +203,7 @@ def _train_loop(method, cfg, model, pairs, data, pad, setup, epsilon, seed, lr) 
         loss_total, norms = 0.0, []
         for s in range(0, len(batch), setup.micro_batch):
             index = batch[s:s + setup.micro_batch]
-            loss = llm_tasks.loss_sum(model, llm_tasks.collate([data.train.ids[i] for i in index], pad),
-                                      targets[index])
+            loss = llm_tasks.loss_sum(model, [data.train.ids[i] for i in index], pad, targets[index])
             (loss / len(batch) if method == "nonprivate" else loss).backward()
             loss_total += loss.item()
             if method != "nonprivate" and opt.stats.last_norms is not None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from prism.examples.synthetic_sampling import PublicLabelJudge
+from prism.examples.synthetic_sampling import PublicLabelJudge, last_token_logits
 
 from . import tasks
 
@@ -97,29 +97,10 @@ def load_data(tokenizer, max_length: int, batch_size: int, quick: bool = False, 
                 tuple(answer_ids))
 
 
-def collate(ids: list[list[int]], pad_id: int) -> dict:
-    """Right-padded input_ids and attention_mask, and each row's last prompt position."""
-    length = max(len(x) for x in ids)
-    input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), length), dtype=torch.long)
-    for row, x in enumerate(ids):
-        input_ids[row, :len(x)] = torch.tensor(x)
-        mask[row, :len(x)] = 1
-    return dict(input_ids=input_ids, attention_mask=mask, last=torch.tensor([len(x) - 1 for x in ids]))
-
-
-def answer_logits(model, batch: dict):
-    """(b, vocab) next-token logits at each example's last prompt token. The model is called as a
-    whole (prism counts its forward passes); the LM head runs only on the distinct last positions."""
-    positions, column = torch.unique(batch["last"], return_inverse=True)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=positions).logits
-    return logits[torch.arange(logits.shape[0]), column]
-
-
-def loss_sum(model, batch: dict, targets: torch.Tensor) -> torch.Tensor:
-    """Sum over the examples of the answer token's cross-entropy (each term one example's own)."""
-    return F.cross_entropy(answer_logits(model, batch), targets, reduction="sum")
+def loss_sum(model, ids: list[list[int]], pad_id: int, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over the examples (prompts as token ids) of the answer token's cross-entropy (each term one
+    example's own)."""
+    return F.cross_entropy(last_token_logits(model, ids, pad_id), targets, reduction="sum")
 
 
 @torch.no_grad()
@@ -134,7 +115,7 @@ def accuracy(model, enc: Encoded, answer_ids, pad_id: int, batch_size: int = 64)
     answers = torch.tensor(answer_ids)
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
-        logits = answer_logits(model, collate([enc.ids[i] for i in index], pad_id))
+        logits = last_token_logits(model, [enc.ids[i] for i in index], pad_id)
         labels = torch.tensor([enc.labels[i] for i in index])
         pair = logits[:, answers]
         correct += int((pair.argmax(-1) == labels).sum())

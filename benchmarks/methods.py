@@ -22,6 +22,7 @@ repeated; a real deployment must not (see docs/guarantees.md).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -59,11 +60,7 @@ QUICK = Setup(steps=3, batch_size=16, micro_batch=16, max_length=32, log_every=0
 
 
 def opacus_available() -> bool:
-    try:
-        import opacus  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return importlib.util.find_spec("opacus") is not None
 
 
 def train(method: str, split: Split, setup: Setup, *, epsilon: float | None, seed: int, lr: float,

@@ -64,6 +64,19 @@ def dedupe_key(text: str) -> str:
     return " ".join(text.lower().split())
 
 
+def last_token_logits(model, rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    """(len(rows), vocab) next-token logits after each row's last token. The rows are right-padded into one
+    masked batch on the model's device; the model is called as a whole (prism counts its forward passes) and
+    its LM head runs only on the distinct last positions (logits_to_keep)."""
+    device = next(model.parameters()).device
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    positions, column = torch.unique(torch.tensor([len(r) - 1 for r in rows], device=device), return_inverse=True)
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits
+    return logits[torch.arange(len(rows), device=device), column]
+
+
 class PublicLabelJudge:
     """A public zero-shot sentiment classifier: the untuned causal LM, prompted "Review: <text>\\nSentiment:",
     predicts the label whose answer word (" negative" / " positive", one token each) is more likely.
@@ -93,15 +106,8 @@ class PublicLabelJudge:
         for start in range(0, len(texts), self.batch_size):
             rows = [self.tokenizer(self.PREFIX + t, add_special_tokens=False)["input_ids"][:self.max_length] + suffix
                     for t in texts[start:start + self.batch_size]]
-            width = max(map(len, rows))
-            device = next(self.model.parameters()).device
-            ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-            positions, column = torch.unique(torch.tensor([len(r) - 1 for r in rows], device=device),
-                                             return_inverse=True)
-            logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits
-            answers = logits[torch.arange(len(rows), device=device), column][:, self.answer_ids.to(device)]
-            predictions += answers.argmax(-1).tolist()
+            logits = last_token_logits(self.model, rows, pad)
+            predictions += logits[:, self.answer_ids.to(logits.device)].argmax(-1).tolist()
         self.model.train(was_training)
         return predictions
 
