@@ -59,6 +59,7 @@ def moment_diagnostics(opt, pairs, floor_factor: float | None, floor_mode: str =
     PRISM: eigenvalues of the bias-corrected r x r moments V_A, V_B (keys exp_avg_sq_A/B) and the
     fraction below the floor f (one-sided only: the two-sided moment is of a row-normalised direction,
     unitless, and its floor is not in these units); naive/ffa: the bias-corrected per-coordinate moments v of each factor.
+    With PRISM's momentum shrinkage, also the factor s of each module's last step (unitless).
     """
     std2 = opt.noise_std ** 2
     if std2 == 0:
@@ -78,6 +79,8 @@ def moment_diagnostics(opt, pairs, floor_factor: float | None, floor_mode: str =
                     rows.setdefault(f"eig_{side}", []).extend(lam)
                     if unit != 1.0:  # the floor is in std^2 units; two-sided eigenvalues are unitless
                         rows.setdefault("below", []).extend(v < floors[side] for v in lam)
+                if "momentum_shrinkage" in state:  # PRISM(momentum_shrinkage=True): the step's factor s
+                    rows.setdefault("shrinkage", []).append(float(state["momentum_shrinkage"]))
             for label, param in (("A", pair.lora_B.weight), ("B", pair.lora_A.weight)):
                 st = opt.state.get(param, {})
                 if "exp_avg_sq" in st:  # naive / ffa (dense AdamW state)

@@ -4,7 +4,8 @@ of tensors (docs/method.md section 3).
     clipped sums (Y, W) --split--> (S, U, V) / b + tangent noise      = xi_dp   (3.2, 3.3)
     xi_dp --symmetric lift--> --horizontal lift--> (dA, dB)                     (3.5)
       or, metric "balanced": (Y R_B, W R_A) / b + horizontal noise = (dA, dB)   (3.7)
-    adaptive: moments, DP-aware floor, r x r (and row) preconditioner, lift       (3.5)
+    adaptive: moments, DP-aware floor, r x r (and row) preconditioner,
+              optional momentum shrinkage, lift                                (3.5)
     (A, B) --retract(lr)--> balanced rank-r factors --Procrustes--> (A+, B+)   (3.6)
 
 and the Euclidean (Adam or SGD) step shared by dense parameters and naive DP-LoRA.
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import manifold
-from .pipeline import noise, precondition, retract
+from .pipeline import noise, precondition, retract, shrink
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class StepConfig:
     preconditioner: str = "two_sided"
     floor_factor: float = 0.0
     max_condition: float = 1e4
+    momentum_shrinkage: bool = False
 
 
 def privatize_tangent(Y_sum: Tensor, W_sum: Tensor, basis: manifold.TangentBasis, cfg: StepConfig,
@@ -115,6 +117,11 @@ def _adaptive_direction(A, B, dA, dB, basis, state, cfg: StepConfig) -> tuple[Te
         precondition.update_moments(exp_avg, exp_avg_sq, direction, cfg.betas, rows, floor, state["step"])
         directions.append(precondition.preconditioned(exp_avg, exp_avg_sq, state["step"], cfg.betas, floor,
                                                       cfg.max_condition, cfg.eps, rows))
+    if cfg.momentum_shrinkage:
+        energy = shrink.moment_energy(cfg.metric, state["exp_avg_A"], state["exp_avg_B"], A, B)
+        noise_energy = noise.noise_energy(cfg.noise_std, A.shape[-2], B.shape[-2], A.shape[-1])
+        state["momentum_shrinkage"] = shrink.shrinkage(energy, noise_energy, cfg.betas[0], state["step"])
+        directions = [d * state["momentum_shrinkage"][..., None, None] for d in directions]
     return manifold.horizontal_lift(A, B, *directions)
 
 

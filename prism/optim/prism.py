@@ -104,6 +104,11 @@ class PRISM(DPLoRAOptimizer):
         floor_factor (float, optional): f in the floor f * std^2, with the dense layers' own std
             for them (default: 0.5).
         max_condition (float, optional): condition-number clamp of the second moments (default: 1e4).
+        momentum_shrinkage (bool, optional): multiply each module's adaptive step by
+            s = max(0, 1 - c_t E / ||m_hat||^2), the share of its first moment's energy that is not the
+            injected noise (E: the closed-form noise energy of a step, c_t: its share in the moment), so that
+            steps shrink once the gradients sink into the noise (method 3.5). Post-processing: no privacy
+            cost. The last s of each module is in its state under "momentum_shrinkage" (default: False).
         loss_reduction (str, optional): "mean" if the loss is the mean of per-example losses over
             the micro-batch, "sum" if it is their sum (default: "mean").
         generator (torch.Generator or "secure", optional): source of all noise, on the parameters'
@@ -119,7 +124,8 @@ class PRISM(DPLoRAOptimizer):
     """
 
     def __init__(self, model: nn.Module, *, metric: str = "frobenius", preconditioner: str = "two_sided",
-                 floor_mode: str = "scalar", floor_factor: float = 0.5, max_condition: float = 1e4, **kwargs):
+                 floor_mode: str = "scalar", floor_factor: float = 0.5, max_condition: float = 1e4,
+                 momentum_shrinkage: bool = False, **kwargs):
         _validate.one_of({"frobenius", "balanced"}, metric=metric)
         _validate.one_of({"one_sided", "two_sided"}, preconditioner=preconditioner)
         _validate.one_of({"scalar", "geometry"}, floor_mode=floor_mode)
@@ -129,10 +135,14 @@ class PRISM(DPLoRAOptimizer):
                              "units: use floor_mode='scalar'.")
         _validate.non_negative(floor_factor=floor_factor)
         _validate.positive(max_condition=max_condition)
+        if momentum_shrinkage and not kwargs.get("adaptive", True):
+            raise ValueError("momentum_shrinkage scales the adaptive step's first moment; with adaptive=False there "
+                             "is none: drop momentum_shrinkage or set adaptive=True.")
         # per shape group, for the current logical step: the stacked factors (A, B) and their basis
         self._points: dict[tuple[int, ...], tuple[Tensor, Tensor, TangentBasis]] = {}
         super().__init__(model, metric=metric, preconditioner=preconditioner, floor_mode=floor_mode,
-                         floor_factor=floor_factor, max_condition=max_condition, **kwargs)
+                         floor_factor=floor_factor, max_condition=max_condition,
+                         momentum_shrinkage=momentum_shrinkage, **kwargs)
         self._groups = self._shape_groups()
         # index -> (its group, its place in the group)
         self._positions = {index: (group, position) for group in self._groups for position, index in enumerate(group)}
@@ -200,7 +210,7 @@ class PRISM(DPLoRAOptimizer):
         return dict(super()._settings(), metric=self.defaults["metric"])
 
     def _extra_config(self, group: dict) -> dict:
-        keys = ("metric", "preconditioner", "floor_mode", "floor_factor", "max_condition")
+        keys = ("metric", "preconditioner", "floor_mode", "floor_factor", "max_condition", "momentum_shrinkage")
         return {key: group[key] for key in keys}
 
     def _lora_updates(self, configs: dict[int, StepConfig]) -> list[Update]:
@@ -236,6 +246,7 @@ class PRISM(DPLoRAOptimizer):
 
 MOMENTS = ("exp_avg_A", "exp_avg_sq_A", "exp_avg_B", "exp_avg_sq_B")
 ROW_MOMENTS = ("exp_avg_sq_rows_A", "exp_avg_sq_rows_B")  # preconditioner="two_sided"
+SHRINKAGE = "momentum_shrinkage"  # momentum_shrinkage=True: the last step's factor s per module (diagnostics)
 
 
 def _stacked_moments(states: list[dict]) -> dict:
@@ -257,4 +268,4 @@ def _unstack_moments(stacked: dict, states: list[dict]) -> None:
         return
     for position, state in enumerate(states):
         state["step"] = stacked["step"]
-        state.update({key: stacked[key][position] for key in MOMENTS + ROW_MOMENTS if key in stacked})
+        state.update({key: stacked[key][position] for key in MOMENTS + ROW_MOMENTS + (SHRINKAGE,) if key in stacked})
