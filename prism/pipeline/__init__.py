@@ -6,6 +6,7 @@
     reduce         clipped sums added up over ranks (torch.distributed)
     noise          Gaussian noise in the tangent space, std = sigma C / b (b the EXPECTED batch size)
     precondition   DP-aware r x r second moments with the noise floor (adaptive step)
+                   (shrink: the optional momentum shrinkage by the moment's noise share)
     retract        back to rank r in balanced factors
     account        the step recorded with the accountant; the budget checked before it
 
