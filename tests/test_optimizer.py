@@ -139,21 +139,22 @@ def test_empty_batches_without_noise_change_nothing(adaptive, preconditioner):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("cls", [PRISM, NaiveDPLoRA])
-def test_state_dict_resume_equals_uninterrupted_run(cls):
+@pytest.mark.parametrize("cls, extra", [(PRISM, {}), (PRISM, dict(momentum_shrinkage=True)), (NaiveDPLoRA, {})],
+                         ids=["prism", "prism-shrinkage", "naive"])
+def test_state_dict_resume_equals_uninterrupted_run(cls, extra):
     def run(model, opt, steps):
         for step in steps:
             _micro_step(model, opt, make_batch("bert", b=4, seed=step))
 
     model = tiny_model("bert")
-    opt = cls(model, **BASE, generator=torch.Generator().manual_seed(0))
+    opt = cls(model, **BASE, **extra, generator=torch.Generator().manual_seed(0))
     run(model, opt, range(3))
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
     run(model, opt, range(3, 5))
 
     resumed = tiny_model("bert", seed=123)  # different weights: everything must come from the checkpoint
     resumed.load_state_dict(saved_model)
-    resumed_opt = cls(resumed, **BASE, generator=torch.Generator().manual_seed(999))
+    resumed_opt = cls(resumed, **BASE, **extra, generator=torch.Generator().manual_seed(999))
     resumed_opt.load_state_dict(saved_opt)
     assert resumed_opt.steps_taken == 3
     run(resumed, resumed_opt, range(3, 5))
