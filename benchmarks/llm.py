@@ -43,7 +43,8 @@ The gauge stage starts every method from its PiSSA adapter re-factored as (c A, 
 same model), c in --gauge-c, at the tuning epsilon, seed 0 and the method's tuned learning rate, scored
 on the validation split (c = 1 is the tuning run itself).
 
-Each run writes results/llm/<stage>/<method>[_c<c>]_eps<e>_seed<s>_lr<lr>.json with the provenance, settings,
+Each run writes results/llm/<stage>/<method>[_c<c>]_eps<e>_seed<s>_lr<lr>.json (with --lr-schedule linear:
+results/linear-decay/llm/..., a protocol of its own) with the provenance, settings,
 val/test accuracy and, for every step: the training loss, the fraction of examples clipped and the
 median per-example norm (optimizer.stats), ||dZ|| and ||dZ|| / ||Z|| per module, and the second
 moments read from the optimizer state against noise_std^2 (PRISM: eigenvalues of the r x r moments;
@@ -97,6 +98,7 @@ class Setup:
     stop_after: int | None = None  # probes: noise calibrated for `steps`, training stopped after this many
     threads: int = 1
     task: str = "rotten_tomatoes"  # llm_tasks.PROMPTS; other tasks: test stage only, at the rates tuned on this one
+    lr_schedule: str = "constant"  # or "linear": lr (1 - t / steps) at step t = 0, 1, ... (the HF Trainer's default)
 
 
 QUICK = Setup(steps=3, batch_size=16, micro_batch=8, max_length=32, val_size=64)
@@ -202,6 +204,9 @@ def _train_loop(method, cfg, model, pairs, data, pad, setup, epsilon, seed, lr) 
     loader = prism.poisson_data_loader(loader, expected_batch_size=setup.batch_size, steps=setup.steps,
                                        generator=sample_gen)
     targets = torch.tensor([data.answer_ids[y] for y in data.train.labels])
+    schedule = None
+    if setup.lr_schedule == "linear":
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1 - t / setup.steps)
     log = StepLog(pairs, setup.steps)
     for batch in loader:
         batch = sorted(batch, key=lambda i: len(data.train.ids[i])) if len(batch) else []
@@ -218,6 +223,8 @@ def _train_loop(method, cfg, model, pairs, data, pad, setup, epsilon, seed, lr) 
         examples = len(batch)
         opt.step()
         opt.zero_grad()
+        if schedule is not None:
+            schedule.step()
         log.record(loss_total, examples, clipped, norms, z_before, opt, floor_factor,
                    cfg.get("kwargs", {}).get("floor_mode", "scalar"))
         if not math.isfinite(loss_total) or len(log.rows) == setup.stop_after:
@@ -378,6 +385,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--val-size", type=int, default=None)
     p.add_argument("--no-test", action="store_true", help="score the validation split only")
+    p.add_argument("--lr-schedule", choices=["constant", "linear"], default="constant",
+                   help="linear: decay to 0 over the steps, as the HF Trainer does by default; its runs go to "
+                        "<results>/linear-decay/llm/ (a separate protocol: tuned and tested there)")
     p.add_argument("--summary-only", action="store_true")
     args = p.parse_args(argv)
     if args.task != "rotten_tomatoes" and args.stage != "test" and not args.summary_only:
@@ -389,10 +399,13 @@ def main(argv=None):
                                                      val_size=args.val_size, stop_after=args.stop_after).items() if v is not None})
     if args.no_test:
         setup = replace(setup, test=False)
+    setup = replace(setup, lr_schedule=args.lr_schedule)
     if args.quick:
         args.epsilons, args.seeds, args.edge_steps = [8.0], [0], 0
         args.lr_grid = args.lr_grid or [1e-2]
     folder = common.out_dir(args)
+    if args.lr_schedule != "constant":
+        folder = folder / f"{args.lr_schedule}-decay"
     if not args.summary_only:
         sweep(args, folder, setup)
     text = table(folder)
