@@ -14,8 +14,8 @@ likelihoods). No chat template: it would add ~25 tokens of system prompt to ever
 instruct model continues this prompt with one of the two words in most cases (see the zero-shot row).
 
 Sequences are right-padded; the answer is predicted at each example's last prompt token (the LM head
-runs only on the few distinct last positions of a length-sorted micro-batch). Each example's loss depends on its own tokens only (the
-padding is masked and comes after it).
+runs only on the few distinct last positions of a length-sorted micro-batch; last_token_logits). Each
+example's loss depends on its own tokens only (the padding is masked and comes after it).
 """
 
 from __future__ import annotations
