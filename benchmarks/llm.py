@@ -30,7 +30,8 @@ Methods (all from peft's PiSSA adapter, "pissa_niter_4", unless named otherwise)
     naive          prism.NaiveDPLoRA (DP-AdamW on both factors)
     naive_default  the same from peft's default init (lora_B = 0), the way its users run it
     ffa            FFA-LoRA: lora_A frozen (at PiSSA's), lora_B trained by NaiveDPLoRA
-    prism_two_sided      PRISM(preconditioner="two_sided", the default): per-row moments (docs/method.md 3.5)
+    prism_two_sided      PRISM(preconditioner="two_sided", the default): per-row moments (docs/method.md 3.5);
+                         prism_two_sided_f5: the same with the floor f = 5 (default 0.5)
     prism_two_sided_bal  the same from the balanced init (random subspaces, like naive_default's lora_A)
     prism_shrink         prism_two_sided with momentum_shrinkage=True: each module's step times the share of its
                          first moment that is not noise (docs/method.md 3.5)
@@ -70,7 +71,7 @@ STAGES = ("tune", "test", "probe", "gauge")
 GAUGE_C = (0.1, 1.0, 10.0)
 METHODS = ("zeroshot", "nonprivate", "prism", "prism_f5", "prism_sgd", "prism_geo", "prism_bal", "naive",
            "naive_default", "naive_bal", "ffa", "prism_factor_metric", "prism_fm_adam", "prism_fm_two_sided",
-           "prism_two_sided", "prism_bal_two_sided", "prism_two_sided_bal", "prism_shrink")
+           "prism_two_sided", "prism_two_sided_f5", "prism_bal_two_sided", "prism_two_sided_bal", "prism_shrink")
 PRIVATE = tuple(m for m in METHODS if m not in ("zeroshot", "nonprivate"))
 # the others: DEFAULT_GRID. Riemannian DP-SGD (prism_sgd) has no 1 / noise-std normalisation: at lr 1e-2 its
 # step in Z is ~200x smaller than the adaptive methods' (results/llm/probe8of40), hence its own grid
@@ -122,6 +123,7 @@ def method_config(method: str) -> dict:
         prism_fm_adam=dict(init="pissa", cls="PRISMElementwiseAdam", kwargs={}),  # ablation (llm_ablations)
         prism_fm_two_sided=dict(init="pissa", cls="PRISM", kwargs=dict(metric="balanced", preconditioner="two_sided")),
         prism_two_sided=dict(init="pissa", cls="PRISM", kwargs=dict(preconditioner="two_sided")),
+        prism_two_sided_f5=dict(init="pissa", cls="PRISM", kwargs=dict(preconditioner="two_sided", floor_factor=5.0)),
         prism_shrink=dict(init="pissa", cls="PRISM", kwargs=dict(preconditioner="two_sided", momentum_shrinkage=True)),
         prism_two_sided_bal=dict(init="balanced", cls="PRISM", kwargs=dict(preconditioner="two_sided")),
         prism_bal_two_sided=dict(init="balanced", cls="PRISM", kwargs=dict(metric="balanced",
