@@ -12,8 +12,8 @@ VALIDATION pairs for tuning, the next TEST pairs for the reported numbers. Metri
 log-likelihood per reply token and its exponential, the perplexity (lower is better).
 Methods: zeroshot (no training), nonprivate (AdamW), prism (PRISM from PiSSA, two-sided moments),
 prism_one_sided (the paper's r x r moments), naive (NaiveDPLoRA from peft's default init, as its users run
-it). Every run: the same data, steps, expected batch and C; the run's seed seeds the noise and the Poisson
-draws. Learning rates: the grid below, chosen by validation loss at epsilon 3, seed 0, for every method alike, and
+it), ffa (FFA-LoRA: PiSSA's lora_A frozen, lora_B trained by NaiveDPLoRA). Every run: the same data, steps,
+expected batch and C; the run's seed seeds the noise and the Poisson draws. Learning rates: the grid below, chosen by validation loss at epsilon 3, seed 0, for every method alike, and
 extended past an edge that holds the optimum (benchmarks.utility's rule, --edge-steps).
 Results: results/llm_sft/<stage>/<method>_eps<e>_seed<s>_lr<lr>.json and results/llm_sft.json.
 """
@@ -31,7 +31,10 @@ import torch
 
 from . import common, utility
 
-METHODS = ("zeroshot", "nonprivate", "prism", "prism_one_sided", "naive")
+METHODS = ("zeroshot", "nonprivate", "prism", "prism_one_sided", "naive", "ffa")
+# the chat example's method (its optimizer) where the name differs; PISSA: the methods that start from PiSSA
+EXAMPLE_METHOD = {"prism_one_sided": "prism", "ffa": "naive"}
+PISSA = ("prism", "prism_one_sided", "ffa")
 GRID = {"nonprivate": (3e-4, 1e-3, 3e-3)}
 DEFAULT_GRID = (1e-3, 3e-3, 1e-2)
 TUNE_EPSILON, EPSILONS, SEEDS = 3.0, (3.0, 8.0), (0, 1, 2)
@@ -63,8 +66,12 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
     torch.manual_seed(seed)
     train_pairs, heldout = chat.load_dialog(setup.max_chars, setup.validation + setup.test, seed=0)
     validation, test = heldout[:setup.validation], heldout[setup.validation:]
-    base = "prism" if method.startswith("prism") else method
-    tokenizer, model = chat.build_model(base, setup.rank)
+    base = EXAMPLE_METHOD.get(method, method)
+    tokenizer, model = chat.build_model("prism" if method in PISSA else base, setup.rank)
+    if method == "ffa":
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
     result = dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, setup=asdict(setup))
     if method != "zeroshot":
         args = chat.parser().parse_args([])
