@@ -13,8 +13,9 @@ log-likelihood per reply token and its exponential, the perplexity (lower is bet
 Methods: zeroshot (no training), nonprivate (AdamW), prism (PRISM from PiSSA, two-sided moments),
 prism_one_sided (the paper's r x r moments), naive (NaiveDPLoRA from peft's default init, as its users run
 it), ffa (FFA-LoRA: PiSSA's lora_A frozen, lora_B trained by NaiveDPLoRA). Every run: the same data, steps,
-expected batch and C; the run's seed seeds the noise and the Poisson draws. Learning rates: the grid below, chosen by validation loss at epsilon 3, seed 0, for every method alike, and
-extended past an edge that holds the optimum (benchmarks.utility's rule, --edge-steps).
+expected batch and C; the run's seed seeds the noise and the Poisson draws. Learning rates: the grid below,
+chosen by validation loss at epsilon 3, seed 0, for every method alike, and extended past an edge that holds the
+optimum (benchmarks.utility's rule, --edge-steps).
 Results: results/llm_sft/<stage>/<method>_eps<e>_seed<s>_lr<lr>.json and results/llm_sft.json.
 """
 
