@@ -161,9 +161,7 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
     pairs = prism.find_trainables(model)[0]  # before FFA freezes lora_A (then they count as dense layers)
     methods.refactor(model, gauge)  # (A, B) -> (c A, B / c): Z unchanged
     if cfg.get("freeze_A"):
-        for name, param in model.named_parameters():
-            if ".lora_A." in name:
-                param.requires_grad_(False)
+        methods.freeze(model, ".lora_A.")
     result = dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, gauge=gauge, setup=asdict(setup),
                   init=cfg["init"],
                   lora=dict(r=setup.rank, alpha=setup.rank, targets=list(llm_tasks.TARGETS), modules=len(pairs)),

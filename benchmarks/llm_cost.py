@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch.nn import functional as F
 
-from . import common
+from . import common, methods
 from .speed import device_name, prism_backend_name, time_steps
 
 METHODS = ("nonprivate", "prism", "prism_two_sided", "naive", "ffa", "opacus")
@@ -103,9 +103,7 @@ def build_model(cfg: Config, method: str, device: str, random_weights: bool):
     if cfg.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if method == "ffa":
-        for name, param in model.named_parameters():
-            if ".lora_A." in name:
-                param.requires_grad_(False)
+        methods.freeze(model, ".lora_A.")
     model.train()
     return model
 

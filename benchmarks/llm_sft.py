@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from . import common, utility
+from . import common, methods, utility
 
 METHODS = ("zeroshot", "nonprivate", "prism", "prism_one_sided", "naive", "ffa")
 # the chat example's method (its optimizer) where the name differs; PISSA: the methods that start from PiSSA
@@ -70,9 +70,7 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
     base = EXAMPLE_METHOD.get(method, method)
     tokenizer, model = chat.build_model("prism" if method in PISSA else base, setup.rank)
     if method == "ffa":
-        for name, param in model.named_parameters():
-            if ".lora_A." in name:
-                param.requires_grad_(False)
+        methods.freeze(model, ".lora_A.")
     result = dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, setup=asdict(setup))
     if method != "zeroshot":
         args = chat.parser().parse_args([])

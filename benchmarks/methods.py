@@ -81,10 +81,7 @@ def train(method: str, split: Split, setup: Setup, *, epsilon: float | None, see
     tokenizer, model = minilm(method.startswith("prism") if full_rank is None else full_rank, setup.rank)
     refactor(model, gauge)
     model.train()  # from_pretrained returns eval mode; Opacus only records activations in training mode
-    frozen = {"ffa": (".lora_A.",), "head": (".lora_A.", ".lora_B.")}.get(method, ())
-    for name, param in model.named_parameters():
-        if any(part in name for part in frozen):
-            param.requires_grad_(False)
+    freeze(model, *{"ffa": (".lora_A.",), "head": (".lora_A.", ".lora_B.")}.get(method, ()))
     start = time.time()
     if method in OPACUS_METHODS:
         model, info = _train_opacus(method, model, tokenizer, split, setup, epsilon, seed, lr)
@@ -98,6 +95,13 @@ def train(method: str, split: Split, setup: Setup, *, epsilon: float | None, see
 
 
 @torch.no_grad()
+def freeze(model, *parts: str) -> None:
+    """requires_grad = False on every parameter whose name contains one of `parts` (FFA-LoRA: ".lora_A.")."""
+    for name, param in model.named_parameters():
+        if any(part in name for part in parts):
+            param.requires_grad_(False)
+
+
 def refactor(model, c: float) -> None:
     """(A, B) -> (c A, B / c) for every LoRA module: lora_B.weight * c, lora_A.weight / c (Z unchanged)."""
     if c == 1.0:
