@@ -94,7 +94,6 @@ def train(method: str, split: Split, setup: Setup, *, epsilon: float | None, see
                 **info)
 
 
-@torch.no_grad()
 def freeze(model, *parts: str) -> None:
     """requires_grad = False on every parameter whose name contains one of `parts` (FFA-LoRA: ".lora_A.")."""
     for name, param in model.named_parameters():
@@ -102,6 +101,7 @@ def freeze(model, *parts: str) -> None:
             param.requires_grad_(False)
 
 
+@torch.no_grad()
 def refactor(model, c: float) -> None:
     """(A, B) -> (c A, B / c) for every LoRA module: lora_B.weight * c, lora_A.weight / c (Z unchanged)."""
     if c == 1.0:
