@@ -21,20 +21,20 @@ from pathlib import Path
 
 from . import common
 
-# (task, results folder, metric key, label of the metric, higher is better)
+# (task, results folder, metric key, label of the metric, higher is better, the benchmark's name for PRISM as
+# the library's default runs it: two-sided moments from PiSSA; the paired table compares it with the others)
 SOURCES = (
-    ("rotten_tomatoes", Path("llm") / "test", "test_accuracy", "test accuracy (%)", True),
-    ("sms_spam", Path("llm") / "sms_spam-test", "test_accuracy", "test accuracy (%)", True),
-    ("chat (SFT)", Path("llm_sft") / "test", "test_perplexity", "test perplexity", False),
+    ("rotten_tomatoes", Path("llm") / "test", "test_accuracy", "test accuracy (%)", True, "prism_two_sided"),
+    ("sms_spam", Path("llm") / "sms_spam-test", "test_accuracy", "test accuracy (%)", True, "prism_two_sided"),
+    ("chat (SFT)", Path("llm_sft") / "test", "test_perplexity", "test perplexity", False, "prism"),
 )
 REFERENCES = ("zeroshot", "nonprivate")  # no epsilon: drawn as horizontal lines
-PRISM = "prism_two_sided"  # the library's default PRISM, the method the paired table compares with the others
 
 
 def summarize(folder: Path) -> dict:
     """{task: {method: {epsilon tag: {mean, std, values, seeds, lr}}}} from the test-stage result files."""
     summary = {}
-    for task, sub, key, _, _ in SOURCES:
+    for task, sub, key, *_ in SOURCES:
         runs = {}
         for path in sorted((folder / sub).glob("*.json")):
             r = common.read_json(path)
@@ -56,11 +56,13 @@ def summarize(folder: Path) -> dict:
     return summary
 
 
-def paired(summary: dict, reference: str = PRISM) -> dict:
-    """{task: {epsilon: {method: {mean, std, seeds}}}}: reference minus method on the seeds both have, for every
-    private method tested at an epsilon the reference was tested at."""
+def paired(summary: dict) -> dict:
+    """{task: {epsilon: {method: {mean, std, seeds}}}}: the task's PRISM run minus method on the seeds both have,
+    for every private method tested at an epsilon PRISM was tested at (accuracy: > 0 is PRISM ahead; perplexity:
+    < 0 is)."""
     out = {}
-    for task, by_method in summary.items():
+    for task, *_, reference in SOURCES:
+        by_method = summary.get(task, {})
         if reference not in by_method:
             continue
         for eps, ref in by_method[reference].items():
@@ -79,14 +81,14 @@ def paired(summary: dict, reference: str = PRISM) -> dict:
     return out
 
 
-def paired_table(pairs: dict, reference: str = PRISM) -> str:
-    """Markdown: one row per (task, epsilon, baseline): reference minus baseline, mean ± std over paired seeds."""
-    lines = [f"| task | eps | {reference} minus | difference (mean ± std over seeds) | per seed |", "|---" * 5 + "|"]
-    for task, by_eps in pairs.items():
-        for eps, by_method in sorted(by_eps.items(), key=lambda x: float(x[0])):
-            for method, row in sorted(by_method.items(), key=lambda x: -x[1]["mean"]):
+def paired_table(pairs: dict) -> str:
+    """Markdown: one row per (task, epsilon, baseline): PRISM minus baseline, mean ± std over paired seeds."""
+    lines = ["| task | eps | PRISM | minus | difference (mean ± std over seeds) | per seed |", "|---" * 6 + "|"]
+    for task, *_, higher, reference in SOURCES:
+        for eps, by_method in sorted(pairs.get(task, {}).items(), key=lambda x: float(x[0])):
+            for method, row in sorted(by_method.items(), key=lambda x: -x[1]["mean"] if higher else x[1]["mean"]):
                 per_seed = ", ".join(f"{d:+.2f}" for d in row["differences"])
-                lines.append(f"| {task} | {eps} | {method} | {_signed(row)} | {per_seed} |")
+                lines.append(f"| {task} | {eps} | {reference} | {method} | {_signed(row)} | {per_seed} |")
     return "\n".join(lines)
 
 
@@ -108,7 +110,7 @@ def table(summary: dict) -> str:
     columns = sorted(found, key=float) + ["inf"]
     lines = ["| task | metric | method | lr | " + " | ".join(f"eps {e}" for e in columns[:-1]) + " | no DP |",
              "|---" * (len(columns) + 4) + "|"]
-    for task, _, _, label, _ in SOURCES:
+    for task, _, _, label, *_ in SOURCES:
         for method, rows in summary.get(task, {}).items():
             lr = next(iter(rows.values()))["lr"]
             lines.append(f"| {task} | {label} | {method} | {'-' if lr is None else f'{lr:g}'} | "
@@ -125,7 +127,7 @@ def plot(summary: dict, path: Path) -> None:
         print("no test-stage results yet: no plot")
         return
     fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4), squeeze=False)
-    for ax, (task, _, _, label, higher) in zip(axes[0], shown):
+    for ax, (task, _, _, label, higher, _) in zip(axes[0], shown):
         for method, rows in summary[task].items():
             if method in REFERENCES and "inf" in rows:
                 ax.axhline(rows["inf"]["mean"], linestyle="--" if method == "nonprivate" else ":",

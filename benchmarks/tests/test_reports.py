@@ -45,8 +45,19 @@ def test_llm_report_pairs_prism_with_each_baseline_seed_by_seed(tmp_path):
     assert pairs["naive"]["differences"] == pytest.approx([2.0, 1.0, 3.0])
     assert pairs["naive"]["mean"] == pytest.approx(2.0) and pairs["naive"]["std"] == pytest.approx(1.0)
     assert pairs["ffa"] == dict(mean=pytest.approx(-1.0), std=None, differences=[pytest.approx(-1.0)], seeds=[1])
-    assert "| rotten_tomatoes | 3 | naive | +2.00 ± 1.00 (n=3) | +2.00, +1.00, +3.00 |" in llm_report.paired_table(
-        llm_report.paired(llm_report.summarize(tmp_path)))
+    row = "| rotten_tomatoes | 3 | prism_two_sided | naive | +2.00 ± 1.00 (n=3) | +2.00, +1.00, +3.00 |"
+    assert row in llm_report.paired_table(llm_report.paired(llm_report.summarize(tmp_path)))
+
+
+def test_llm_report_pairs_the_chat_benchmarks_prism_with_lower_perplexity_first(tmp_path):
+    for method, ppl in (("prism", 25.0), ("naive", 27.0), ("ffa", 24.0)):
+        common.write_json(tmp_path / "llm_sft" / "test" / f"{method}_eps8_seed0.json",
+                          dict(method=method, target_epsilon=8.0, seed=0, lr=0.003, test_perplexity=ppl))
+    pairs = llm_report.paired(llm_report.summarize(tmp_path))
+    assert pairs["chat (SFT)"]["8"]["naive"]["differences"] == [-2.0]
+    rows = [line for line in llm_report.paired_table(pairs).splitlines() if line.startswith("| chat")]
+    assert rows == ["| chat (SFT) | 8 | prism | naive | -2.00 (n=1) | -2.00 |",
+                    "| chat (SFT) | 8 | prism | ffa | +1.00 (n=1) | +1.00 |"]
 
 
 def test_llm_report_refuses_one_method_tested_at_two_learning_rates(tmp_path):
