@@ -153,8 +153,10 @@ def sweep(args, folder: Path, setup: Setup) -> None:
     common.run_queue(jobs, "sft test runs")
 
 
-def table(folder: Path) -> str:
-    """Markdown: the test stage's mean +- std of the test perplexity per (method, epsilon), and every tuning run."""
+def table(folder: Path, args) -> str:
+    """Markdown: the test stage's mean +- std of the test perplexity per (method, epsilon), then the tuning grid:
+    validation perplexity per method and rate (the rates of every method's tuning grid, run or not), the tuned
+    rate in bold (tuned "*": a run of the method's grid is missing)."""
     rows = {}
     for path in sorted((folder / "llm_sft" / "test").glob("*.json")):
         r = common.read_json(path)
@@ -164,13 +166,26 @@ def table(folder: Path) -> str:
         std = statistics.stdev(values) if len(values) > 1 else 0.0
         lines.append(f"| {method} | {eps if eps is not None else '-'} | {statistics.mean(values):.2f} +- {std:.2f} | "
                      f"{len(values)} |")
-    lines += ["", "| tuning run | validation perplexity | epsilon spent | final training loss |", "|---|---|---|---|"]
-    for path in sorted((folder / "llm_sft" / "tune").glob("*.json")):
-        r = common.read_json(path)
-        eps = r.get("epsilon")
-        final = (r.get("train_losses") or [None])[-1]
-        lines.append(f"| {path.stem} | {r['val_perplexity']:.2f} | {'' if eps is None else f'{eps:.3f}'} | "
-                     f"{'' if final is None else f'{final:.3f}'} |")
+    tuning_files = sorted((folder / "llm_sft" / "tune").glob("*.json"))
+    runs = {(r["method"], r["lr"]): r for r in map(common.read_json, tuning_files)}
+    trained = [m for m in METHODS if m != "zeroshot" and any(name == m for name, _ in runs)]
+    rates = sorted({lr for _, lr in runs if lr is not None}
+                   | {lr for m in trained for lr in tuning_grid(folder, m, args)})
+    lines += ["", "| tuning: validation perplexity | " + " | ".join(f"{lr:g}" for lr in rates) + " | tuned |",
+              "|---" * (len(rates) + 2) + "|"]
+    for method in METHODS:
+        if not any(m == method for m, _ in runs):
+            continue
+        best = tuned_lr(folder, method, args) if method != "zeroshot" else None
+        cells = []
+        for lr in rates:
+            r = runs.get((method, lr))
+            cell = "" if r is None else f"{r['val_perplexity']:.2f}"
+            cells.append(f"**{cell}**" if r is not None and lr == best else cell)
+        tuned = "-" if method == "zeroshot" else "*" if best is None else f"{best:g}"
+        if method == "zeroshot":
+            cells = [f"{runs[(method, None)]['val_perplexity']:.2f} (no training)"] + [""] * (len(rates) - 1)
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {tuned} |")
     return "\n".join(lines)
 
 
@@ -192,7 +207,7 @@ def main(argv=None) -> str:
     folder = common.out_dir(args)
     if not args.summary_only:
         sweep(args, folder, setup)
-    text = table(folder)
+    text = table(folder, args)
     common.write_json(folder / "llm_sft.json", {f"{p.parent.name}/{p.stem}": common.read_json(p)
                                                  for p in sorted((folder / "llm_sft").glob("*/*.json"))})
     print(text)

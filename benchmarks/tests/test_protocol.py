@@ -1,6 +1,8 @@
 """The benchmarks' protocol: the same learning-rate grid for every method, extended past the edge where a
 method's optimum lies (benchmarks/utility.py), and resumable sweeps (benchmarks/common.py)."""
 
+import math
+
 from benchmarks import common, utility
 
 
@@ -53,12 +55,19 @@ def test_the_chat_benchmark_extends_its_grid_towards_the_lowest_validation_loss(
     from benchmarks import llm_sft
 
     args = SimpleNamespace(lr_grid=None, edge_steps=1)
+
+    def tuning_run(lr, loss):
+        common.write_json(llm_sft.run_path(tmp_path, "tune", "naive", llm_sft.TUNE_EPSILON, 0, lr),
+                          dict(method="naive", lr=lr, val_loss=loss, val_perplexity=math.exp(loss)))
+
     for lr, loss in zip(llm_sft.DEFAULT_GRID, (2.0, 2.5, 3.0)):  # lowest loss at the lowest rate
-        common.write_json(llm_sft.run_path(tmp_path, "tune", "naive", llm_sft.TUNE_EPSILON, 0, lr), dict(val_loss=loss))
+        tuning_run(lr, loss)
     assert llm_sft.tuning_grid(tmp_path, "naive", args) == [3e-4, *llm_sft.DEFAULT_GRID]
     assert llm_sft.tuned_lr(tmp_path, "naive", args) is None  # waits for the run at 3e-4
-    common.write_json(llm_sft.run_path(tmp_path, "tune", "naive", llm_sft.TUNE_EPSILON, 0, 3e-4), dict(val_loss=2.2))
+    assert "| naive |  | 7.39 | 12.18 | 20.09 | * |" in llm_sft.table(tmp_path, args)
+    tuning_run(3e-4, 2.2)
     assert llm_sft.tuned_lr(tmp_path, "naive", args) == 1e-3
+    assert "| naive | 9.03 | **7.39** | 12.18 | 20.09 | 0.001 |" in llm_sft.table(tmp_path, args)
 
 
 def test_the_run_queue_resumes_and_skips_runs_another_process_finished(tmp_path):
