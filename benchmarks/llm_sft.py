@@ -11,8 +11,10 @@ private by prism.hf.make_private. Held out from training (chat.load_dialog's see
 VALIDATION pairs for tuning, the next TEST pairs for the reported numbers. Metric: the mean negative
 log-likelihood per reply token and its exponential, the perplexity (lower is better).
 Methods: zeroshot (no training), nonprivate (AdamW), prism (PRISM from PiSSA, two-sided moments),
-prism_one_sided (the paper's r x r moments), naive (NaiveDPLoRA from peft's default init, as its users run
-it), ffa (FFA-LoRA: PiSSA's lora_A frozen, lora_B trained by NaiveDPLoRA). Every run: the same data, steps,
+prism_one_sided (the paper's r x r moments), prism_balanced (PRISM from prism.init_balanced_lora: random
+orthonormal subspaces, base compensated), naive (NaiveDPLoRA from peft's default init, as its users run it), ffa
+(FFA-LoRA: PiSSA's lora_A frozen, lora_B trained by NaiveDPLoRA); prism_one_sided and prism_balanced are
+diagnostics, run when named. Every run: the same data, steps,
 expected batch and C; the run's seed seeds the noise and the Poisson draws. Learning rates: the grid below,
 chosen by validation loss at epsilon 3, seed 0, for every method alike, and extended past an edge that holds the
 optimum (benchmarks.utility's rule, --edge-steps).
@@ -30,12 +32,16 @@ from pathlib import Path
 
 import torch
 
+import prism
+
 from . import common, methods, utility
 
-METHODS = ("zeroshot", "nonprivate", "prism", "prism_one_sided", "naive", "ffa")
-# the chat example's method (its optimizer) where the name differs; PISSA: the methods that start from PiSSA
-EXAMPLE_METHOD = {"prism_one_sided": "prism", "ffa": "naive"}
-PISSA = ("prism", "prism_one_sided", "ffa")
+METHODS = ("zeroshot", "nonprivate", "prism", "prism_one_sided", "prism_balanced", "naive", "ffa")
+DIAGNOSTIC = ("prism_one_sided", "prism_balanced")  # not in the default sweep
+# the chat example's method (its optimizer) where the name differs
+EXAMPLE_METHOD = {"prism_one_sided": "prism", "prism_balanced": "prism", "ffa": "naive"}
+# the adapter's init where it is not peft's default (B = 0): PiSSA, or prism.init_balanced_lora's random subspaces
+INIT = {"prism": "pissa", "prism_one_sided": "pissa", "ffa": "pissa", "prism_balanced": "balanced"}
 GRID = {"nonprivate": (3e-4, 1e-3, 3e-3)}
 DEFAULT_GRID = (1e-3, 3e-3, 1e-2)
 TUNE_EPSILON, EPSILONS, SEEDS = 3.0, (3.0, 8.0), (0, 1, 2)
@@ -68,7 +74,9 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
     train_pairs, heldout = chat.load_dialog(setup.max_chars, setup.validation + setup.test, seed=0)
     validation, test = heldout[:setup.validation], heldout[setup.validation:]
     base = EXAMPLE_METHOD.get(method, method)
-    tokenizer, model = chat.build_model("prism" if method in PISSA else base, setup.rank)
+    tokenizer, model = chat.build_model("prism" if INIT.get(method) == "pissa" else "naive", setup.rank)
+    if INIT.get(method) == "balanced":
+        prism.init_balanced_lora(model)  # from the run's seed (public randomness), base compensated
     if method == "ffa":
         methods.freeze(model, ".lora_A.")
     result = dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, setup=asdict(setup))
@@ -192,8 +200,8 @@ def table(folder: Path, args) -> str:
 def main(argv=None) -> str:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--stage", choices=["tune", "test"], default="tune")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m != "prism_one_sided"],
-                   help="default: all but prism_one_sided (the paper's moments, no longer PRISM's default)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m not in DIAGNOSTIC],
+                   help=f"default: all but the diagnostics {', '.join(DIAGNOSTIC)}")
     p.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--lr-grid", nargs="+", type=float, default=None, help="one grid for every method")
