@@ -176,24 +176,20 @@ def table(folder: Path, args) -> str:
                      f"{len(values)} |")
     tuning_files = sorted((folder / "llm_sft" / "tune").glob("*.json"))
     runs = {(r["method"], r["lr"]): r for r in map(common.read_json, tuning_files)}
-    trained = [m for m in METHODS if m != "zeroshot" and any(name == m for name, _ in runs)]
+    present = [m for m in METHODS if any(name == m for name, _ in runs)]
     rates = sorted({lr for _, lr in runs if lr is not None}
-                   | {lr for m in trained for lr in tuning_grid(folder, m, args)})
+                   | {lr for m in present if m != "zeroshot" for lr in tuning_grid(folder, m, args)})
     lines += ["", "| tuning: validation perplexity | " + " | ".join(f"{lr:g}" for lr in rates) + " | tuned |",
               "|---" * (len(rates) + 2) + "|"]
-    for method in METHODS:
-        if not any(m == method for m, _ in runs):
-            continue
-        best = tuned_lr(folder, method, args) if method != "zeroshot" else None
-        cells = []
-        for lr in rates:
-            r = runs.get((method, lr))
-            cell = "" if r is None else f"{r['val_perplexity']:.2f}"
-            cells.append(f"**{cell}**" if r is not None and lr == best else cell)
-        tuned = "-" if method == "zeroshot" else "*" if best is None else f"{best:g}"
+    for method in present:
         if method == "zeroshot":
             cells = [f"{runs[(method, None)]['val_perplexity']:.2f} (no training)"] + [""] * (len(rates) - 1)
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {tuned} |")
+            lines.append("| zeroshot | " + " | ".join(cells) + " | - |")
+            continue
+        best = tuned_lr(folder, method, args)
+        cells = [f"{runs[(method, lr)]['val_perplexity']:.2f}" if (method, lr) in runs else "" for lr in rates]
+        cells = [f"**{cell}**" if lr == best else cell for lr, cell in zip(rates, cells)]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {'*' if best is None else f'{best:g}'} |")
     return "\n".join(lines)
 
 
