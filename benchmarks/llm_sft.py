@@ -96,9 +96,10 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
         result.update(train_seconds=round(time.time() - start, 1), train_losses=losses)
         if optimizer is not None:
             result.update(epsilon=optimizer.get_epsilon()[2], noise_multiplier=optimizer.noise_multiplier)
-    result["val_loss"] = chat.completion_loss(model, tokenizer, validation)
-    if setup.score_test:
-        result["test_loss"] = chat.completion_loss(model, tokenizer, test)
+    for split, pairs in [("val", validation)] + ([("test", test)] if setup.score_test else []):
+        sums, counts = chat.completion_nll(model, tokenizer, pairs)  # per reply: paired errors between runs
+        result.update({f"{split}_loss": sum(sums) / sum(counts), f"{split}_reply_nll": sums,
+                       f"{split}_reply_tokens": counts})
     result.update({f"{k}_perplexity": math.exp(result[f"{k}_loss"]) for k in ("val", "test") if f"{k}_loss" in result})
     return result
 

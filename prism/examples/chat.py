@@ -68,11 +68,19 @@ def build_model(method: str, rank: int):
     return tokenizer, get_peft_model(model, config)
 
 
-@torch.no_grad()
 def completion_loss(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 32) -> float:
     """Mean negative log-likelihood per reply token (the reply and its end-of-turn token), prompts excluded."""
+    sums, counts = completion_nll(model, tokenizer, pairs, batch_size)
+    return sum(sums) / sum(counts)
+
+
+@torch.no_grad()
+def completion_nll(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 32) -> tuple[list, list]:
+    """Per pair: the summed negative log-likelihood of its reply tokens (the reply and its end-of-turn token) and
+    their count; completion_loss = sum of the sums / sum of the counts. Paired comparisons of two models on the
+    same pairs use these."""
     model.eval()
-    total, tokens = 0.0, 0
+    sums, counts = [], []
     for start in range(0, len(pairs), batch_size):
         rows, masks = [], []
         for statement, reply in pairs[start:start + batch_size]:
@@ -89,10 +97,10 @@ def completion_loss(model, tokenizer, pairs: list[tuple[str, str]], batch_size: 
         scored = torch.tensor([mask + [0] * (width - len(mask)) for mask in masks])[:, 1:].bool()
         logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
-        total += nll[scored].sum().item()
-        tokens += int(scored.sum())
+        sums += (nll * scored).sum(1).tolist()
+        counts += scored.sum(1).tolist()
     model.train()
-    return total / tokens
+    return sums, counts
 
 
 @torch.no_grad()
