@@ -18,15 +18,24 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
+from typing import NamedTuple
 
 from . import common
 
-# (task, results folder, metric key, label of the metric, higher is better, the benchmark's name for PRISM as
-# the library's default runs it: two-sided moments from PiSSA; the paired table compares it with the others)
+
+class Source(NamedTuple):
+    task: str
+    folder: Path  # the test stage's results, under the results folder
+    key: str  # the metric in each result file
+    label: str
+    higher_is_better: bool
+    prism: str  # the benchmark's name for PRISM as the library runs it (two-sided, PiSSA): the paired reference
+
+
 SOURCES = (
-    ("rotten_tomatoes", Path("llm") / "test", "test_accuracy", "test accuracy (%)", True, "prism_two_sided"),
-    ("sms_spam", Path("llm") / "sms_spam-test", "test_accuracy", "test accuracy (%)", True, "prism_two_sided"),
-    ("chat (SFT)", Path("llm_sft") / "test", "test_perplexity", "test perplexity", False, "prism"),
+    Source("rotten_tomatoes", Path("llm") / "test", "test_accuracy", "test accuracy (%)", True, "prism_two_sided"),
+    Source("sms_spam", Path("llm") / "sms_spam-test", "test_accuracy", "test accuracy (%)", True, "prism_two_sided"),
+    Source("chat (SFT)", Path("llm_sft") / "test", "test_perplexity", "test perplexity", False, "prism"),
 )
 REFERENCES = ("zeroshot", "nonprivate")  # no epsilon: drawn as horizontal lines
 
@@ -61,7 +70,8 @@ def paired(summary: dict) -> dict:
     for every private method tested at an epsilon PRISM was tested at (accuracy: > 0 is PRISM ahead; perplexity:
     < 0 is)."""
     out = {}
-    for task, *_, reference in SOURCES:
+    for source in SOURCES:
+        task, reference = source.task, source.prism
         by_method = summary.get(task, {})
         if reference not in by_method:
             continue
@@ -84,11 +94,12 @@ def paired(summary: dict) -> dict:
 def paired_table(pairs: dict) -> str:
     """Markdown: one row per (task, epsilon, baseline): PRISM minus baseline, mean ± std over paired seeds."""
     lines = ["| task | eps | PRISM | minus | difference (mean ± std over seeds) | per seed |", "|---" * 6 + "|"]
-    for task, *_, higher, reference in SOURCES:
-        for eps, by_method in sorted(pairs.get(task, {}).items(), key=lambda x: float(x[0])):
-            for method, row in sorted(by_method.items(), key=lambda x: -x[1]["mean"] if higher else x[1]["mean"]):
+    for source in SOURCES:
+        best_first = -1 if source.higher_is_better else 1
+        for eps, by_method in sorted(pairs.get(source.task, {}).items(), key=lambda x: float(x[0])):
+            for method, row in sorted(by_method.items(), key=lambda x: best_first * x[1]["mean"]):
                 per_seed = ", ".join(f"{d:+.2f}" for d in row["differences"])
-                lines.append(f"| {task} | {eps} | {reference} | {method} | {_signed(row)} | {per_seed} |")
+                lines.append(f"| {source.task} | {eps} | {source.prism} | {method} | {_signed(row)} | {per_seed} |")
     return "\n".join(lines)
 
 
@@ -110,7 +121,7 @@ def table(summary: dict) -> str:
     columns = sorted(found, key=float) + ["inf"]
     lines = ["| task | metric | method | lr | " + " | ".join(f"eps {e}" for e in columns[:-1]) + " | no DP |",
              "|---" * (len(columns) + 4) + "|"]
-    for task, _, _, label, *_ in SOURCES:
+    for task, label in ((s.task, s.label) for s in SOURCES):
         for method, rows in summary.get(task, {}).items():
             lr = next(iter(rows.values()))["lr"]
             lines.append(f"| {task} | {label} | {method} | {'-' if lr is None else f'{lr:g}'} | "
@@ -122,7 +133,7 @@ def plot(summary: dict, path: Path) -> None:
     plt = common.maybe_pyplot()
     if plt is None:
         return
-    shown = [s for s in SOURCES if summary.get(s[0])]
+    shown = [s for s in SOURCES if summary.get(s.task)]
     if not shown:
         print("no test-stage results yet: no plot")
         return

@@ -98,9 +98,9 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
             result.update(epsilon=optimizer.get_epsilon()[2], noise_multiplier=optimizer.noise_multiplier)
     for split, pairs in [("val", validation)] + ([("test", test)] if setup.score_test else []):
         sums, counts = chat.completion_nll(model, tokenizer, pairs)  # per reply: paired errors between runs
-        result.update({f"{split}_loss": sum(sums) / sum(counts), f"{split}_reply_nll": sums,
+        loss = sum(sums) / sum(counts)
+        result.update({f"{split}_loss": loss, f"{split}_perplexity": math.exp(loss), f"{split}_reply_nll": sums,
                        f"{split}_reply_tokens": counts})
-    result.update({f"{k}_perplexity": math.exp(result[f"{k}_loss"]) for k in ("val", "test") if f"{k}_loss" in result})
     return result
 
 
