@@ -194,6 +194,45 @@ def table(folder: Path, args) -> str:
     return "\n".join(lines)
 
 
+def paired_loss_difference(a: dict, b: dict, split: str) -> tuple[float, float]:
+    """Run a's mean loss per reply token minus run b's on a split both scored, and its standard error over replies.
+
+    With per-reply sums d_i = nll_a_i - nll_b_i over t_i tokens, the difference is the ratio D = sum d_i / sum t_i;
+    its delta-method standard error is sqrt(n / (n - 1) * sum (d_i - D t_i)^2) / sum t_i. It measures how well the
+    shared held-out replies resolve the two trained models, not the spread over training seeds."""
+    tokens = a[f"{split}_reply_tokens"]
+    if b[f"{split}_reply_tokens"] != tokens:
+        raise ValueError(f"{a['method']} and {b['method']} were scored on different {split} replies")
+    d = [x - y for x, y in zip(a[f"{split}_reply_nll"], b[f"{split}_reply_nll"])]
+    total, n = sum(tokens), len(d)
+    diff = sum(d) / total
+    return diff, math.sqrt(n / (n - 1) * sum((di - diff * t) ** 2 for di, t in zip(d, tokens))) / total
+
+
+def paired_table(folder: Path, args) -> str:
+    """Markdown: PRISM minus every other run of the same stage, epsilon and seed (each method at its tuned rate in the
+    tuning stage) in mean loss per reply token, with the standard error over the shared replies; only runs that
+    stored per-reply losses. Negative: PRISM ahead."""
+    lines = ["| stage | split | epsilon | seed | PRISM minus | loss difference +- s.e. | z |", "|---" * 7 + "|"]
+    for stage in ("tune", "test"):
+        split = "val" if stage == "tune" else "test"
+        runs = [r for r in map(common.read_json, sorted((folder / "llm_sft" / stage).glob("*.json")))
+                if f"{split}_reply_nll" in r
+                and (stage == "test" or r["method"] == "zeroshot" or r["lr"] == tuned_lr(folder, r["method"], args))]
+        groups = {}
+        for r in runs:
+            groups.setdefault(r["seed"], {}).setdefault(r["method"], []).append(r)
+        for seed, by_method in sorted(groups.items()):
+            for ref in by_method.get("prism", []):
+                others = [r for m, rs in by_method.items() if m != "prism" for r in rs
+                          if not private(m) or r["target_epsilon"] == ref["target_epsilon"]]
+                for other in others:
+                    diff, se = paired_loss_difference(ref, other, split)
+                    lines.append(f"| {stage} | {split} | {ref['target_epsilon']:g} | {seed} | {other['method']} | "
+                                 f"{diff:+.4f} +- {se:.4f} | {diff / se:+.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> str:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--stage", choices=["tune", "test"], default="tune")
@@ -212,7 +251,7 @@ def main(argv=None) -> str:
     folder = common.out_dir(args)
     if not args.summary_only:
         sweep(args, folder, setup)
-    text = table(folder, args)
+    text = table(folder, args) + "\n\n" + paired_table(folder, args)
     common.write_json(folder / "llm_sft.json", {f"{p.parent.name}/{p.stem}": common.read_json(p)
                                                  for p in sorted((folder / "llm_sft").glob("*/*.json"))})
     print(text)

@@ -18,3 +18,24 @@ def test_per_reply_nll_does_not_depend_on_the_batch_and_pools_to_the_completion_
     assert sums == pytest.approx([s[0] for s, _ in one_by_one], rel=1e-4)
     assert counts == [c[0] for _, c in one_by_one] and counts[1] > counts[0]
     assert chat.completion_loss(model, tokenizer, pairs) == pytest.approx(sum(sums) / sum(counts), rel=1e-6)
+
+
+def _run(method, nll, tokens):
+    return dict(method=method, test_reply_nll=nll, test_reply_tokens=tokens)
+
+
+def test_paired_loss_difference_is_the_pooled_difference_with_the_paired_standard_error():
+    import statistics
+
+    from benchmarks.llm_sft import paired_loss_difference
+
+    a, b = [2.0, 3.5, 1.0, 4.0], [1.5, 3.0, 2.0, 2.5]
+    diff, se = paired_loss_difference(_run("a", a, [1] * 4), _run("b", b, [1] * 4), "test")
+    d = [x - y for x, y in zip(a, b)]  # one token per reply: the mean difference and its standard error
+    assert diff == pytest.approx(statistics.mean(d)) and se == pytest.approx(statistics.stdev(d) / 2)
+    tokens = [2, 4, 1, 3]  # differences proportional to the tokens: the pooled difference holds exactly
+    diff, se = paired_loss_difference(_run("a", [0.5 * t for t in tokens], tokens), _run("b", [0.0] * 4, tokens),
+                                      "test")
+    assert diff == pytest.approx(0.5) and se == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="different test replies"):
+        paired_loss_difference(_run("a", a, [1] * 4), _run("b", b, [1, 2, 1, 1]), "test")
