@@ -34,7 +34,7 @@ import torch
 
 import prism
 
-from . import common, methods, utility
+from . import common, methods, update_geometry, utility
 
 METHODS = ("zeroshot", "nonprivate", "prism", "prism_one_sided", "prism_balanced", "naive", "ffa")
 DIAGNOSTIC = ("prism_one_sided", "prism_balanced")  # not in the default sweep
@@ -81,6 +81,7 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
         methods.freeze(model, ".lora_A.")
     result = dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, setup=asdict(setup))
     if method != "zeroshot":
+        before = update_geometry.snapshot(model)
         args = chat.parser().parse_args([])
         for key, value in dict(method=base, epsilon=epsilon, delta=setup.delta, steps=setup.steps, lr=lr,
                                batch_size=setup.batch_size, micro_batch=setup.micro_batch, rank=setup.rank,
@@ -93,7 +94,8 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
             trainer, optimizer = chat.build_trainer(args, model, tokenizer, train_pairs[:setup.train_size], output_dir)
             trainer.train()
         losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-        result.update(train_seconds=round(time.time() - start, 1), train_losses=losses)
+        result.update(train_seconds=round(time.time() - start, 1), train_losses=losses,
+                      update_geometry=update_geometry.update_geometry(model, before))
         if optimizer is not None:
             result.update(epsilon=optimizer.get_epsilon()[2], noise_multiplier=optimizer.noise_multiplier)
     for split, pairs in [("val", validation)] + ([("test", test)] if setup.score_test else []):

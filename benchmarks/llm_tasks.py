@@ -105,25 +105,35 @@ def loss_sum(model, ids: list[list[int]], pad_id: int, targets: torch.Tensor) ->
 
 @torch.no_grad()
 def accuracy(model, enc: Encoded, answer_ids, pad_id: int, batch_size: int = 64) -> dict:
-    """Accuracy (the answer with the larger likelihood wins), the mean answer loss over the two
+    """Accuracy (the answer with the larger likelihood wins), the balanced accuracy (the mean over labels of the
+    share of that label's examples answered right: 1 / #answers for a model that always gives one answer, however
+    skewed the labels), the share of each answer among the predictions, the mean answer loss over the two
     answers renormalised, and how often the unconstrained top-1 token is one of the two answers."""
     was_training = model.training
     model.eval()
     order = sorted(range(len(enc)), key=lambda i: len(enc.ids[i]))  # batches of similar length: little padding
-    correct = top1 = 0
+    top1 = 0
     loss = 0.0
     answers = torch.tensor(answer_ids)
+    predicted, truth = [], []
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
         logits = last_token_logits(model, [enc.ids[i] for i in index], pad_id)
         labels = torch.tensor([enc.labels[i] for i in index])
         pair = logits[:, answers]
-        correct += int((pair.argmax(-1) == labels).sum())
+        predicted.append(pair.argmax(-1))
+        truth.append(labels)
         loss += float(F.cross_entropy(pair, labels, reduction="sum"))
         top1 += int(torch.isin(logits.argmax(-1), answers).sum())
     model.train(was_training)
     n = max(len(enc), 1)
-    return dict(accuracy=correct / n, answer_loss=loss / n, top1_is_an_answer=top1 / n)
+    predicted, truth = (torch.cat(x) if x else torch.zeros(0, dtype=torch.long) for x in (predicted, truth))
+    right = predicted == truth
+    recalls = [right[truth == c].float().mean().item() for c in range(len(answer_ids)) if (truth == c).any()]
+    return dict(accuracy=int(right.sum()) / n, balanced_accuracy=sum(recalls) / max(len(recalls), 1),
+                predicted_share=[(predicted == c).float().mean().item() if len(predicted) else 0.0
+                                 for c in range(len(answer_ids))],
+                answer_loss=loss / n, top1_is_an_answer=top1 / n)
 
 
 def load_model(quick: bool, init: str, rank: int = 8, alpha: float | None = None):
