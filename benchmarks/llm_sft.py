@@ -10,11 +10,11 @@ the loss on the reply only, SmolLM2-135M-Instruct with LoRA r = 8 on q/k/v/o, a 
 private by prism.hf.make_private. Held out from training (chat.load_dialog's seeded split, data seed 0):
 VALIDATION pairs for tuning, the next TEST pairs for the reported numbers. Metric: the mean negative
 log-likelihood per reply token and its exponential, the perplexity (lower is better).
-Methods: zeroshot (no training), nonprivate (AdamW), prism (PRISM from PiSSA, two-sided moments),
-prism_one_sided (the paper's r x r moments), prism_balanced (PRISM from prism.init_balanced_lora: random
-orthonormal subspaces, base compensated), naive (NaiveDPLoRA from peft's default init, as its users run it), ffa
-(FFA-LoRA: PiSSA's lora_A frozen, lora_B trained by NaiveDPLoRA); prism_one_sided and prism_balanced are
-diagnostics, run when named. Every run: the same data, steps,
+Methods (VARIANTS): zeroshot (no training), nonprivate (AdamW), prism (PRISM from PiSSA, two-sided moments), naive
+(NaiveDPLoRA from peft's default init, as its users run it), ffa (FFA-LoRA: PiSSA's lora_A frozen, lora_B trained
+by NaiveDPLoRA), and diagnostics run when named: prism_one_sided (the paper's r x r moments), prism_balanced (PRISM
+from prism.init_balanced_lora: random orthonormal subspaces, base compensated), ffa_random (FFA-LoRA from peft's
+random lora_A, the FFA-LoRA paper's setting), nonprivate_pissa (AdamW from PiSSA). Every run: the same data, steps,
 expected batch and C; the run's seed seeds the noise and the Poisson draws. Learning rates: the grid below,
 chosen by validation loss at epsilon 3, seed 0, for every method alike, and extended past an edge that holds the
 optimum (benchmarks.utility's rule, --edge-steps).
@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -36,13 +37,29 @@ import prism
 
 from . import common, methods, update_geometry, utility
 
-METHODS = ("zeroshot", "nonprivate", "prism", "prism_one_sided", "prism_balanced", "naive", "ffa")
-DIAGNOSTIC = ("prism_one_sided", "prism_balanced")  # not in the default sweep
-# the chat example's method (its optimizer) where the name differs
-EXAMPLE_METHOD = {"prism_one_sided": "prism", "prism_balanced": "prism", "ffa": "naive"}
-# the adapter's init where it is not peft's default (B = 0): PiSSA, or prism.init_balanced_lora's random subspaces
-INIT = {"prism": "pissa", "prism_one_sided": "pissa", "ffa": "pissa", "prism_balanced": "balanced"}
-GRID = {"nonprivate": (3e-4, 1e-3, 3e-3)}
+class Variant(NamedTuple):
+    """How a method of this benchmark is run."""
+
+    optimizer: str  # the chat example's --method: zeroshot, nonprivate, prism or naive
+    init: str = "default"  # peft's (lora_B = 0), "pissa" or "balanced" (prism.init_balanced_lora)
+    frozen_A: bool = False  # FFA-LoRA: lora_A frozen at its init, lora_B trained
+    preconditioner: str = "two_sided"  # PRISM's second moments
+    diagnostic: bool = False  # not in the default sweep: run when named
+
+
+VARIANTS = {
+    "zeroshot": Variant("zeroshot"),
+    "nonprivate": Variant("nonprivate"),
+    "prism": Variant("prism", "pissa"),
+    "prism_one_sided": Variant("prism", "pissa", preconditioner="one_sided", diagnostic=True),
+    "prism_balanced": Variant("prism", "balanced", diagnostic=True),
+    "naive": Variant("naive"),
+    "ffa": Variant("naive", "pissa", frozen_A=True),
+    "ffa_random": Variant("naive", frozen_A=True, diagnostic=True),  # the FFA-LoRA paper's random lora_A
+    "nonprivate_pissa": Variant("nonprivate", "pissa", diagnostic=True),  # does PiSSA cost without DP too?
+}
+METHODS = tuple(VARIANTS)
+GRID = {"nonprivate": (3e-4, 1e-3, 3e-3)}  # by optimizer
 DEFAULT_GRID = (1e-3, 3e-3, 1e-2)
 TUNE_EPSILON, EPSILONS, SEEDS = 3.0, (3.0, 8.0), (0, 1, 2)
 
@@ -73,21 +90,21 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
     torch.manual_seed(seed)
     train_pairs, heldout = chat.load_dialog(setup.max_chars, setup.validation + setup.test, seed=0)
     validation, test = heldout[:setup.validation], heldout[setup.validation:]
-    base = EXAMPLE_METHOD.get(method, method)
-    tokenizer, model = chat.build_model("prism" if INIT.get(method) == "pissa" else "naive", setup.rank)
-    if INIT.get(method) == "balanced":
+    variant = VARIANTS[method]
+    tokenizer, model = chat.build_model("prism" if variant.init == "pissa" else "naive", setup.rank)
+    if variant.init == "balanced":
         prism.init_balanced_lora(model)  # from the run's seed (public randomness), base compensated
-    if method == "ffa":
+    if variant.frozen_A:
         methods.freeze(model, ".lora_A.")
     result = dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, setup=asdict(setup))
     if method != "zeroshot":
         before = update_geometry.snapshot(model)
         args = chat.parser().parse_args([])
-        for key, value in dict(method=base, epsilon=epsilon, delta=setup.delta, steps=setup.steps, lr=lr,
+        for key, value in dict(method=variant.optimizer, epsilon=epsilon, delta=setup.delta, steps=setup.steps, lr=lr,
                                batch_size=setup.batch_size, micro_batch=setup.micro_batch, rank=setup.rank,
                                max_grad_norm=setup.max_grad_norm, max_length=setup.max_length, seed=seed,
                                log_every=max(1, setup.steps // 6), noise_seed=seed,
-                               preconditioner="one_sided" if method == "prism_one_sided" else "two_sided").items():
+                               preconditioner=variant.preconditioner).items():
             setattr(args, key, value)
         start = time.time()
         with tempfile.TemporaryDirectory() as output_dir:
@@ -112,11 +129,13 @@ def run_path(folder: Path, stage: str, method: str, epsilon, seed: int, lr) -> P
 
 
 def private(method: str) -> bool:
-    return method not in ("zeroshot", "nonprivate")
+    return VARIANTS[method].optimizer not in ("zeroshot", "nonprivate")
 
 
 def grid(method: str, args) -> list:
-    return [None] if method == "zeroshot" else list(args.lr_grid or GRID.get(method, DEFAULT_GRID))
+    if method == "zeroshot":
+        return [None]
+    return list(args.lr_grid or GRID.get(VARIANTS[method].optimizer, DEFAULT_GRID))
 
 
 def _tune_score(folder: Path, method: str):
@@ -238,8 +257,9 @@ def paired_table(folder: Path, args) -> str:
 def main(argv=None) -> str:
     p = common.parser(__doc__.split("\n\n")[0])
     p.add_argument("--stage", choices=["tune", "test"], default="tune")
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m not in DIAGNOSTIC],
-                   help=f"default: all but the diagnostics {', '.join(DIAGNOSTIC)}")
+    diagnostics = [m for m, v in VARIANTS.items() if v.diagnostic]
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=[m for m in METHODS if m not in diagnostics],
+                   help=f"default: all but the diagnostics {', '.join(diagnostics)}")
     p.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     p.add_argument("--lr-grid", nargs="+", type=float, default=None, help="one grid for every method")

@@ -66,4 +66,5 @@ def update_geometry(model: nn.Module, before: dict) -> dict:
 
 
 def _mean(rows: list[tuple[float, float]]) -> dict:
-    return dict(principal_share=statistics.mean(x for x, _ in rows), relative_update=statistics.mean(y for _, y in rows))
+    return dict(principal_share=statistics.mean(x for x, _ in rows),
+                relative_update=statistics.mean(y for _, y in rows))
