@@ -33,8 +33,6 @@ from typing import NamedTuple
 
 import torch
 
-import prism
-
 from . import common, methods, update_geometry, utility
 
 class Variant(NamedTuple):
@@ -91,9 +89,7 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
     train_pairs, heldout = chat.load_dialog(setup.max_chars, setup.validation + setup.test, seed=0)
     validation, test = heldout[:setup.validation], heldout[setup.validation:]
     variant = VARIANTS[method]
-    tokenizer, model = chat.build_model("prism" if variant.init == "pissa" else "naive", setup.rank)
-    if variant.init == "balanced":
-        prism.init_balanced_lora(model)  # from the run's seed (public randomness), base compensated
+    tokenizer, model = chat.build_model(setup.rank, variant.init)  # balanced: from the run's seed (public)
     if variant.frozen_A:
         methods.freeze(model, ".lora_A.")
     result = dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, setup=asdict(setup))

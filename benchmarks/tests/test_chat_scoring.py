@@ -39,3 +39,24 @@ def test_paired_loss_difference_is_the_pooled_difference_with_the_paired_standar
     assert diff == pytest.approx(0.5) and se == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(ValueError, match="different test replies"):
         paired_loss_difference(_run("a", a, [1] * 4), _run("b", b, [1, 2, 1, 1]), "test")
+
+
+def test_the_chat_example_builds_each_init_without_changing_the_model_and_refuses_an_unknown_one():
+    smollm2_or_skip()
+    import torch
+
+    from prism.examples import chat
+    from prism.layers import find_trainables
+
+    pairs = [("hello there", "hi")]
+    torch.manual_seed(0)
+    tokenizer, default = chat.build_model(8, "default")
+    reference = chat.completion_nll(default, tokenizer, pairs)[0]
+    assert all(float(p.lora_B.weight.abs().max()) == 0.0 for p in find_trainables(default)[0])
+    torch.manual_seed(0)
+    _, balanced = chat.build_model(8, "balanced")
+    svals = [torch.linalg.svdvals(p.lora_B.weight.detach()) for p in find_trainables(balanced)[0]]
+    assert all(torch.allclose(s, torch.full_like(s, 3 ** -0.5), atol=1e-5) for s in svals)  # the balanced scale
+    assert chat.completion_nll(balanced, tokenizer, pairs)[0] == pytest.approx(reference, rel=1e-4)  # compensated
+    with pytest.raises(ValueError, match="choose one of pissa, balanced, default"):
+        chat.build_model(8, "olora")

@@ -49,13 +49,20 @@ def conversation(statement: str, reply: str | None = None) -> dict:
     return example
 
 
-def build_model(method: str, rank: int):
-    """SmolLM2 with LoRA on q/k/v/o; PRISM starts from PiSSA (it needs full-rank factors), the others
-    from peft's default (lora_B = 0), as their users run them."""
+INITS = ("pissa", "balanced", "default")
+
+
+def build_model(rank: int, init: str):
+    """SmolLM2 with LoRA on q/k/v/o from `init`: "pissa" (peft's pissa_niter_4: W0's approximate top-r part moved
+    into the adapter), "balanced" (prism.init_balanced_lora: small random orthonormal factors, from torch's global
+    generator) or "default" (peft's: lora_B = 0, which PRISM refuses). The first two compensate the base."""
+    if init not in INITS:
+        raise ValueError(f"init {init!r}: choose one of {', '.join(INITS)}")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    import prism
     from prism.pretrained import smollm2
 
     hf_logging.set_verbosity_error()
@@ -64,8 +71,11 @@ def build_model(method: str, rank: int):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, task_type="CAUSAL_LM",
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                        init_lora_weights="pissa_niter_4" if method == "prism" else True)
-    return tokenizer, get_peft_model(model, config)
+                        init_lora_weights="pissa_niter_4" if init == "pissa" else True)
+    model = get_peft_model(model, config)
+    if init == "balanced":
+        prism.init_balanced_lora(model)
+    return tokenizer, model
 
 
 def completion_loss(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 32) -> float:
@@ -157,8 +167,8 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     train_pairs, heldout = load_dialog(args.max_chars, args.heldout, args.seed)
     train_pairs = train_pairs[:args.train_size]
-    tokenizer, model = build_model(args.method, args.rank)
-    print(f"method={args.method} train={len(train_pairs)} heldout={len(heldout)} rank={args.rank} "
+    tokenizer, model = build_model(args.rank, args.init or DEFAULT_INIT[args.method])
+    print(f"method={args.method} init={args.init or DEFAULT_INIT[args.method]} train={len(train_pairs)} heldout={len(heldout)} rank={args.rank} "
           f"steps={args.steps} expected_batch={args.batch_size} lr={args.lr}", flush=True)
     before = completion_loss(model, tokenizer, heldout)
     answers_before = replies(model, tokenizer)
@@ -197,6 +207,10 @@ def parser() -> argparse.ArgumentParser:
                                                             "nonprivate 5e-4)")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--init", choices=INITS, default=None,
+                   help="the adapter's start (default: pissa for prism, which needs full-rank factors; peft's "
+                        "default, lora_B = 0, for the others). On this task balanced gave PRISM a lower "
+                        "perplexity than PiSSA (benchmarks/results/llm_sft/README.md)")
     p.add_argument("--train-size", type=int, default=20000)
     p.add_argument("--heldout", type=int, default=300)
     p.add_argument("--max-chars", type=int, default=80, help="longest statement or reply kept, in characters")
@@ -211,6 +225,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 DEFAULT_LR = {"prism": 2e-3, "naive": 1e-3, "nonprivate": 5e-4}
+DEFAULT_INIT = {"prism": "pissa", "naive": "default", "nonprivate": "default"}
 
 
 def cli() -> None:
