@@ -108,7 +108,8 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
             trainer.train()
         losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
         result.update(train_seconds=round(time.time() - start, 1), train_losses=losses,
-                      update_geometry=update_geometry.update_geometry(model, before))
+                      update_geometry=update_geometry.update_geometry(model, before),
+                      start_overlap=update_geometry.start_overlap(before))
         if optimizer is not None:
             result.update(epsilon=optimizer.get_epsilon()[2], noise_multiplier=optimizer.noise_multiplier)
     for split, pairs in [("val", validation)] + ([("test", test)] if setup.score_test else []):

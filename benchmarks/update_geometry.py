@@ -10,7 +10,8 @@ vectors U_r, V_r:
     principal share = 1 - ||(I - U_r U_r^T) Delta W (I - V_r V_r^T)||_F^2 / ||Delta W||_F^2,
 
 the part of the update's energy that touches W0's principal column or row space (a random rank-r update of an
-m x n matrix has about 1 - (1 - r/m)(1 - r/n)), and the relative size ||Delta W||_F / ||W0||_F.
+m x n matrix has about 1 - (1 - r/m)(1 - r/n)), and the relative size ||Delta W||_F / ||W0||_F. peft's fast
+PiSSA (pissa_niter_K, a randomised SVD) starts only near W0's exact top-r subspaces: start_overlap says how near.
 """
 
 from __future__ import annotations
@@ -63,6 +64,20 @@ def update_geometry(model: nn.Module, before: dict) -> dict:
     if not everything:
         return {}
     return dict(all=_mean(everything), **{kind: _mean(group) for kind, group in sorted(rows.items())})
+
+
+@torch.no_grad()
+def start_overlap(before: dict) -> float | None:
+    """Mean over LoRA layers of ||Q^T U_r||_F^2 / r, Q an orthonormal basis of the initial lora_B's columns: 1 when
+    the adapter starts in W0's exact top-r column space (PiSSA with an exact SVD), about r / m for a random one;
+    None when no layer starts with full-rank factors (peft's default, lora_B = 0)."""
+    overlaps = []
+    for s in before.values():
+        B = s["B"]
+        if torch.linalg.matrix_rank(B) < B.shape[1]:
+            continue
+        overlaps.append((torch.linalg.qr(B)[0].T @ s["U"]).square().sum().item() / B.shape[1])
+    return statistics.mean(overlaps) if overlaps else None
 
 
 def _mean(rows: list[tuple[float, float]]) -> dict:

@@ -49,3 +49,15 @@ def test_no_update_reports_nothing_and_a_transposed_base_is_refused():
     layer.get_base_layer().weight = nn.Parameter(layer.get_base_layer().weight.T.clone(), requires_grad=False)
     with pytest.raises(ValueError, match="not stored"):
         snapshot(model)
+
+
+def test_start_overlap_is_one_for_an_exact_pissa_start_and_none_for_peft_default():
+    from benchmarks.update_geometry import start_overlap
+
+    model = _model(init="pissa")  # peft's exact-SVD PiSSA: the adapter's columns are W0's top-2 singular vectors
+    assert start_overlap(snapshot(model)) == pytest.approx(1.0, abs=1e-6)
+    assert start_overlap(snapshot(_model(init=True))) is None
+    model = _model(init=True)
+    with torch.no_grad():  # a small random full-rank start (W0 stays near the base): far from its top subspace
+        model.base_model.model[0].lora_B["default"].weight.normal_(std=1e-4)
+    assert start_overlap(snapshot(model)) < 0.9
