@@ -35,6 +35,7 @@ import torch
 
 from . import common, methods, update_geometry, utility
 
+
 class Variant(NamedTuple):
     """How a method of this benchmark is run."""
 
