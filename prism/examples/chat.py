@@ -167,8 +167,9 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     train_pairs, heldout = load_dialog(args.max_chars, args.heldout, args.seed)
     train_pairs = train_pairs[:args.train_size]
-    tokenizer, model = build_model(args.rank, args.init or DEFAULT_INIT[args.method])
-    print(f"method={args.method} init={args.init or DEFAULT_INIT[args.method]} train={len(train_pairs)} heldout={len(heldout)} rank={args.rank} "
+    init = args.init or DEFAULT_INIT[args.method]
+    tokenizer, model = build_model(args.rank, init)
+    print(f"method={args.method} init={init} train={len(train_pairs)} heldout={len(heldout)} rank={args.rank} "
           f"steps={args.steps} expected_batch={args.batch_size} lr={args.lr}", flush=True)
     before = completion_loss(model, tokenizer, heldout)
     answers_before = replies(model, tokenizer)
