@@ -236,8 +236,10 @@ def paired_table(folder: Path, args) -> str:
     for stage in ("tune", "test"):
         split = "val" if stage == "tune" else "test"
         runs = [r for r in map(common.read_json, sorted((folder / "llm_sft" / stage).glob("*.json")))
-                if f"{split}_reply_nll" in r
-                and (stage == "test" or r["method"] == "zeroshot" or r["lr"] == tuned_lr(folder, r["method"], args))]
+                if f"{split}_reply_nll" in r]
+        if stage == "tune":  # each method at its tuned rate only
+            tuned = {m: tuned_lr(folder, m, args) for m in {r["method"] for r in runs} if m != "zeroshot"}
+            runs = [r for r in runs if r["method"] == "zeroshot" or r["lr"] == tuned[r["method"]]]
         groups = {}
         for r in runs:
             groups.setdefault(r["seed"], {}).setdefault(r["method"], []).append(r)
