@@ -13,9 +13,10 @@ log-likelihood per reply token and its exponential, the perplexity (lower is bet
 Methods (VARIANTS): zeroshot (no training), nonprivate (AdamW), prism (PRISM from PiSSA, two-sided moments), naive
 (NaiveDPLoRA from peft's default init, as its users run it), ffa (FFA-LoRA: PiSSA's lora_A frozen, lora_B trained
 by NaiveDPLoRA), and diagnostics run when named: prism_one_sided (the paper's r x r moments), prism_balanced (PRISM
-from prism.init_balanced_lora: random orthonormal subspaces, base compensated), ffa_random (FFA-LoRA from peft's
-random lora_A, the FFA-LoRA paper's setting), nonprivate_pissa (AdamW from PiSSA). Every run: the same data, steps,
-expected batch and C; the run's seed seeds the noise and the Poisson draws. Learning rates: the grid below,
+from prism.init_balanced_lora: random orthonormal subspaces, base compensated; Z's singular values 1/3),
+prism_balanced_10 (the same with singular values 10: does a Z large against PRISM's steps, whose tangent space
+turns slowly, do better?), ffa_random (FFA-LoRA from peft's random lora_A, the FFA-LoRA paper's setting),
+nonprivate_pissa (AdamW from PiSSA). Every run: the same data, steps, expected batch and C; the run's seed seeds the noise and the Poisson draws. Learning rates: the grid below,
 chosen by validation loss at epsilon 3, seed 0, for every method alike, and extended past an edge that holds the
 optimum (benchmarks.utility's rule, --edge-steps).
 Results: results/llm_sft/<stage>/<method>_eps<e>_seed<s>_lr<lr>.json and results/llm_sft.json.
@@ -44,6 +45,7 @@ class Variant(NamedTuple):
     frozen_A: bool = False  # FFA-LoRA: lora_A frozen at its init, lora_B trained
     preconditioner: str = "two_sided"  # PRISM's second moments
     diagnostic: bool = False  # not in the default sweep: run when named
+    balanced_scale: float = 3 ** -0.5  # init "balanced": the factors' scale c (Z's singular values c^2)
 
 
 VARIANTS = {
@@ -52,6 +54,7 @@ VARIANTS = {
     "prism": Variant("prism", "pissa"),
     "prism_one_sided": Variant("prism", "pissa", preconditioner="one_sided", diagnostic=True),
     "prism_balanced": Variant("prism", "balanced", diagnostic=True),
+    "prism_balanced_10": Variant("prism", "balanced", diagnostic=True, balanced_scale=10 ** 0.5),
     "naive": Variant("naive"),
     "ffa": Variant("naive", "pissa", frozen_A=True),
     "ffa_random": Variant("naive", frozen_A=True, diagnostic=True),  # the FFA-LoRA paper's random lora_A
@@ -90,7 +93,7 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
     train_pairs, heldout = chat.load_dialog(setup.max_chars, setup.validation + setup.test, seed=0)
     validation, test = heldout[:setup.validation], heldout[setup.validation:]
     variant = VARIANTS[method]
-    tokenizer, model = chat.build_model(setup.rank, variant.init)  # balanced: from the run's seed (public)
+    tokenizer, model = chat.build_model(setup.rank, variant.init, variant.balanced_scale)  # balanced: from the run's seed (public)
     if variant.frozen_A:
         methods.freeze(model, ".lora_A.")
     result = dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, setup=asdict(setup))

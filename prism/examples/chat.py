@@ -52,10 +52,11 @@ def conversation(statement: str, reply: str | None = None) -> dict:
 INITS = ("pissa", "balanced", "default")
 
 
-def build_model(rank: int, init: str):
+def build_model(rank: int, init: str, balanced_scale: float = 3 ** -0.5):
     """SmolLM2 with LoRA on q/k/v/o from `init`: "pissa" (peft's pissa_niter_4: W0's approximate top-r part moved
-    into the adapter), "balanced" (prism.init_balanced_lora: small random orthonormal factors, from torch's global
-    generator) or "default" (peft's: lora_B = 0, which PRISM refuses). The first two compensate the base."""
+    into the adapter), "balanced" (prism.init_balanced_lora: random orthonormal factors times `balanced_scale`, so
+    Z's singular values are its square, from torch's global generator) or "default" (peft's: lora_B = 0, which PRISM
+    refuses). The first two compensate the base."""
     if init not in INITS:
         raise ValueError(f"init {init!r}: choose one of {', '.join(INITS)}")
     from peft import LoraConfig, get_peft_model
@@ -74,7 +75,7 @@ def build_model(rank: int, init: str):
                         init_lora_weights="pissa_niter_4" if init == "pissa" else True)
     model = get_peft_model(model, config)
     if init == "balanced":
-        prism.init_balanced_lora(model)
+        prism.init_balanced_lora(model, balanced_scale)
     return tokenizer, model
 
 
