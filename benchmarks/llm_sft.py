@@ -15,7 +15,8 @@ Methods (VARIANTS): zeroshot (no training), nonprivate (AdamW), prism (PRISM fro
 by NaiveDPLoRA), and diagnostics run when named: prism_one_sided (the paper's r x r moments), prism_balanced (PRISM
 from prism.init_balanced_lora: random orthonormal subspaces, base compensated; Z's singular values 1/3),
 prism_balanced_10 (the same with singular values 10: does a Z large against PRISM's steps, whose tangent space
-turns slowly, do better?), ffa_random (FFA-LoRA from peft's random lora_A, the FFA-LoRA paper's setting),
+turns slowly, do better?), prism_balanced_small (singular values 0.01: PRISM's steps in Z scale with
+sqrt(sigma), so they start small and grow with Z, as naive DP-LoRA's do from lora_B = 0), ffa_random (FFA-LoRA from peft's random lora_A, the FFA-LoRA paper's setting),
 nonprivate_pissa (AdamW from PiSSA). Every run: the same data, steps, expected batch and C; the run's seed seeds the noise and the Poisson draws. Learning rates: the grid below,
 chosen by validation loss at epsilon 3, seed 0, for every method alike, and extended past an edge that holds the
 optimum (benchmarks.utility's rule, --edge-steps).
@@ -55,6 +56,7 @@ VARIANTS = {
     "prism_one_sided": Variant("prism", "pissa", preconditioner="one_sided", diagnostic=True),
     "prism_balanced": Variant("prism", "balanced", diagnostic=True),
     "prism_balanced_10": Variant("prism", "balanced", diagnostic=True, balanced_scale=10 ** 0.5),
+    "prism_balanced_small": Variant("prism", "balanced", diagnostic=True, balanced_scale=0.1),
     "naive": Variant("naive"),
     "ffa": Variant("naive", "pissa", frozen_A=True),
     "ffa_random": Variant("naive", frozen_A=True, diagnostic=True),  # the FFA-LoRA paper's random lora_A
