@@ -233,29 +233,33 @@ def paired_loss_difference(a: dict, b: dict, split: str) -> tuple[float, float]:
     return diff, math.sqrt(n / (n - 1) * sum((di - diff * t) ** 2 for di, t in zip(d, tokens))) / total
 
 
-def paired_table(folder: Path, args) -> str:
-    """Markdown: PRISM minus every other run of the same stage, epsilon and seed (each method at its tuned rate in the
-    tuning stage) in mean loss per reply token, with the standard error over the shared replies; only runs that
-    stored per-reply losses. Negative: PRISM ahead."""
-    lines = ["| stage | split | epsilon | seed | PRISM minus | loss difference +- s.e. | z |", "|---" * 7 + "|"]
-    for stage in ("tune", "test"):
-        split = "val" if stage == "tune" else "test"
-        runs = [r for r in map(common.read_json, sorted((folder / "llm_sft" / stage).glob("*.json")))
-                if f"{split}_reply_nll" in r]
-        if stage == "tune":  # each method at its tuned rate only
-            tuned = {m: tuned_lr(folder, m, args) for m in {r["method"] for r in runs} if m != "zeroshot"}
-            runs = [r for r in runs if r["method"] == "zeroshot" or r["lr"] == tuned[r["method"]]]
-        groups = {}
+REFERENCE = "naive"  # the paired table's baseline: the best DP method of the tuning grid
+
+
+def paired_table(folder: Path) -> str:
+    """Markdown: every run minus naive DP-LoRA's of the same epsilon and seed (non-private runs beside each) in mean
+    loss per reply token, with the standard error over the shared replies; only runs that stored per-reply losses.
+    Validation: each method at its best rate among the runs that have them, tuning and test stage alike (a test-stage
+    run of seed 0 at the tuning epsilon repeats the tuning run of its rate: same batches, noise and validation
+    replies). Test: the test stage. Positive: behind naive."""
+    runs = [common.read_json(path) for stage in ("tune", "test")
+            for path in sorted((folder / "llm_sft" / stage).glob("*.json"))]
+    lines = [f"| split | epsilon | seed | method | lr | minus {REFERENCE}: loss difference +- s.e. | z |", "|---" * 7 + "|"]
+    for split in ("val", "test"):
+        best: dict[tuple, dict] = {}  # (epsilon, seed, method) -> the run with the lowest loss on the split
         for r in runs:
-            groups.setdefault(r["seed"], {}).setdefault(r["method"], []).append(r)
-        for seed, by_method in sorted(groups.items()):
-            for ref in by_method.get("prism", []):
-                others = [r for m, rs in by_method.items() if m != "prism" for r in rs
-                          if not private(m) or r["target_epsilon"] == ref["target_epsilon"]]
-                for other in others:
-                    diff, se = paired_loss_difference(ref, other, split)
-                    lines.append(f"| {stage} | {split} | {ref['target_epsilon']:g} | {seed} | {other['method']} | "
-                                 f"{diff:+.4f} +- {se:.4f} | {diff / se:+.1f} |")
+            key = (r["target_epsilon"], r["seed"], r["method"])
+            if f"{split}_reply_nll" in r and (key not in best or r[f"{split}_loss"] < best[key][f"{split}_loss"]):
+                best[key] = r
+        for (eps, seed, method), ref in sorted(best.items(), key=lambda x: (x[0][0] or 0, x[0][1], x[0][2])):
+            if method != REFERENCE:
+                continue
+            others = [r for (e, s, m), r in best.items() if s == seed and m != REFERENCE and (e == eps or not private(m))]
+            for other in sorted(others, key=lambda r: r[f"{split}_loss"]):
+                diff, se = paired_loss_difference(other, ref, split)
+                lr = "-" if other["lr"] is None else f"{other['lr']:g}"
+                z = f"{diff / se:+.1f}" if se > 0 else "-"
+                lines.append(f"| {split} | {eps:g} | {seed} | {other['method']} | {lr} | {diff:+.4f} +- {se:.4f} | {z} |")
     return "\n".join(lines)
 
 
@@ -278,7 +282,7 @@ def main(argv=None) -> str:
     folder = common.out_dir(args)
     if not args.summary_only:
         sweep(args, folder, setup)
-    text = table(folder, args) + "\n\n" + paired_table(folder, args)
+    text = table(folder, args) + "\n\n" + paired_table(folder)
     common.write_json(folder / "llm_sft.json", {f"{p.parent.name}/{p.stem}": common.read_json(p)
                                                  for p in sorted((folder / "llm_sft").glob("*/*.json"))})
     print(text)

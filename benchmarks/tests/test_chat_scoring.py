@@ -41,6 +41,34 @@ def test_paired_loss_difference_is_the_pooled_difference_with_the_paired_standar
         paired_loss_difference(_run("a", a, [1] * 4), _run("b", b, [1, 2, 1, 1]), "test")
 
 
+def _scored(method, eps, lr, val, test=None, seed=0):
+    run = dict(method=method, target_epsilon=eps, seed=seed, lr=lr, val_loss=sum(val) / len(val),
+               val_reply_nll=val, val_reply_tokens=[1] * len(val))
+    if test is not None:
+        run.update(test_loss=sum(test) / len(test), test_reply_nll=test, test_reply_tokens=[1] * len(test))
+    return run
+
+
+def test_the_paired_table_takes_each_method_at_its_best_validation_rate_across_stages(tmp_path):
+    from benchmarks import common
+    from benchmarks.llm_sft import paired_table, run_path
+
+    runs = {"test": [_scored("naive", 3.0, 0.01, [1.0, 2.0, 3.0], test=[1.0, 1.0, 1.0]),
+                     _scored("prism", 3.0, 0.01, [1.5, 2.5, 3.5], test=[1.2, 1.1, 1.3]),
+                     _scored("naive", 8.0, 0.01, [1.0, 1.0, 1.0])],
+            "tune": [_scored("prism", 3.0, 0.003, [1.2, 2.1, 3.3]),  # prism's better validation rate
+                     _scored("nonprivate", None, 0.003, [0.5, 1.4, 2.7]),
+                     _scored("ffa", 3.0, 0.003, [0.0, 0.0, 0.0], seed=1)]}  # no naive run of seed 1: no row
+    for stage, stage_runs in runs.items():
+        for r in stage_runs:
+            common.write_json(run_path(tmp_path, stage, r["method"], r["target_epsilon"], r["seed"], r["lr"]), r)
+    rows = [line for line in paired_table(tmp_path).splitlines()[2:]]
+    assert rows == ["| val | 3 | 0 | nonprivate | 0.003 | -0.4667 +- 0.0882 | -5.3 |",
+                    "| val | 3 | 0 | prism | 0.003 | +0.2000 +- 0.0577 | +3.5 |",
+                    "| val | 8 | 0 | nonprivate | 0.003 | -0.4667 +- 0.0882 | -5.3 |",
+                    "| test | 3 | 0 | prism | 0.01 | +0.2000 +- 0.0577 | +3.5 |"]
+
+
 def test_the_chat_example_builds_each_init_without_changing_the_model_and_refuses_an_unknown_one():
     smollm2_or_skip()
     import torch
