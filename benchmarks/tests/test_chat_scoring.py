@@ -65,7 +65,7 @@ def test_the_paired_table_takes_each_method_at_its_best_validation_rate_across_s
     rows = [line for line in paired_table(tmp_path).splitlines()[2:]]
     assert rows == ["| val | 3 | 0 | nonprivate | 0.003 | -0.4667 +- 0.0882 | -5.3 |",
                     "| val | 3 | 0 | prism | 0.003 | +0.2000 +- 0.0577 | +3.5 |",
-                    "| val | 8 | 0 | nonprivate | 0.003 | -0.4667 +- 0.0882 | -5.3 |",
+                    "| val | 8 | 0 | nonprivate | 0.003 | +0.5333 +- 0.6386 | +0.8 |",
                     "| test | 3 | 0 | prism | 0.01 | +0.2000 +- 0.0577 | +3.5 |"]
 
 
