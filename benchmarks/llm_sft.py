@@ -239,18 +239,20 @@ REFERENCE = "naive"  # the paired table's baseline: the best DP method of the tu
 def paired_table(folder: Path) -> str:
     """Markdown: every run minus naive DP-LoRA's of the same epsilon and seed (non-private runs beside each) in mean
     loss per reply token, with the standard error over the shared replies; only runs that stored per-reply losses.
-    Validation: each method at its best rate among the runs that have them, tuning and test stage alike (a test-stage
-    run of seed 0 at the tuning epsilon repeats the tuning run of its rate: same batches, noise and validation
-    replies). Test: the test stage. Positive: behind naive."""
+    Validation: each method at its best rate run so far, tuning and test stage alike (a test-stage run of seed 0 at
+    the tuning epsilon repeats the tuning run of its rate: same batches, noise and validation replies); no row when
+    that run predates per-reply losses. Test: the test stage. Positive: behind naive."""
     runs = [common.read_json(path) for stage in ("tune", "test")
             for path in sorted((folder / "llm_sft" / stage).glob("*.json"))]
     lines = [f"| split | epsilon | seed | method | lr | minus {REFERENCE}: loss difference +- s.e. | z |", "|---" * 7 + "|"]
     for split in ("val", "test"):
-        best: dict[tuple, dict] = {}  # (epsilon, seed, method) -> the run with the lowest loss on the split
+        best: dict[tuple, dict] = {}  # (epsilon, seed, method) -> its run with the lowest loss on the split
         for r in runs:
             key = (r["target_epsilon"], r["seed"], r["method"])
-            if f"{split}_reply_nll" in r and (key not in best or r[f"{split}_loss"] < best[key][f"{split}_loss"]):
-                best[key] = r
+            rank = (round(r.get(f"{split}_loss", math.inf), 6), f"{split}_reply_nll" not in r)
+            if key not in best or rank < best[key][0]:
+                best[key] = rank, r  # the lowest loss; of equal ones (a run and its repeat), one with per-reply losses
+        best = {key: r for key, (_, r) in best.items() if f"{split}_reply_nll" in r}
         for (eps, seed, method), ref in sorted(best.items(), key=lambda x: (x[0][0] or 0, x[0][1], x[0][2])):
             if method != REFERENCE:
                 continue
