@@ -15,9 +15,11 @@ Methods (VARIANTS): zeroshot (no training), nonprivate (AdamW), prism (PRISM fro
 by NaiveDPLoRA), and diagnostics run when named: prism_one_sided (the paper's r x r moments), prism_balanced (PRISM
 from prism.init_balanced_lora: random orthonormal subspaces, base compensated; Z's singular values 1/3),
 prism_balanced_10 (the same with singular values 10: does a Z large against PRISM's steps, whose tangent space
-turns slowly, do better?), prism_balanced_small (singular values 0.01: PRISM's steps in Z scale with
-sqrt(sigma), so they start small and grow with Z, as naive DP-LoRA's do from lora_B = 0), ffa_random (FFA-LoRA from peft's random lora_A, the FFA-LoRA paper's setting),
-nonprivate_pissa (AdamW from PiSSA). Every run: the same data, steps, expected batch and C; the run's seed seeds the noise and the Poisson draws. Learning rates: the grid below,
+turns slowly, do better?), prism_balanced_small (singular values 0.01: PRISM's steps in Z scale with sqrt(sigma),
+so they start small and grow with Z, as naive DP-LoRA's do from lora_B = 0), naive_balanced (NaiveDPLoRA from
+prism_balanced's start: is the zero start what naive has?), ffa_random (FFA-LoRA from peft's random lora_A, the
+FFA-LoRA paper's setting), nonprivate_pissa (AdamW from PiSSA). Every run: the same data, steps, expected batch and
+C; the run's seed seeds the noise and the Poisson draws. Learning rates: the grid below,
 chosen by validation loss at epsilon 3, seed 0, for every method alike, and extended past an edge that holds the
 optimum (benchmarks.utility's rule, --edge-steps).
 Results: results/llm_sft/<stage>/<method>_eps<e>_seed<s>_lr<lr>.json and results/llm_sft.json.
@@ -58,6 +60,7 @@ VARIANTS = {
     "prism_balanced_10": Variant("prism", "balanced", diagnostic=True, balanced_scale=10 ** 0.5),
     "prism_balanced_small": Variant("prism", "balanced", diagnostic=True, balanced_scale=0.1),
     "naive": Variant("naive"),
+    "naive_balanced": Variant("naive", "balanced", diagnostic=True),  # does naive need its zero start?
     "ffa": Variant("naive", "pissa", frozen_A=True),
     "ffa_random": Variant("naive", frozen_A=True, diagnostic=True),  # the FFA-LoRA paper's random lora_A
     "nonprivate_pissa": Variant("nonprivate", "pissa", diagnostic=True),  # does PiSSA cost without DP too?
