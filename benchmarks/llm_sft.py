@@ -98,7 +98,8 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
     train_pairs, heldout = chat.load_dialog(setup.max_chars, setup.validation + setup.test, seed=0)
     validation, test = heldout[:setup.validation], heldout[setup.validation:]
     variant = VARIANTS[method]
-    tokenizer, model = chat.build_model(setup.rank, variant.init, variant.balanced_scale)  # balanced: from the run's seed (public)
+    # balanced: drawn from the run's seed (public randomness)
+    tokenizer, model = chat.build_model(setup.rank, variant.init, variant.balanced_scale)
     if variant.frozen_A:
         methods.freeze(model, ".lora_A.")
     result = dict(method=method, target_epsilon=epsilon, seed=seed, lr=lr, setup=asdict(setup))
@@ -247,24 +248,27 @@ def paired_table(folder: Path) -> str:
     that run predates per-reply losses. Test: the test stage. Positive: behind naive."""
     runs = [common.read_json(path) for stage in ("tune", "test")
             for path in sorted((folder / "llm_sft" / stage).glob("*.json"))]
-    lines = [f"| split | epsilon | seed | method | lr | minus {REFERENCE}: loss difference +- s.e. | z |", "|---" * 7 + "|"]
+    lines = [f"| split | epsilon | seed | method | lr | minus {REFERENCE}: loss difference +- s.e. | z |",
+             "|---" * 7 + "|"]
     for split in ("val", "test"):
-        best: dict[tuple, dict] = {}  # (epsilon, seed, method) -> its run with the lowest loss on the split
+        ranked: dict[tuple, tuple] = {}  # (epsilon, seed, method) -> (rank, its run with the lowest loss on the split)
         for r in runs:
             key = (r["target_epsilon"], r["seed"], r["method"])
             rank = (round(r.get(f"{split}_loss", math.inf), 6), f"{split}_reply_nll" not in r)
-            if key not in best or rank < best[key][0]:
-                best[key] = rank, r  # the lowest loss; of equal ones (a run and its repeat), one with per-reply losses
-        best = {key: r for key, (_, r) in best.items() if f"{split}_reply_nll" in r}
+            if key not in ranked or rank < ranked[key][0]:
+                ranked[key] = rank, r  # of equal losses (a run and its repeat), the one with per-reply losses
+        best = {key: r for key, (_, r) in ranked.items() if f"{split}_reply_nll" in r}
         for (eps, seed, method), ref in sorted(best.items(), key=lambda x: (x[0][0] or 0, x[0][1], x[0][2])):
             if method != REFERENCE:
                 continue
-            others = [r for (e, s, m), r in best.items() if s == seed and m != REFERENCE and (e == eps or not private(m))]
+            others = [r for (e, s, m), r in best.items()
+                      if s == seed and m != REFERENCE and (e == eps or not private(m))]
             for other in sorted(others, key=lambda r: r[f"{split}_loss"]):
                 diff, se = paired_loss_difference(other, ref, split)
                 lr = "-" if other["lr"] is None else f"{other['lr']:g}"
                 z = f"{diff / se:+.1f}" if se > 0 else "-"
-                lines.append(f"| {split} | {eps:g} | {seed} | {other['method']} | {lr} | {diff:+.4f} +- {se:.4f} | {z} |")
+                lines.append(f"| {split} | {eps:g} | {seed} | {other['method']} | {lr} | {diff:+.4f} +- {se:.4f} "
+                             f"| {z} |")
     return "\n".join(lines)
 
 

@@ -62,7 +62,7 @@ def test_the_paired_table_takes_each_method_at_its_best_validation_rate_across_s
     for stage, stage_runs in runs.items():
         for r in stage_runs:
             common.write_json(run_path(tmp_path, stage, r["method"], r["target_epsilon"], r["seed"], r["lr"]), r)
-    rows = [line for line in paired_table(tmp_path).splitlines()[2:]]
+    rows = paired_table(tmp_path).splitlines()[2:]
     assert rows == ["| val | 3 | 0 | nonprivate | 0.003 | -0.4667 +- 0.0882 | -5.3 |",
                     "| val | 3 | 0 | prism | 0.003 | +0.2000 +- 0.0577 | +3.5 |",
                     "| val | 8 | 0 | nonprivate | 0.003 | +0.5333 +- 0.6386 | +0.8 |",
