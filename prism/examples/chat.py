@@ -212,7 +212,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--init", choices=INITS, default=None,
                    help="the adapter's start (default: pissa for prism, which needs full-rank factors; peft's "
                         "default, lora_B = 0, for the others). On this task balanced gave PRISM a lower "
-                        "perplexity than PiSSA (benchmarks/results/llm_sft/README.md)")
+                        "perplexity than PiSSA at its tuned rate 1e-2, a higher one at 3e-3 "
+                        "(benchmarks/results/llm_sft/README.md)")
     p.add_argument("--train-size", type=int, default=20000)
     p.add_argument("--heldout", type=int, default=300)
     p.add_argument("--max-chars", type=int, default=80, help="longest statement or reply kept, in characters")
