@@ -49,6 +49,8 @@ class Variant(NamedTuple):
     preconditioner: str = "two_sided"  # PRISM's second moments
     diagnostic: bool = False  # not in the default sweep: run when named
     balanced_scale: float = 3 ** -0.5  # init "balanced": the factors' scale c (Z's singular values c^2)
+    metric: str = "frobenius"  # PRISM's clipping and noise metric
+    elementwise_adam: bool = False  # PRISM with Adam's per-coordinate moments (benchmarks.llm_ablations)
 
 
 VARIANTS = {
@@ -59,6 +61,9 @@ VARIANTS = {
     "prism_balanced": Variant("prism", "balanced", diagnostic=True),
     "prism_balanced_10": Variant("prism", "balanced", diagnostic=True, balanced_scale=10 ** 0.5),
     "prism_balanced_small": Variant("prism", "balanced", diagnostic=True, balanced_scale=0.1),
+    # from the balanced start, PRISM's step made like naive's one part at a time (metric, then moments)
+    "prism_balanced_fm": Variant("prism", "balanced", diagnostic=True, metric="balanced"),
+    "prism_balanced_adam": Variant("prism", "balanced", diagnostic=True, metric="balanced", elementwise_adam=True),
     "naive": Variant("naive"),
     "naive_balanced": Variant("naive", "balanced", diagnostic=True),  # does naive need its zero start?
     "ffa": Variant("naive", "pissa", frozen_A=True),
@@ -114,7 +119,8 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
             setattr(args, key, value)
         start = time.time()
         with tempfile.TemporaryDirectory() as output_dir:
-            trainer, optimizer = chat.build_trainer(args, model, tokenizer, train_pairs[:setup.train_size], output_dir)
+            trainer, optimizer = chat.build_trainer(args, model, tokenizer, train_pairs[:setup.train_size], output_dir,
+                                                    **_optimizer_override(variant))
             trainer.train()
         losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
         result.update(train_seconds=round(time.time() - start, 1), train_losses=losses,
@@ -128,6 +134,14 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
         result.update({f"{split}_loss": loss, f"{split}_perplexity": math.exp(loss), f"{split}_reply_nll": sums,
                        f"{split}_reply_tokens": counts})
     return result
+
+
+def _optimizer_override(variant: Variant) -> dict:
+    """chat.build_trainer's optimizer_class / optimizer_kwargs for a PRISM variant ({} for the others)."""
+    if variant.elementwise_adam:
+        from .llm_ablations import PRISMElementwiseAdam  # sets metric="balanced" itself
+        return dict(optimizer_class=PRISMElementwiseAdam)
+    return dict(metric=variant.metric) if variant.optimizer == "prism" else {}
 
 
 def run_path(folder: Path, stage: str, method: str, epsilon, seed: int, lr) -> Path:

@@ -129,11 +129,13 @@ def replies(model, tokenizer, prompts=PROMPTS, max_new_tokens: int = 24) -> list
     return answers
 
 
-def build_trainer(args, model, tokenizer, train_pairs, output_dir: str):
+def build_trainer(args, model, tokenizer, train_pairs, output_dir: str, optimizer_class=None, **optimizer_kwargs):
     """A vanilla TRL SFTTrainer; the private methods add one call, prism.hf.make_private.
 
     The optimizer is built after the trainer, for `len(trainer.train_dataset)`: SFTTrainer drops
     examples that truncation leaves without a reply token, and the sampling rate is b / N of what remains.
+    `optimizer_class` (a DPLoRAOptimizer subclass) and `optimizer_kwargs` replace the method's optimizer
+    and add keyword arguments to it (benchmarks' ablations).
     """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -154,6 +156,7 @@ def build_trainer(args, model, tokenizer, train_pairs, output_dir: str):
     # two-sided moments for PRISM on a language model (docs/method.md 3.5; benchmarks/results/llm)
     cls, extra = ((prism.PRISM, dict(preconditioner=args.preconditioner)) if args.method == "prism"
                   else (prism.NaiveDPLoRA, {}))
+    cls, extra = optimizer_class or cls, dict(extra, **optimizer_kwargs)
     seeded = args.noise_seed is not None  # reproducible benchmark runs only; OS entropy is the one to deploy
     trainer.optimizer = cls(model, lr=args.lr, max_grad_norm=args.max_grad_norm, target_epsilon=args.epsilon,
                             delta=args.delta, expected_batch_size=args.batch_size,
