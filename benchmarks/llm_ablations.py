@@ -9,11 +9,21 @@ then lifted horizontally and retracted as usual. With it, PRISM differs from nai
 the factors) only by the noise's gauge part (removed), the retraction (no lr^2 dA dB^T term) and the
 re-balancing after each step. It is not gauge invariant: coordinates of the balanced factors are
 defined only up to the orthogonal gauge, which Procrustes alignment (method 3.6) pins down.
+
+`PRISMFactorStep`: PRISMElementwiseAdam whose Adam direction is applied to the factors as they are,
+
+    (A+, B+) = (A - lr u_A, B - lr u_B),
+
+without the horizontal lift, the retraction to rank r (so the lr^2 u_A u_B^T term is back) and the
+re-balancing. It differs from naive DP-LoRA only in the noise: PRISM's lacks the vertical (gauge) part,
+which moves the factors but not Z to first order. Together the three ablations split PRISM's step from
+naive DP-Adam's one difference at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
 
@@ -21,7 +31,7 @@ import prism
 from prism import functional, manifold
 
 
-def _elementwise_adam(A, B, dA, dB, basis, state, cfg):
+def _elementwise_adam(A, B, dA, dB, basis, state, cfg, lift=True):
     if not state:
         state.update(step=0, exp_avg_A=torch.zeros_like(A), exp_avg_B=torch.zeros_like(B),
                      exp_avg_sq_A=torch.zeros_like(A), exp_avg_sq_B=torch.zeros_like(B))
@@ -35,16 +45,27 @@ def _elementwise_adam(A, B, dA, dB, basis, state, cfg):
         m_hat = exp_avg / (1 - beta1 ** state["step"])
         v_hat = exp_avg_sq / (1 - beta2 ** state["step"])
         directions.append(m_hat / (v_hat.sqrt() + cfg.eps))
-    return manifold.horizontal_lift(A, B, *directions)
+    return manifold.horizontal_lift(A, B, *directions) if lift else tuple(directions)
+
+
+def _factor_step(A, B, dA, dB, lr, weight_decay=0.0):
+    return A * (1 - lr * weight_decay) - lr * dA, B * (1 - lr * weight_decay) - lr * dB
+
+
+_ADDITIVE = types.SimpleNamespace(retract=_factor_step, procrustes_align=lambda A, B, A_ref, B_ref: (A, B))
 
 
 @contextlib.contextmanager
-def _patched():
-    original, functional._adaptive_direction = functional._adaptive_direction, _elementwise_adam
+def _patched(factor_step: bool = False):
+    saved = functional._adaptive_direction, functional.retract
+    functional._adaptive_direction = (lambda *args: _elementwise_adam(*args, lift=False)) if factor_step \
+        else _elementwise_adam
+    if factor_step:
+        functional.retract = _ADDITIVE
     try:
         yield
     finally:
-        functional._adaptive_direction = original
+        functional._adaptive_direction, functional.retract = saved
 
 
 class PRISMElementwiseAdam(prism.PRISM):
@@ -56,3 +77,11 @@ class PRISMElementwiseAdam(prism.PRISM):
     def _lora_updates(self, configs):
         with _patched():
             return super()._lora_updates(configs)
+
+
+class PRISMFactorStep(PRISMElementwiseAdam):
+    """PRISMElementwiseAdam applied to the factors additively (see the module docstring)."""
+
+    def _lora_updates(self, configs):
+        with _patched(factor_step=True):
+            return prism.PRISM._lora_updates(self, configs)

@@ -50,7 +50,7 @@ class Variant(NamedTuple):
     diagnostic: bool = False  # not in the default sweep: run when named
     balanced_scale: float = 3 ** -0.5  # init "balanced": the factors' scale c (Z's singular values c^2)
     metric: str = "frobenius"  # PRISM's clipping and noise metric
-    elementwise_adam: bool = False  # PRISM with Adam's per-coordinate moments (benchmarks.llm_ablations)
+    ablation: str | None = None  # a PRISM subclass of benchmarks.llm_ablations
 
 
 VARIANTS = {
@@ -63,7 +63,8 @@ VARIANTS = {
     "prism_balanced_small": Variant("prism", "balanced", diagnostic=True, balanced_scale=0.1),
     # from the balanced start, PRISM's step made like naive's one part at a time (metric, then moments)
     "prism_balanced_fm": Variant("prism", "balanced", diagnostic=True, metric="balanced"),
-    "prism_balanced_adam": Variant("prism", "balanced", diagnostic=True, metric="balanced", elementwise_adam=True),
+    "prism_balanced_adam": Variant("prism", "balanced", diagnostic=True, ablation="PRISMElementwiseAdam"),
+    "prism_balanced_factor_step": Variant("prism", "balanced", diagnostic=True, ablation="PRISMFactorStep"),
     "naive": Variant("naive"),
     "naive_balanced": Variant("naive", "balanced", diagnostic=True),  # does naive need its zero start?
     "ffa": Variant("naive", "pissa", frozen_A=True),
@@ -138,9 +139,9 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
 
 def _optimizer_override(variant: Variant) -> dict:
     """chat.build_trainer's optimizer_class / optimizer_kwargs for a PRISM variant ({} for the others)."""
-    if variant.elementwise_adam:
-        from .llm_ablations import PRISMElementwiseAdam  # sets metric="balanced" itself
-        return dict(optimizer_class=PRISMElementwiseAdam)
+    if variant.ablation:
+        from . import llm_ablations  # their metric is "balanced"
+        return dict(optimizer_class=getattr(llm_ablations, variant.ablation))
     return dict(metric=variant.metric) if variant.optimizer == "prism" else {}
 
 
