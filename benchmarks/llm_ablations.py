@@ -71,8 +71,10 @@ def _patched(factor_step: bool = False):
 class PRISMElementwiseAdam(prism.PRISM):
     """PRISM(metric="balanced") with Adam's per-coordinate preconditioner (see the module docstring)."""
 
-    def __init__(self, model, **kwargs):
-        super().__init__(model, metric="balanced", **kwargs)
+    def __init__(self, model, metric: str = "balanced", **kwargs):
+        if metric != "balanced":
+            raise ValueError(f"metric={metric!r}: the Adam ablation works in the balanced factors; use 'balanced'")
+        super().__init__(model, metric=metric, **kwargs)
 
     def _lora_updates(self, configs):
         with _patched():

@@ -61,10 +61,12 @@ VARIANTS = {
     "prism_balanced": Variant("prism", "balanced", diagnostic=True),
     "prism_balanced_10": Variant("prism", "balanced", diagnostic=True, balanced_scale=10 ** 0.5),
     "prism_balanced_small": Variant("prism", "balanced", diagnostic=True, balanced_scale=0.1),
-    # from the balanced start, PRISM's step made like naive's one part at a time (metric, then moments)
+    # from the balanced start, PRISM's step made like naive's one part at a time (metric, moments, factor step)
     "prism_balanced_fm": Variant("prism", "balanced", diagnostic=True, metric="balanced"),
-    "prism_balanced_adam": Variant("prism", "balanced", diagnostic=True, ablation="PRISMElementwiseAdam"),
-    "prism_balanced_factor_step": Variant("prism", "balanced", diagnostic=True, ablation="PRISMFactorStep"),
+    "prism_balanced_adam": Variant("prism", "balanced", diagnostic=True, metric="balanced",
+                                   ablation="PRISMElementwiseAdam"),
+    "prism_balanced_factor_step": Variant("prism", "balanced", diagnostic=True, metric="balanced",
+                                          ablation="PRISMFactorStep"),
     "naive": Variant("naive"),
     "naive_balanced": Variant("naive", "balanced", diagnostic=True),  # does naive need its zero start?
     "ffa": Variant("naive", "pissa", frozen_A=True),
@@ -116,7 +118,7 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
                                batch_size=setup.batch_size, micro_batch=setup.micro_batch, rank=setup.rank,
                                max_grad_norm=setup.max_grad_norm, max_length=setup.max_length, seed=seed,
                                log_every=max(1, setup.steps // 6), noise_seed=seed,
-                               preconditioner=variant.preconditioner).items():
+                               preconditioner=variant.preconditioner, metric=variant.metric).items():
             setattr(args, key, value)
         start = time.time()
         with tempfile.TemporaryDirectory() as output_dir:
@@ -138,11 +140,11 @@ def train(method: str, setup: Setup, *, epsilon: float | None, seed: int, lr: fl
 
 
 def _optimizer_override(variant: Variant) -> dict:
-    """chat.build_trainer's optimizer_class / optimizer_kwargs for a PRISM variant ({} for the others)."""
-    if variant.ablation:
-        from . import llm_ablations  # their metric is "balanced"
-        return dict(optimizer_class=getattr(llm_ablations, variant.ablation))
-    return dict(metric=variant.metric) if variant.optimizer == "prism" else {}
+    """chat.build_trainer's optimizer_class for an ablation ({} for the others)."""
+    if not variant.ablation:
+        return {}
+    from . import llm_ablations
+    return dict(optimizer_class=getattr(llm_ablations, variant.ablation))
 
 
 def run_path(folder: Path, stage: str, method: str, epsilon, seed: int, lr) -> Path:

@@ -129,13 +129,13 @@ def replies(model, tokenizer, prompts=PROMPTS, max_new_tokens: int = 24) -> list
     return answers
 
 
-def build_trainer(args, model, tokenizer, train_pairs, output_dir: str, optimizer_class=None, **optimizer_kwargs):
+def build_trainer(args, model, tokenizer, train_pairs, output_dir: str, optimizer_class=None):
     """A vanilla TRL SFTTrainer; the private methods add one call, prism.hf.make_private.
 
     The optimizer is built after the trainer, for `len(trainer.train_dataset)`: SFTTrainer drops
     examples that truncation leaves without a reply token, and the sampling rate is b / N of what remains.
-    `optimizer_class` (a DPLoRAOptimizer subclass) and `optimizer_kwargs` replace the method's optimizer
-    and add keyword arguments to it (benchmarks' ablations).
+    `optimizer_class` (a subclass of the method's optimizer, taking its arguments) replaces it (benchmarks'
+    ablations).
     """
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -144,8 +144,8 @@ def build_trainer(args, model, tokenizer, train_pairs, output_dir: str, optimize
     import prism.hf
 
     micro_batches = max(1, math.ceil(args.batch_size / args.micro_batch))
-    config = SFTConfig(output_dir=output_dir, max_steps=args.steps, learning_rate=args.lr,
-                       lr_scheduler_type="constant", per_device_train_batch_size=math.ceil(args.batch_size / micro_batches),
+    config = SFTConfig(output_dir=output_dir, max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
+                       per_device_train_batch_size=math.ceil(args.batch_size / micro_batches),
                        gradient_accumulation_steps=micro_batches, max_length=args.max_length, max_grad_norm=0.0,
                        gradient_checkpointing=False, logging_steps=args.log_every, save_strategy="no",
                        report_to="none", use_cpu=True, bf16=False, seed=args.seed, disable_tqdm=False)
@@ -154,9 +154,9 @@ def build_trainer(args, model, tokenizer, train_pairs, output_dir: str, optimize
     if args.method == "nonprivate":
         return trainer, None
     # two-sided moments for PRISM on a language model (docs/method.md 3.5; benchmarks/results/llm)
-    cls, extra = ((prism.PRISM, dict(preconditioner=args.preconditioner)) if args.method == "prism"
-                  else (prism.NaiveDPLoRA, {}))
-    cls, extra = optimizer_class or cls, dict(extra, **optimizer_kwargs)
+    cls, extra = ((prism.PRISM, dict(preconditioner=args.preconditioner, metric=args.metric))
+                  if args.method == "prism" else (prism.NaiveDPLoRA, {}))
+    cls = optimizer_class or cls
     seeded = args.noise_seed is not None  # reproducible benchmark runs only; OS entropy is the one to deploy
     trainer.optimizer = cls(model, lr=args.lr, max_grad_norm=args.max_grad_norm, target_epsilon=args.epsilon,
                             delta=args.delta, expected_batch_size=args.batch_size,
@@ -225,6 +225,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the data split; sampling and noise use OS entropy")
     p.add_argument("--preconditioner", choices=["two_sided", "one_sided"], default="two_sided",
                    help="PRISM's second moments (docs/method.md 3.5); two-sided is the one for language models")
+    p.add_argument("--metric", choices=["frobenius", "balanced"], default="frobenius",
+                   help="PRISM's clipping and noise metric (docs/method.md 3.7). On this task, from --init balanced at "
+                        "lr 1e-2, balanced tied naive DP-LoRA where frobenius trailed it "
+                        "(benchmarks/results/llm_sft/README.md)")
     p.add_argument("--noise-seed", type=int, default=None,
                    help="seed the noise and the Poisson sampling (reproducible benchmarks only; default: OS entropy)")
     return p
