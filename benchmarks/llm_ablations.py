@@ -16,8 +16,8 @@ defined only up to the orthogonal gauge, which Procrustes alignment (method 3.6)
 
 without the horizontal lift, the retraction to rank r (so the lr^2 u_A u_B^T term is back) and the
 re-balancing. It differs from naive DP-LoRA only in the noise: PRISM's lacks the vertical (gauge) part,
-which moves the factors but not Z to first order. Together the three ablations split PRISM's step from
-naive DP-Adam's one difference at a time.
+which moves the factors but not Z to first order. With PRISM(metric="balanced") before them, the two
+ablations split PRISM's step from naive DP-Adam's one difference at a time.
 """
 
 from __future__ import annotations
