@@ -71,19 +71,19 @@ def _patched(factor_step: bool = False):
 class PRISMElementwiseAdam(prism.PRISM):
     """PRISM(metric="balanced") with Adam's per-coordinate preconditioner (see the module docstring)."""
 
+    _factor_step = False
+
     def __init__(self, model, metric: str = "balanced", **kwargs):
         if metric != "balanced":
             raise ValueError(f"metric={metric!r}: the Adam ablation works in the balanced factors; use 'balanced'")
         super().__init__(model, metric=metric, **kwargs)
 
     def _lora_updates(self, configs):
-        with _patched():
+        with _patched(self._factor_step):
             return super()._lora_updates(configs)
 
 
 class PRISMFactorStep(PRISMElementwiseAdam):
     """PRISMElementwiseAdam applied to the factors additively (see the module docstring)."""
 
-    def _lora_updates(self, configs):
-        with _patched(factor_step=True):
-            return prism.PRISM._lora_updates(self, configs)
+    _factor_step = True
