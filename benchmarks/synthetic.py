@@ -8,7 +8,10 @@
 
 Generators of 2,000 balanced synthetic reviews (prism.examples.synthetic; private data = the training
 sentences of benchmarks.tasks' Rotten Tomatoes split, the same as benchmarks.utility's):
-    prism       SmolLM2-135M-Instruct + LoRA fine-tuned by PRISM (preconditioner="two_sided"), at the target epsilon
+    prism       SmolLM2-135M-Instruct + LoRA fine-tuned by PRISM (preconditioner="two_sided", from PiSSA), at the
+                target epsilon
+    prism_balanced  the same from prism.init_balanced_lora with metric="balanced" (the configuration that tied naive
+                DP-LoRA on the chat task, benchmarks/results/llm_sft)
     naive       the same with naive DP-LoRA (prism.NaiveDPLoRA, peft's default init)
     nonprivate  the same without clipping or noise (AdamW)
     zeroshot    the untuned instruct model, prompted through its chat template (no private data)
@@ -38,10 +41,13 @@ import torch
 
 from . import common, tasks
 
-GENERATORS = ("prism", "naive", "nonprivate", "zeroshot", "pe")
+# the fine-tuned generators: GeneratorConfig's fields besides epsilon and seed
+FINE_TUNED = {"prism": dict(method="prism"), "prism_balanced": dict(method="prism", init="balanced", metric="balanced"),
+              "naive": dict(method="naive"), "nonprivate": dict(method="nonprivate")}
+GENERATORS = tuple(FINE_TUNED) + ("zeroshot", "pe")
 JUDGED = "_judged"  # a generator's samples after the public label judge (post-processing, no new samples)
 VARIANTS = GENERATORS + tuple(g + JUDGED for g in GENERATORS)
-PRIVATE = tuple(v for v in VARIANTS if v.removesuffix(JUDGED) in ("prism", "naive", "pe"))
+PRIVATE = tuple(v for v in VARIANTS if v.removesuffix(JUDGED) not in ("nonprivate", "zeroshot"))
 EPSILONS = (8.0, 3.0)
 SEEDS = (0,)
 STAGES = ("generate", "evaluate")
@@ -75,10 +81,8 @@ def private_split(quick: bool) -> tasks.Split:
 def generator_config(variant: str, epsilon: float | None, seed: int, quick: bool):
     from prism.examples.synthetic import GeneratorConfig
 
-    if quick:
-        return GeneratorConfig(method=variant, epsilon=epsilon, steps=2, batch_size=16, micro_batch=16, seed=seed,
-                               log_every=1)
-    return GeneratorConfig(method=variant, epsilon=epsilon, seed=seed)
+    quick_settings = dict(steps=2, batch_size=16, micro_batch=16, log_every=1) if quick else {}
+    return GeneratorConfig(epsilon=epsilon, seed=seed, **FINE_TUNED[variant], **quick_settings)
 
 
 def sampling_config(quick: bool):
@@ -104,7 +108,7 @@ def generate_job(variant: str, epsilon: float | None, seed: int, split: tasks.Sp
     def fn():
         torch.manual_seed(seed)
         info = dict(variant=variant, target_epsilon=epsilon, seed=seed)
-        if variant in ("prism", "naive", "nonprivate"):
+        if variant in FINE_TUNED:
             config = generator_config(variant, epsilon, seed, quick)
             tokenizer, model, generator = synthetic.train_generator(
                 split.train_x, split.train_y, config, quick=quick,

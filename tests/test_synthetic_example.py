@@ -38,6 +38,15 @@ def test_quick_workflow_trains_privately_and_writes_balanced_filtered_samples(tm
     assert "generator step 2/2" in printed and "epsilon 7." in printed and "sampling positive: 4/4" in printed
 
 
+def test_quick_workflow_passes_the_init_and_the_metric_to_prism(tmp_path):
+    smollm2_or_skip()
+    result = synthetic.main(["--quick", "--init", "balanced", "--metric", "balanced", "--samples", "2",
+                             "--out", str(tmp_path / "s.jsonl"), "--threads", "1"])
+    generator = result["generator"]
+    assert generator["config"]["init"] == "balanced" and generator["metric"] == "balanced"
+    assert generator["steps_taken"] == 2 and 7.0 < generator["epsilon"] <= 8.0
+
+
 def test_the_prompt_carries_the_label():
     assert synthetic.prompt(1) == "Sentiment: positive\nReview:" and synthetic.prompt(0).endswith("negative\nReview:")
     assert LABELS == ("negative", "positive")
@@ -48,6 +57,10 @@ def test_the_prompt_carries_the_label():
     (dict(method="nonprivate", epsilon=8.0), "epsilon=None"),
     (dict(method="dpsgd"), "method must be one of"),
     (dict(steps=0), "steps must be an integer > 0"),
+    (dict(method="prism", init="default"), "PRISM needs full-rank factors"),
+    (dict(init="olora"), "init must be one of"),
+    (dict(method="naive", metric="balanced"), "PRISM's option"),
+    (dict(metric="fisher"), "metric must be one of"),
 ])
 def test_generator_config_refuses_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -50,33 +50,40 @@ def conversation(statement: str, reply: str | None = None) -> dict:
 
 
 INITS = ("pissa", "balanced", "default")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 def build_model(rank: int, init: str, balanced_scale: float = 3 ** -0.5):
-    """SmolLM2 with LoRA on q/k/v/o from `init`: "pissa" (peft's pissa_niter_4: W0's approximate top-r part moved
-    into the adapter), "balanced" (prism.init_balanced_lora: random orthonormal factors times `balanced_scale`, so
-    Z's singular values are its square, from torch's global generator) or "default" (peft's: lora_B = 0, which PRISM
-    refuses). The first two compensate the base."""
-    if init not in INITS:
-        raise ValueError(f"init {init!r}: choose one of {', '.join(INITS)}")
-    from peft import LoraConfig, get_peft_model
+    """(tokenizer, SmolLM2-135M-Instruct with LoRA r on q/k/v/o from `init`, see with_lora)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    import prism
     from prism.pretrained import smollm2
 
     hf_logging.set_verbosity_error()
     path = smollm2()
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, task_type="CAUSAL_LM",
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    return tokenizer, with_lora(model, rank, init, balanced_scale)
+
+
+def with_lora(model, rank: int, init: str, balanced_scale: float = 3 ** -0.5):
+    """`model` with LoRA r, alpha = r on q/k/v/o (delta W = B A) from `init`: "pissa" (peft's pissa_niter_4: W0's
+    approximate top-r part moved into the adapter), "balanced" (prism.init_balanced_lora: random orthonormal
+    factors times `balanced_scale`, so Z's singular values are its square, from torch's global generator) or
+    "default" (peft's: lora_B = 0, which PRISM refuses). The first two compensate the base."""
+    from peft import LoraConfig, get_peft_model
+
+    import prism
+
+    if init not in INITS:
+        raise ValueError(f"init {init!r}: choose one of {', '.join(INITS)}")
+    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=TARGETS,
                         init_lora_weights="pissa_niter_4" if init == "pissa" else True)
     model = get_peft_model(model, config)
     if init == "balanced":
         prism.init_balanced_lora(model, balanced_scale)
-    return tokenizer, model
+    return model
 
 
 def completion_loss(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int = 32) -> float:

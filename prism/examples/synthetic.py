@@ -34,11 +34,12 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from .chat import DEFAULT_INIT, INITS, with_lora
 from .synthetic_sampling import LABELS, PublicLabelJudge, SamplingConfig, sample_balanced
 
 METHODS = ("prism", "naive", "nonprivate")
 DEFAULT_LR = {"prism": 1e-2, "naive": 1e-2, "nonprivate": 1e-3}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+METRICS = ("frobenius", "balanced")
 VALIDATION_SIZE, TEST_SIZE = 1000, 2000  # the benchmarks' split (benchmarks.tasks.SIZES)
 
 
@@ -63,6 +64,8 @@ class GeneratorConfig:
     max_length: int = 64  # tokens per training example (prompt + review), longer ones truncated
     log_every: int = 5
     seed: int = 0  # the Trainer's seed (LoRA init); Poisson sampling and noise: see train_generator
+    init: str | None = None  # the adapter's start (prism.examples.chat.with_lora); default: DEFAULT_INIT[method]
+    metric: str = "frobenius"  # PRISM's clipping and noise metric (docs/method.md 3.7); PRISM only
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -70,9 +73,22 @@ class GeneratorConfig:
         if (self.epsilon is None) != (self.method == "nonprivate"):
             raise ValueError(f"method={self.method!r} needs " + ("epsilon=None" if self.method == "nonprivate"
                                                                  else "a target epsilon > 0"))
+        if self.init is not None and self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.method == "prism" and self.lora_init == "default":
+            raise ValueError("PRISM needs full-rank factors: init='default' (lora_B = 0) is refused; use 'pissa' or "
+                             "'balanced'")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.metric != "frobenius" and self.method != "prism":
+            raise ValueError(f"metric={self.metric!r} is PRISM's option; method={self.method!r} has none")
         for name in ("steps", "batch_size", "micro_batch", "rank", "max_length"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be an integer > 0, got {getattr(self, name)!r}")
+
+    @property
+    def lora_init(self) -> str:
+        return DEFAULT_INIT[self.method] if self.init is None else self.init
 
     @property
     def learning_rate(self) -> float:
@@ -108,16 +124,6 @@ def load_base(quick: bool = False):
     return tokenizer, AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
-def with_lora(model, method: str, rank: int):
-    """LoRA r on q/k/v/o, alpha = r (delta W = B A). PRISM starts from PiSSA (it needs full-rank factors);
-    the others from peft's default (lora_B = 0), as their users run them (prism.examples.chat)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=TARGETS,
-                        init_lora_weights="pissa_niter_4" if method == "prism" else True)
-    return get_peft_model(model, config)
-
-
 def train_generator(texts: list[str], labels: list[int], config: GeneratorConfig, *, quick: bool = False,
                     noise_generator: torch.Generator | None = None, sampling_seed: int | None = None):
     """Fine-tune the label-conditioned generator on (texts, labels) and return (tokenizer, model, info).
@@ -126,7 +132,9 @@ def train_generator(texts: list[str], labels: list[int], config: GeneratorConfig
     draws a Poisson batch with rate q = b / N, clips each example's gradient to `max_grad_norm` and adds
     Gaussian noise calibrated so that `steps` steps spend at most `epsilon` at `delta` (upper bound of the PRV
     accountant). PRISM uses preconditioner="two_sided" (per-row moments: on a language model the one-sided r x r
-    moments let a few outlier features set every row's step; benchmarks/results/llm).
+    moments let a few outlier features set every row's step; benchmarks/results/llm) with `config.metric`, from
+    `config.lora_init` (PiSSA by default; "balanced" with metric="balanced" is the next-token configuration that
+    tied naive DP-LoRA on the chat task, docs/method.md 3.7).
     `noise_generator` and `sampling_seed` seed the noise and the Poisson draws for reproducible benchmark runs
     only; the default (OS entropy) is the one to deploy.
 
@@ -144,7 +152,7 @@ def train_generator(texts: list[str], labels: list[int], config: GeneratorConfig
     if set(labels) - set(range(len(LABELS))):
         raise ValueError(f"labels must lie in 0..{len(LABELS) - 1}, got {sorted(set(labels))}")
     tokenizer, model = load_base(quick)
-    model = with_lora(model, config.method, config.rank)
+    model = with_lora(model, config.rank, config.lora_init)
     micro_batches = max(1, math.ceil(config.batch_size / config.micro_batch))
     dataset = Dataset.from_dict({"prompt": [prompt(y) for y in labels], "completion": [" " + t.strip() for t in texts]})
     with tempfile.TemporaryDirectory() as output_dir:
@@ -158,7 +166,8 @@ def train_generator(texts: list[str], labels: list[int], config: GeneratorConfig
         trainer.add_callback(ProgressLines(config.steps))
         optimizer = None
         if config.method != "nonprivate":
-            cls, extra = ((prism.PRISM, dict(preconditioner="two_sided")) if config.method == "prism"
+            cls, extra = ((prism.PRISM, dict(preconditioner="two_sided", metric=config.metric))
+                          if config.method == "prism"
                           else (prism.NaiveDPLoRA, {}))
             # built for len(trainer.train_dataset): SFTTrainer drops examples truncation leaves without a review token
             optimizer = trainer.optimizer = cls(
@@ -175,7 +184,8 @@ def train_generator(texts: list[str], labels: list[int], config: GeneratorConfig
     if optimizer is not None:
         lower, estimate, upper = optimizer.get_epsilon()
         info.update(epsilon=upper, epsilon_estimate=estimate, epsilon_lower=lower, delta=config.delta,
-                    noise_multiplier=optimizer.noise_multiplier, steps_taken=optimizer.steps_taken)
+                    noise_multiplier=optimizer.noise_multiplier, steps_taken=optimizer.steps_taken,
+                    metric=optimizer.defaults.get("metric"))
     else:
         info.update(epsilon=None, delta=None)
     model.eval()
@@ -227,8 +237,9 @@ def run(args) -> dict:
     config = GeneratorConfig(method=args.method, epsilon=None if args.method == "nonprivate" else args.epsilon,
                              delta=args.delta, steps=args.steps, batch_size=args.batch_size,
                              micro_batch=args.micro_batch, lr=args.lr, max_grad_norm=args.max_grad_norm,
-                             rank=args.rank, seed=args.seed, log_every=1 if args.quick else 5)
-    print(f"generator: {config.method}, {len(texts)} private training sentences, {config.steps} steps of expected "
+                             rank=args.rank, seed=args.seed, init=args.init, metric=args.metric,
+                             log_every=1 if args.quick else 5)
+    print(f"generator: {config.method} from the {config.lora_init} init, {len(texts)} private training sentences, {config.steps} steps of expected "
           f"batch {config.batch_size}, lr {config.learning_rate:g}, target epsilon {config.epsilon} at delta "
           f"{config.delta:g}", flush=True)
     tokenizer, model, info = train_generator(texts, labels, config, quick=args.quick)
@@ -258,6 +269,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=None, help="default: prism and naive 1e-2, nonprivate 1e-3")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--init", choices=INITS, default=None,
+                   help="the adapter's start (default: pissa for prism, which needs full-rank factors; peft's "
+                        "default, lora_B = 0, for the others)")
+    p.add_argument("--metric", choices=METRICS, default="frobenius",
+                   help="PRISM's clipping and noise metric (docs/method.md 3.7)")
     p.add_argument("--samples", type=int, default=2000, help="synthetic reviews, half per label (default: 2000)")
     p.add_argument("--out", required=True, help="the JSONL file to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init and of sampling (noise and Poisson "
