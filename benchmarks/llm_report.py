@@ -29,13 +29,14 @@ class Source(NamedTuple):
     key: str  # the metric in each result file
     label: str
     higher_is_better: bool
-    prism: str  # the benchmark's name for PRISM as the library runs it (two-sided, PiSSA): the paired reference
+    prism: str  # the benchmark's name for PRISM as the library recommends it for the task: the paired reference
 
 
 SOURCES = (
     Source("rotten_tomatoes", Path("llm") / "test", "test_accuracy", "test accuracy (%)", True, "prism_two_sided"),
     Source("sms_spam", Path("llm") / "sms_spam-test", "test_accuracy", "test accuracy (%)", True, "prism_two_sided"),
-    Source("chat (SFT)", Path("llm_sft") / "test", "test_perplexity", "test perplexity", False, "prism"),
+    # next-token fine-tuning: balanced init and metric (docs/usage.md section 1)
+    Source("chat (SFT)", Path("llm_sft") / "test", "test_perplexity", "test perplexity", False, "prism_balanced_fm"),
 )
 REFERENCES = ("zeroshot", "nonprivate")  # no epsilon: drawn as horizontal lines
 

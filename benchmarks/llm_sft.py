@@ -10,9 +10,12 @@ the loss on the reply only, SmolLM2-135M-Instruct with LoRA r = 8 on q/k/v/o, a 
 private by prism.hf.make_private. Held out from training (chat.load_dialog's seeded split, data seed 0):
 VALIDATION pairs for tuning, the next TEST pairs for the reported numbers. Metric: the mean negative
 log-likelihood per reply token and its exponential, the perplexity (lower is better).
-Methods (VARIANTS): zeroshot (no training), nonprivate (AdamW), prism (PRISM from PiSSA, two-sided moments), naive
-(NaiveDPLoRA from peft's default init, as its users run it), ffa (FFA-LoRA: PiSSA's lora_A frozen, lora_B trained
-by NaiveDPLoRA), and diagnostics run when named: prism_one_sided (the paper's r x r moments), prism_balanced (PRISM
+Methods (VARIANTS): zeroshot (no training), nonprivate (AdamW), prism (PRISM from PiSSA, two-sided moments, the
+Frobenius metric: the optimizer's defaults), prism_balanced_fm (PRISM from prism.init_balanced_lora with
+metric="balanced": the configuration docs/usage.md recommends for next-token fine-tuning), naive (NaiveDPLoRA from
+peft's default init, as its users run it), ffa (FFA-LoRA: PiSSA's lora_A frozen, lora_B trained by NaiveDPLoRA),
+and diagnostics run when named: prism_balanced_adam and prism_balanced_factor_step (prism_balanced_fm's step made
+like naive DP-Adam's one part at a time, benchmarks.llm_ablations), prism_one_sided (the paper's r x r moments), prism_balanced (PRISM
 from prism.init_balanced_lora: random orthonormal subspaces, base compensated; Z's singular values 1/3),
 prism_balanced_10 (the same with singular values 10: does a Z large against PRISM's steps, whose tangent space
 turns slowly, do better?), prism_balanced_small (singular values 0.01: PRISM's steps in Z scale with sqrt(sigma),
@@ -62,7 +65,7 @@ VARIANTS = {
     "prism_balanced_10": Variant("prism", "balanced", diagnostic=True, balanced_scale=10 ** 0.5),
     "prism_balanced_small": Variant("prism", "balanced", diagnostic=True, balanced_scale=0.1),
     # from the balanced start, PRISM's step made like naive's one part at a time (metric, moments, factor step)
-    "prism_balanced_fm": Variant("prism", "balanced", diagnostic=True, metric="balanced"),
+    "prism_balanced_fm": Variant("prism", "balanced", metric="balanced"),
     "prism_balanced_adam": Variant("prism", "balanced", diagnostic=True, metric="balanced",
                                    ablation="PRISMElementwiseAdam"),
     "prism_balanced_factor_step": Variant("prism", "balanced", diagnostic=True, metric="balanced",

@@ -50,14 +50,15 @@ def test_llm_report_pairs_prism_with_each_baseline_seed_by_seed(tmp_path):
 
 
 def test_llm_report_pairs_the_chat_benchmarks_prism_with_lower_perplexity_first(tmp_path):
-    for method, ppl in (("prism", 25.0), ("naive", 27.0), ("ffa", 24.0)):
+    reference = next(source.prism for source in llm_report.SOURCES if source.task == "chat (SFT)")
+    for method, ppl in ((reference, 25.0), ("naive", 27.0), ("ffa", 24.0)):
         common.write_json(tmp_path / "llm_sft" / "test" / f"{method}_eps8_seed0.json",
                           dict(method=method, target_epsilon=8.0, seed=0, lr=0.003, test_perplexity=ppl))
     pairs = llm_report.paired(llm_report.summarize(tmp_path))
     assert pairs["chat (SFT)"]["8"]["naive"]["differences"] == [-2.0]
     rows = [line for line in llm_report.paired_table(pairs).splitlines() if line.startswith("| chat")]
-    assert rows == ["| chat (SFT) | 8 | prism | naive | -2.00 (n=1) | -2.00 |",
-                    "| chat (SFT) | 8 | prism | ffa | +1.00 (n=1) | +1.00 |"]
+    assert rows == [f"| chat (SFT) | 8 | {reference} | naive | -2.00 (n=1) | -2.00 |",
+                    f"| chat (SFT) | 8 | {reference} | ffa | +1.00 (n=1) | +1.00 |"]
 
 
 def test_llm_report_refuses_one_method_tested_at_two_learning_rates(tmp_path):
