@@ -34,11 +34,12 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .chat import DEFAULT_INIT, INITS, with_lora
+from .chat import INITS, with_lora
 from .synthetic_sampling import LABELS, PublicLabelJudge, SamplingConfig, sample_balanced
 
 METHODS = ("prism", "naive", "nonprivate")
 DEFAULT_LR = {"prism": 1e-2, "naive": 1e-2, "nonprivate": 1e-3}
+DEFAULT_INIT = {"prism": "pissa", "naive": "default", "nonprivate": "default"}
 METRICS = ("frobenius", "balanced")
 VALIDATION_SIZE, TEST_SIZE = 1000, 2000  # the benchmarks' split (benchmarks.tasks.SIZES)
 
