@@ -240,9 +240,9 @@ def run(args) -> dict:
                              micro_batch=args.micro_batch, lr=args.lr, max_grad_norm=args.max_grad_norm,
                              rank=args.rank, seed=args.seed, init=args.init, metric=args.metric,
                              log_every=1 if args.quick else 5)
-    print(f"generator: {config.method} from the {config.lora_init} init, {len(texts)} private training sentences, {config.steps} steps of expected "
-          f"batch {config.batch_size}, lr {config.learning_rate:g}, target epsilon {config.epsilon} at delta "
-          f"{config.delta:g}", flush=True)
+    print(f"generator: {config.method} from the {config.lora_init} init, {len(texts)} private training sentences, "
+          f"{config.steps} steps of expected batch {config.batch_size}, lr {config.learning_rate:g}, target epsilon "
+          f"{config.epsilon} at delta {config.delta:g}", flush=True)
     tokenizer, model, info = train_generator(texts, labels, config, quick=args.quick)
     sampling = SamplingConfig.quick() if args.quick else SamplingConfig()
     judge = None
