@@ -15,8 +15,9 @@ Frobenius metric: the optimizer's defaults), prism_balanced_fm (PRISM from prism
 metric="balanced": the configuration docs/usage.md recommends for next-token fine-tuning), naive (NaiveDPLoRA from
 peft's default init, as its users run it), ffa (FFA-LoRA: PiSSA's lora_A frozen, lora_B trained by NaiveDPLoRA),
 and diagnostics run when named: prism_balanced_adam and prism_balanced_factor_step (prism_balanced_fm's step made
-like naive DP-Adam's one part at a time, benchmarks.llm_ablations), prism_one_sided (the paper's r x r moments), prism_balanced (PRISM
-from prism.init_balanced_lora: random orthonormal subspaces, base compensated; Z's singular values 1/3),
+like naive DP-Adam's one part at a time, benchmarks.llm_ablations), prism_one_sided (the paper's r x r moments),
+prism_balanced (PRISM from prism.init_balanced_lora: random orthonormal subspaces, base compensated; Z's singular
+values 1/3),
 prism_balanced_10 (the same with singular values 10: does a Z large against PRISM's steps, whose tangent space
 turns slowly, do better?), prism_balanced_small (singular values 0.01: PRISM's steps in Z scale with sqrt(sigma),
 so they start small and grow with Z, as naive DP-LoRA's do from lora_B = 0), naive_balanced (NaiveDPLoRA from
