@@ -253,7 +253,8 @@ def options(argv=None) -> argparse.Namespace:
         p.error(f"--metric is PRISM's option; --method {args.method} has none")
     if args.method == "prism" and args.init == "default":
         p.error("PRISM needs full-rank factors: --init default (lora_B = 0) is refused; use balanced or pissa")
-    args.metric = args.metric or "balanced"
+    if args.method == "prism":
+        args.metric = args.metric or "balanced"
     args.init = args.init or DEFAULT_INIT[args.method]
     args.lr = DEFAULT_LR[args.method] if args.lr is None else args.lr
     return args
