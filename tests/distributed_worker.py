@@ -12,6 +12,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -141,8 +142,6 @@ def trainer_fsdp_refusal() -> str:
 
 def fail_on_rank_1() -> None:
     """Rank 1 raises while building its optimizer; rank 0 waits for it in the replica broadcast."""
-    import torch.distributed as dist
-
     dist.init_process_group("gloo")
     lr = -1.0 if dist.get_rank() == 1 else 0.1
     PRISM(tiny_model("bert", dtype=torch.float32), lr=lr, noise_multiplier=1.0, max_grad_norm=1.0,
@@ -160,3 +159,7 @@ elif __name__ == "__main__":
                    refused=refusals(),
                    world=distributed.world())
     torch.save(results, os.path.join(out, f"rank{distributed.world()[1]}.pt"))
+    # an exit with the process group alive can abort in gloo's teardown ("terminate called without an active
+    # exception", seen under load): close it first
+    dist.barrier()
+    dist.destroy_process_group()
