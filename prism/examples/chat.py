@@ -220,7 +220,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--init", choices=INITS, default=None,
                    help="the adapter's start (default: balanced for prism, which needs full-rank factors; peft's "
-                        "default, lora_B = 0, for the others)"),
+                        "default, lora_B = 0, for the others)")
     p.add_argument("--train-size", type=int, default=20000)
     p.add_argument("--heldout", type=int, default=300)
     p.add_argument("--max-chars", type=int, default=80, help="longest statement or reply kept, in characters")
