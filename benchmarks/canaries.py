@@ -86,7 +86,7 @@ def job(method: str, epsilon: float | None, k: int, seed: int, split, folder: Pa
                                                            sampling_seed=seed)
         exposures, ranks = [], []
         for secret, others in secrets:
-            scores = completion_logprobs(model, tokenizer, synthetic.prompt(secret.label),
+            scores = completion_logprobs(model, tokenizer, synthetic.SENTIMENT.prompt(secret.label),
                                          [secret.text] + [c.text for c in others])
             exposures.append(exposure(scores[0], scores[1:]))
             ranks.append(1 + sum(s > scores[0] for s in scores[1:]))

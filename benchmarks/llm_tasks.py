@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from prism.examples.synthetic_sampling import PublicLabelJudge, last_token_logits
+from prism.examples.synthetic_data import SENTIMENT
+from prism.examples.synthetic_sampling import last_token_logits
 
 from . import tasks
 
@@ -42,7 +43,7 @@ class Prompt:
 
 
 # Rotten Tomatoes: the public label judge's prompt (its zero-shot row measures the judge on real reviews)
-PROMPTS = {"rotten_tomatoes": Prompt(PublicLabelJudge.PREFIX, PublicLabelJudge.SUFFIX, PublicLabelJudge.ANSWERS),
+PROMPTS = {"rotten_tomatoes": Prompt(*SENTIMENT.reading_prompt),
            "sms_spam": Prompt("Message: ", "\nSpam or ham:", (" ham", " spam"))}
 
 

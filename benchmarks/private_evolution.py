@@ -129,13 +129,15 @@ def draw(weights: np.ndarray, labels, per_label: int, rng: np.random.Generator) 
 def vary(model, tokenizer, texts: list[str], labels: list[int], instruction: str, sampling, rng: random.Random,
          keep: tuple[float, float] = Config.keep):
     """VARIATION_API: each text's first ceil(f w) words (f ~ U[keep]) continued by the model; rejected -> the text."""
-    from prism.examples.synthetic_sampling import LABELS, chat_prompt_ids, clean, generate, rejection
+    from prism.examples.synthetic_data import SENTIMENT
+    from prism.examples.synthetic_sampling import chat_prompt_ids, clean, generate, rejection
 
     prefixes = []
     for text in texts:
         words = text.split()
         prefixes.append(" ".join(words[:max(1, math.ceil(rng.uniform(*keep) * len(words)))]))
-    prompts = [chat_prompt_ids(tokenizer, instruction.format(label=LABELS[y]), prefix=p) for p, y in zip(prefixes, labels)]
+    prompts = [chat_prompt_ids(tokenizer, instruction.format(label=SENTIMENT.labels[y]), prefix=p)
+               for p, y in zip(prefixes, labels)]
     out, kept = [], 0
     for text, prefix, (cont, finished) in zip(texts, prefixes, generate(model, tokenizer, prompts, sampling)):
         child = clean(prefix + cont)
@@ -153,7 +155,8 @@ def run(model, tokenizer, private_texts, private_labels, n: int, config: Config,
     `initial`: S_0, n public samples of the untuned model under `instruction` (e.g. the zero-shot generator's,
     which are exactly RANDOM_API's output); by default sampled here.
     """
-    from prism.examples.synthetic_sampling import LABELS, chat_prompt_ids, sample_balanced
+    from prism.examples.synthetic_data import SENTIMENT
+    from prism.examples.synthetic_sampling import chat_prompt_ids, sample_balanced
 
     from .synthetic_metrics import Embedder
 
@@ -163,7 +166,8 @@ def run(model, tokenizer, private_texts, private_labels, n: int, config: Config,
     print(f"  Private Evolution: T = {config.iterations}, sigma = {sigma:.4f}, threshold {threshold:.3f}", flush=True)
     if initial is None:
         initial, _ = sample_balanced(model, tokenizer, None, n, sampling, seed=seed,
-                                     prompt_ids=lambda y: chat_prompt_ids(tokenizer, instruction.format(label=LABELS[y])))
+                                     prompt_ids=lambda y: chat_prompt_ids(
+                                         tokenizer, instruction.format(label=SENTIMENT.labels[y])))
     texts, labels = [r["text"] for r in initial], [r["label"] for r in initial]
     embed = Embedder()
     private = embed(list(private_texts))

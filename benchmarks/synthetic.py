@@ -92,9 +92,10 @@ def sampling_config(quick: bool):
 
 
 def zero_shot_prompt_ids(tokenizer):
-    from prism.examples.synthetic_sampling import LABELS, chat_prompt_ids
+    from prism.examples.synthetic_data import SENTIMENT
+    from prism.examples.synthetic_sampling import chat_prompt_ids
 
-    return lambda label: chat_prompt_ids(tokenizer, INSTRUCTION.format(label=LABELS[label]))
+    return lambda label: chat_prompt_ids(tokenizer, INSTRUCTION.format(label=SENTIMENT.labels[label]))
 
 
 def generate_job(variant: str, epsilon: float | None, seed: int, split: tasks.Split, folder: Path, quick: bool):
@@ -113,7 +114,7 @@ def generate_job(variant: str, epsilon: float | None, seed: int, split: tasks.Sp
             tokenizer, model, generator = synthetic.train_generator(
                 split.train_x, split.train_y, config, quick=quick,
                 noise_generator=torch.Generator().manual_seed(seed + 1), sampling_seed=seed)
-            rows, report = sample_balanced(synthetic.for_sampling(model), tokenizer, synthetic.prompt, n,
+            rows, report = sample_balanced(synthetic.for_sampling(model), tokenizer, synthetic.SENTIMENT.prompt, n,
                                            sampling_config(quick), seed=seed)
             info.update(generator=generator, epsilon=generator["epsilon"])
         elif variant == "zeroshot":

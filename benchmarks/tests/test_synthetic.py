@@ -73,8 +73,10 @@ def test_exposure_ranks_and_the_chance_level():
 def test_canary_log_likelihoods_score_the_review_only_and_do_not_depend_on_the_batch():
     smollm2_or_skip()
     from benchmarks.canaries import completion_logprobs, make_canaries
-    from prism.examples.synthetic import load_base, prompt
+    from prism.examples.synthetic import load_base
+    from prism.examples.synthetic_data import SENTIMENT
 
+    prompt = SENTIMENT.prompt
     tokenizer, model = load_base(quick=True)
     secrets = make_canaries(2, 5, seed=0)
     assert len({c.code for s, others in secrets for c in [s, *others]}) == 12

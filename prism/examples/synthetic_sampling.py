@@ -10,12 +10,13 @@ so keeping or dropping a sample is post-processing of the released generator:
   2. cleaning (not a filter): the text up to its first newline, stripped of spaces and of one pair of
      enclosing quotes;
   3. "no letters": nothing alphabetic left;
-  4. "scaffolding": the text repeats the prompt's format ("Sentiment:" or "Review:");
+  4. "scaffolding": the text repeats the prompt's format (SamplingConfig.scaffolding: the template's words,
+     "Sentiment:" or "Review:" for the study);
   5. "too short" / "too long": fewer than 3 or more than 50 words (the real sentences have 1-60 words,
      most 5-35; the bounds are round numbers, not fitted to them);
   6. "duplicate": the same text (case and spacing ignored) was already kept, for either label;
   7. optional, "label mismatch": a public judge (PublicLabelJudge: the UNTUNED instruct model as a zero-shot
-     classifier) reads the sample as the other label. A DP generator trained briefly learns the style of the
+     classifier) reads the sample as another label. A DP generator trained briefly learns the style of the
      data before its label conditioning; this filter keeps the samples whose label a public model agrees with.
      It adds the public model's knowledge to the set (compare with the zero-shot generator filtered alike).
 """
@@ -27,12 +28,11 @@ import re
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
-LABELS = ("negative", "positive")  # label 0, 1
-SCAFFOLDING = ("sentiment:", "review:")
+from .synthetic_data import SENTIMENT, Template
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ class SamplingConfig:
     max_words: int = 50
     require_end: bool = True  # filter 1
     max_rounds: int = 8  # give up after generating max_rounds x the samples asked for, per label
+    scaffolding: tuple[str, ...] = SENTIMENT.scaffolding  # filter 4: the template's format words, lower-cased
 
     @classmethod
     def quick(cls) -> "SamplingConfig":
@@ -78,21 +79,22 @@ def last_token_logits(model, rows: list[list[int]], pad_id: int) -> torch.Tensor
 
 
 class PublicLabelJudge:
-    """A public zero-shot sentiment classifier: the untuned causal LM, prompted "Review: <text>\\nSentiment:",
-    predicts the label whose answer word (" negative" / " positive", one token each) is more likely.
+    """A public zero-shot classifier: the untuned causal LM, prompted with the template read backwards
+    ("Review: <text>\\nSentiment:" for the study), predicts the label whose name's first token (" negative",
+    " positive") is the most likely next token. The label names must start with distinct tokens.
 
     It must be a model that never saw the private data (the released base model), so that filtering by it
     stays post-processing.
     """
 
-    PREFIX, SUFFIX, ANSWERS = "Review: ", "\nSentiment:", (" negative", " positive")  # label 0, 1
-
-    def __init__(self, model, tokenizer, batch_size: int = 32, max_length: int = 96):
+    def __init__(self, model, tokenizer, template: Template = SENTIMENT, batch_size: int = 32, max_length: int = 96):
         self.model, self.tokenizer, self.batch_size, self.max_length = model, tokenizer, batch_size, max_length
-        ids = [tokenizer(a, add_special_tokens=False)["input_ids"] for a in self.ANSWERS]
-        if any(len(i) != 1 for i in ids):
-            raise ValueError(f"the judge's answers {self.ANSWERS} must be single tokens of this tokenizer, got {ids}")
-        self.answer_ids = torch.tensor([i[0] for i in ids])
+        self.prefix, self.suffix, answers = template.reading_prompt
+        first = [tokenizer(a, add_special_tokens=False)["input_ids"][:1] for a in answers]
+        if any(not f for f in first) or len({f[0] for f in first}) != len(first):
+            raise ValueError(f"the judge tells labels apart by their first token, and {answers} do not all start "
+                             "with distinct tokens of this tokenizer: rename the labels or drop the label filter")
+        self.answer_ids = torch.tensor([f[0] for f in first])
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> list[int]:
@@ -100,11 +102,11 @@ class PublicLabelJudge:
         runs on those positions only)."""
         was_training = self.model.training
         self.model.eval()
-        suffix = self.tokenizer(self.SUFFIX, add_special_tokens=False)["input_ids"]
+        suffix = self.tokenizer(self.suffix, add_special_tokens=False)["input_ids"]
         pad = self.tokenizer.pad_token_id or 0  # right padding, masked: any id
         predictions = []
         for start in range(0, len(texts), self.batch_size):
-            rows = [self.tokenizer(self.PREFIX + t, add_special_tokens=False)["input_ids"][:self.max_length] + suffix
+            rows = [self.tokenizer(self.prefix + t, add_special_tokens=False)["input_ids"][:self.max_length] + suffix
                     for t in texts[start:start + self.batch_size]]
             logits = last_token_logits(self.model, rows, pad)
             predictions += logits[:, self.answer_ids.to(logits.device)].argmax(-1).tolist()
@@ -112,19 +114,20 @@ class PublicLabelJudge:
         return predictions
 
 
-def judge_filter(rows: list[dict], judge: Callable[[list[str]], list[int]]) -> tuple[list[dict], dict]:
+def judge_filter(rows: list[dict], judge: Callable[[list[str]], list[int]],
+                 labels: Sequence[str] = SENTIMENT.labels) -> tuple[list[dict], dict]:
     """The rows whose label the judge agrees with, balanced (the first rows of each label, as many as the
-    scarcer label keeps), and a report: per label, how many the judge agreed with."""
+    scarcest label keeps), and a report: per label name, how many the judge agreed with."""
     predicted = judge([r["text"] for r in rows])
     agreed = [[r for r, p in zip(rows, predicted, strict=True) if r["label"] == label == p]
-              for label in range(len(LABELS))]
+              for label in range(len(labels))]
     keep = min(map(len, agreed))
     if keep == 0:
         raise ValueError(f"the judge agreed with no sample of some label ({[len(a) for a in agreed]} per label of "
                          f"{len(rows)}): nothing balanced is left; check the judge and the samples' labels")
     kept = [r for label_rows in agreed for r in label_rows[:keep]]
     report = {name: dict(samples=sum(r["label"] == label for r in rows), agreed=len(agreed[label]))
-              for label, name in enumerate(LABELS)}
+              for label, name in enumerate(labels)}
     return kept, dict(per_label=report, kept=len(kept))
 
 
@@ -134,7 +137,7 @@ def rejection(text: str, finished: bool, config: SamplingConfig) -> str | None:
         return "unfinished"
     if not re.search(r"[^\W\d_]", text):
         return "no letters"
-    if any(s in text.lower() for s in SCAFFOLDING):
+    if any(s in text.lower() for s in config.scaffolding):
         return "scaffolding"
     words = len(text.split())
     if words < config.min_words:
@@ -170,26 +173,31 @@ def generate(model, tokenizer, prompts: list[list[int]], config: SamplingConfig)
 
 def sample_balanced(model, tokenizer, prompt: Callable[[int], str] | None, n: int, config: SamplingConfig,
                     seed: int = 0, prompt_ids: Callable[[int], list[int]] | None = None,
-                    judge: Callable[[list[str]], list[int]] | None = None) -> tuple[list[dict], dict]:
-    """n filtered samples, n / 2 per label, as rows {"text", "label"}, with a report of what was dropped.
+                    judge: Callable[[list[str]], list[int]] | None = None,
+                    labels: Sequence[str] | None = SENTIMENT.labels) -> tuple[list[dict], dict]:
+    """n filtered samples, n / len(labels) per label, as rows {"text", "label" (index into labels)}, with a
+    report of what was dropped. `labels=None`: n unconditional samples, rows {"text"}, prompt(None).
 
     Each label's prompt is `prompt(label)` (plain text, tokenized as the trainer did) or `prompt_ids(label)`
     (token ids, e.g. a chat template). `judge` (e.g. PublicLabelJudge; it must not have seen private data)
-    predicts each sample's label: samples it reads as the other label are dropped. One progress line per
-    batch. Raises RuntimeError if a label still lacks samples after config.max_rounds x n / 2 generations
-    (the generator rarely produces acceptable text).
+    predicts each sample's label: samples it reads as another label are dropped. One progress line per
+    batch. Raises RuntimeError if a label still lacks samples after config.max_rounds x (its share of n)
+    generations (the generator rarely produces acceptable text).
     """
-    if n < 2 or n % 2:
-        raise ValueError(f"n must be an even number >= 2 (half per label), got {n}")
+    groups = [(None, "unlabelled")] if labels is None else list(enumerate(labels))
+    if n < len(groups) or n % len(groups):
+        raise ValueError(f"n must be a positive multiple of the number of labels ({len(groups)}), got {n}")
     if (prompt is None) == (prompt_ids is None):
         raise ValueError("give exactly one of prompt (text) or prompt_ids (token ids)")
+    if judge is not None and labels is None:
+        raise ValueError("a label judge needs labels: unconditional samples have none to check")
     if prompt_ids is None:
         def prompt_ids(label):
             return tokenizer(prompt(label))["input_ids"]
     torch.manual_seed(seed)
-    per_label, kept, seen = n // 2, [], set()
+    per_label, kept, seen = n // len(groups), [], set()
     reasons, generated, start = Counter(), 0, time.time()
-    for label, name in enumerate(LABELS):
+    for label, name in groups:
         ids, count, budget = prompt_ids(label), 0, config.max_rounds * per_label
         tried = 0
         while count < per_label:
@@ -217,7 +225,7 @@ def sample_balanced(model, tokenizer, prompt: Callable[[int], str] | None, n: in
                     reasons[reason] += 1
                 elif count < per_label:
                     seen.add(dedupe_key(text))
-                    kept.append(dict(text=text, label=label))
+                    kept.append(dict(text=text) if label is None else dict(text=text, label=label))
                     count += 1
             tried += batch
             generated += batch
