@@ -24,9 +24,10 @@ Stages, one JSON per run under results/synthetic/<stage>/:
                 (git-ignored: they are regenerated, not committed); the JSON keeps a few of them
     evaluate    the downstream classifier (all-MiniLM-L6-v2 + LoRA trained NON-privately on the synthetic
                 set with benchmarks.methods' non-private recipe at benchmarks.utility's tuned rate, scored on
-                the real test split), the Frechet distance of MiniLM embeddings to the real test sentences,
+                the real test split), the Frechet distance and MAUVE of MiniLM embeddings to the real test sentences,
                 length and label statistics, 8-gram copy rates against training and held-out sentences
     canary      generators trained with secret canaries inserted k times; their exposure
+    mauve       MAUVE added to evaluate results written before it was measured, from their samples
 The summary compares with benchmarks.utility's direct classifiers (results/utility.json).
 """
 
@@ -188,35 +189,71 @@ def evaluate_job(variant: str, epsilon: float | None, seed: int, split: tasks.Sp
         print(f"  downstream: MiniLM + LoRA on {len(texts)} synthetic reviews, non-private", flush=True)
         downstream = methods.train("nonprivate", synthetic_split, setup, epsilon=None, seed=seed,
                                    lr=downstream_lr(folder, quick))
-        real = split.test_x
-        embed = metrics.Embedder()
         result = dict(variant=variant, target_epsilon=epsilon, seed=seed, samples=len(rows),
                       test_accuracy=downstream["test_accuracy"], val_accuracy=downstream["val_accuracy"],
                       downstream={k: downstream[k] for k in ("lr", "setup", "train_seconds", "final_train_loss")},
-                      frechet_to_test=metrics.frechet_distance(embed(texts), embed(real)),
+                      **fidelity(metrics, metrics.Embedder(), texts, split.test_x, seed),
                       stats=metrics.text_stats(texts, labels),
                       copies=metrics.copy_rates(texts, split.train_x, split.val_x + split.test_x, seed=seed))
-        print(f"  Frechet distance to the real test sentences {result['frechet_to_test']:.4f}; copied 8-grams "
-              f"{result['copies']}", flush=True)
+        print(f"  to the real test sentences: Frechet distance {result['frechet_to_test']:.4f}, MAUVE "
+              f"{result['mauve_to_test']:.3f}; copied 8-grams {result['copies']}", flush=True)
         return result
     return result_path(folder, "evaluate", run), fn
 
 
+def fidelity(metrics, embed, texts: list[str], real: list[str], seed: int) -> dict:
+    """Frechet distance and MAUVE between the MiniLM embeddings of `texts` and of the real test sentences."""
+    mine, theirs = embed(texts), embed(real)
+    return dict(frechet_to_test=metrics.frechet_distance(mine, theirs), mauve_to_test=metrics.mauve(mine, theirs, seed))
+
+
+def reference_texts(split: tasks.Split) -> tuple[list[str], list[int], list[str]]:
+    """(texts, labels) of SAMPLES random real training sentences, and the other training sentences."""
+    order = random.Random(0).sample(range(len(split.train_x)), min(SAMPLES, len(split.train_x)))
+    rest = [split.train_x[i] for i in sorted(set(range(len(split.train_x))) - set(order))]
+    return [split.train_x[i] for i in order], [split.train_y[i] for i in order], rest
+
+
 def reference_job(split: tasks.Split, folder: Path):
     """The same measurements on REAL training sentences (as many as the synthetic sets): the floor of the
-    Frechet distance at this sample size, the real length statistics and the copy rate of real text."""
+    Frechet distance and MAUVE at this sample size, the real length statistics and the copy rate of real text."""
     from . import synthetic_metrics as metrics
 
     def fn():
-        order = random.Random(0).sample(range(len(split.train_x)), min(SAMPLES, len(split.train_x)))
-        texts, labels = [split.train_x[i] for i in order], [split.train_y[i] for i in order]
-        rest = [split.train_x[i] for i in sorted(set(range(len(split.train_x))) - set(order))]
-        embed = metrics.Embedder()
-        return dict(samples=len(texts), frechet_to_test=metrics.frechet_distance(embed(texts), embed(split.test_x)),
+        texts, labels, rest = reference_texts(split)
+        return dict(samples=len(texts), **fidelity(metrics, metrics.Embedder(), texts, split.test_x, 0),
                     stats=metrics.text_stats(texts, labels),
                     copies=metrics.copy_rates(texts, rest, split.val_x + split.test_x, seed=0),
                     note="real training sentences against the OTHER training sentences and the held-out ones")
     return result_path(folder, "evaluate", "real_reference"), fn
+
+
+def add_mauve(split: tasks.Split, folder: Path) -> None:
+    """MAUVE for the evaluate results written before it was measured, from their samples where these still
+    exist (they are not committed); the others are listed and left as they are."""
+    from . import synthetic_metrics as metrics
+
+    embed, real = None, None
+    for path in sorted((folder / "synthetic" / "evaluate").glob("*.json")):
+        result = common.read_json(path)
+        if "mauve_to_test" in result:
+            continue
+        if path.stem == "real_reference":
+            texts, seed = reference_texts(split)[0], 0
+        elif samples_path(folder, path.stem).exists():
+            from prism.examples.synthetic import read_jsonl
+
+            texts, seed = [r["text"] for r in read_jsonl(samples_path(folder, path.stem))], result["seed"]
+        else:
+            print(f"  {path.stem}: no samples left to measure MAUVE on (regenerate them to add it)", flush=True)
+            continue
+        if embed is None:
+            embed = metrics.Embedder()
+            real = embed(split.test_x)
+        result["mauve_to_test"] = metrics.mauve(embed(texts), real, seed)
+        result["mauve_added_by"] = common.provenance()
+        common.write_json(path, result)
+        print(f"  {path.stem}: MAUVE {result['mauve_to_test']:.3f}", flush=True)
 
 
 def runs(variants, epsilons, seeds) -> list[tuple[str, float | None, int]]:
@@ -239,11 +276,12 @@ def summarize(folder: Path, quick: bool = False) -> dict:
         gen = common.read_json(gen_path) if gen_path.exists() else {}
         key = name(r["variant"], r["target_epsilon"], 0).rsplit("_seed", 1)[0]
         row = rows.setdefault(key, dict(variant=r["variant"], target_epsilon=r["target_epsilon"], seeds=[],
-                                        test_accuracy=[], frechet_to_test=[], epsilon=[], train_copy=[],
-                                        heldout_copy=[], mean_words=[]))
+                                        test_accuracy=[], frechet_to_test=[], mauve_to_test=[], epsilon=[],
+                                        train_copy=[], heldout_copy=[], mean_words=[]))
         row["seeds"].append(r["seed"])
         row["test_accuracy"].append(r["test_accuracy"])
         row["frechet_to_test"].append(r["frechet_to_test"])
+        row["mauve_to_test"].append(r.get("mauve_to_test"))
         row["epsilon"].append(gen.get("epsilon"))
         row["train_copy"].append(r["copies"]["train"])
         row["heldout_copy"].append(r["copies"]["heldout"])
@@ -272,22 +310,32 @@ def _canaries(folder: Path) -> list[dict]:
     return [common.read_json(p) for p in sorted((folder / "synthetic" / "canary").glob("*.json"))]
 
 
+def _mean_of_known(values: list[float | None]) -> str:
+    """The mean of the measured values ("-" if none), saying how many seeds it covers when not all."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return "-"
+    return f"{statistics.mean(known):.3f}" + ("" if len(known) == len(values) else f" ({len(known)} of {len(values)})")
+
+
 def table(summary: dict) -> str:
     pct = lambda xs: " / ".join(f"{100 * x:.1f}" for x in xs)  # noqa: E731
     lines = ["| data the classifier was trained on | epsilon spent | test acc. (%) per seed | mean | Frechet to test "
-             "| 8-gram copies: train / held-out (%) | mean words |", "|---|---|---|---|---|---|---|"]
+             "| MAUVE to test | 8-gram copies: train / held-out (%) | mean words |", "|---" * 8 + "|"]
     for key, r in sorted(summary["synthetic"].items()):
         eps = ", ".join("-" if e is None else f"{e:.2f}" for e in r["epsilon"])
         copies = ", ".join(f"{100 * a:.1f} / {100 * b:.1f}" for a, b in zip(r["train_copy"], r["heldout_copy"]))
         lines.append(f"| synthetic: {key} | {eps} | {pct(r['test_accuracy'])} | {100 * r['mean_test_accuracy']:.1f} | "
-                     f"{statistics.mean(r['frechet_to_test']):.4f} | {copies} | {statistics.mean(r['mean_words']):.1f} |")
+                     f"{statistics.mean(r['frechet_to_test']):.4f} | {_mean_of_known(r['mauve_to_test'])} | {copies} | "
+                     f"{statistics.mean(r['mean_words']):.1f} |")
     for key, r in sorted(summary["direct"].items()):
         eps = "-" if r.get("epsilon") is None else f"{r['epsilon']:g}"
         lines.append(f"| real, direct (benchmarks.utility): {key} | {eps} | {pct(r['test_accuracy'])} | {100 * r['mean']:.1f} "
-                     "| | | |")
+                     "| | | | |")
     ref = summary.get("real_reference")
     if ref:
         lines.append(f"| real training sentences (reference) | | | | {ref['frechet_to_test']:.4f} | "
+                     f"{_mean_of_known([ref.get('mauve_to_test')])} | "
                      f"{100 * ref['copies']['train']:.1f} / {100 * ref['copies']['heldout']:.1f} | "
                      f"{ref['stats']['mean_words']:.1f} |")
     if summary["canaries"]:
@@ -303,7 +351,8 @@ def main(argv=None) -> dict:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(GENERATORS))
     p.add_argument("--epsilons", nargs="+", type=float, default=list(EPSILONS))
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
-    p.add_argument("--stages", nargs="+", choices=STAGES + ("canary",), default=list(STAGES))
+    p.add_argument("--stages", nargs="+", choices=STAGES + ("canary", "mauve"), default=list(STAGES),
+                   help="mauve: add MAUVE to evaluate results written before it was measured (from their samples)")
     p.add_argument("--canary-k", nargs="+", type=int, default=[1, 10], help="copies of each canary")
     p.add_argument("--canary-methods", nargs="+", choices=("prism", "naive", "nonprivate"),
                    default=["prism", "nonprivate"])
@@ -326,6 +375,8 @@ def main(argv=None) -> dict:
                 if stage == "evaluate":
                     jobs.append(reference_job(split, folder))
                 common.run_queue(jobs, f"synthetic {stage}")
+        if "mauve" in args.stages:
+            add_mauve(split, folder)
         if "canary" in args.stages:
             from . import canaries
 

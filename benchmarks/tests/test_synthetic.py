@@ -45,6 +45,31 @@ def test_frechet_distance_is_small_within_a_distribution_and_grows_with_a_shift(
         metrics.frechet_distance(a, b[:, :3])
 
 
+def test_kmeans_finds_separated_clusters_whatever_their_order():
+    g = np.random.default_rng(2)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    truth = g.integers(3, size=300)
+    labels = metrics.kmeans(centres[truth] + g.normal(scale=0.5, size=(300, 2)), 3, seed=0)
+    assert len(set(zip(truth.tolist(), labels.tolist()))) == 3  # one cluster per blob, one blob per cluster
+
+
+def test_mauve_is_one_for_equal_sets_near_its_floor_for_disjoint_ones_and_falls_with_a_shift():
+    g = np.random.default_rng(3)
+    a, b = g.normal(size=(1000, 8)), g.normal(size=(1000, 8))
+    assert metrics.mauve(a, a) == pytest.approx(1.0)
+    same = metrics.mauve(a, b)
+    shifted = [metrics.mauve(a, b + s) for s in (0.5, 1.0, 3.0)]
+    assert same > 0.9 and same > shifted[0] > shifted[1] > shifted[2]
+    # disjoint histograms: KL(Q || R_l) = -log(1 - l), KL(P || R_l) = -log(l), the curve ((1 - l)^5, l^5)
+    far = metrics.mauve(a, b + 1000.0)
+    weights = np.linspace(1e-6, 1 - 1e-6, 25)
+    xs, ys = np.r_[0.0, (1 - weights[::-1]) ** 5, 1.0], np.r_[1.0, weights[::-1] ** 5, 0.0]
+    assert far == pytest.approx(float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2)), rel=1e-9)
+    assert far < 0.01  # the exact area, 5 B(6, 5) = 0.004, up to the 25-point discretisation
+    with pytest.raises(ValueError, match="same d"):
+        metrics.mauve(a, b[:, :3])
+
+
 def test_copy_rates_find_8_gram_copies_on_either_side_and_only_them():
     train = ["the quick brown fox jumps over the lazy dog today", "a film about nothing at all, twice over"]
     heldout = ["an honest and keenly observed film that never feels like an issue movie", "short one"]
