@@ -1,5 +1,5 @@
 """benchmarks.synthetic's measures: Frechet distance, n-gram copies, canary exposure and scoring, the
-sampling filters, and Private Evolution's votes, noise and accounting."""
+sampling filters, MAUVE and its stage, and Private Evolution's votes, noise and accounting."""
 
 import math
 import random
@@ -175,3 +175,37 @@ def test_pe_calibration_reaches_the_target_and_no_less_noise_would():
     assert pe.gdp_epsilon(sigma * 0.98, 3, 1e-5) > 8.0 - 0.05  # 2 % less noise: about the target or above
     with pytest.raises(ValueError, match="iterations"):
         pe.Config(iterations=0)
+
+
+def test_the_mauve_stage_fills_in_older_results_from_their_samples_and_leaves_the_rest(tmp_path, monkeypatch, capsys):
+    import zlib
+
+    from benchmarks import common, synthetic as study, tasks
+    from prism.examples.synthetic import write_jsonl
+
+    class HashEmbedder:  # a fixed random unit vector per text: no model needed
+        def __call__(self, texts):
+            rows = np.array([np.random.default_rng(zlib.crc32(t.encode())).normal(size=16) for t in texts])
+            return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    monkeypatch.setattr(metrics, "Embedder", HashEmbedder)
+    words = [f"review number {i}" for i in range(300)]
+    split = tasks.Split(words[:200], [i % 2 for i in range(200)], [], [], words[200:], [0] * 100)
+    evaluate = tmp_path / "synthetic" / "evaluate"
+    for run in ("old_eps8_seed1", "gone_eps8_seed0", "new_eps8_seed0"):
+        common.write_json(evaluate / f"{run}.json", dict(seed=int(run[-1]), frechet_to_test=0.1,
+                                                         **(dict(mauve_to_test=0.5) if run.startswith("new") else {})))
+    common.write_json(evaluate / "real_reference.json", dict(frechet_to_test=0.01))
+    samples = [dict(text=f"sample {i}", label=i % 2) for i in range(60)]
+    write_jsonl(study.samples_path(tmp_path, "old_eps8_seed1"), samples)
+    study.add_mauve(split, tmp_path)
+    read = {p.stem: common.read_json(p) for p in evaluate.glob("*.json")}
+    assert 0 < read["old_eps8_seed1"]["mauve_to_test"] < 1 and "commit" in read["old_eps8_seed1"]["mauve_added_by"]
+    assert 0 < read["real_reference"]["mauve_to_test"] <= 1
+    assert "mauve_to_test" not in read["gone_eps8_seed0"] and read["new_eps8_seed0"]["mauve_to_test"] == 0.5
+    assert "gone_eps8_seed0: no samples left" in capsys.readouterr().out
+    before = read["old_eps8_seed1"]["mauve_to_test"]
+    del read["old_eps8_seed1"]["mauve_to_test"]
+    common.write_json(evaluate / "old_eps8_seed1.json", read["old_eps8_seed1"])
+    study.add_mauve(split, tmp_path)  # seeded: the same value again
+    assert common.read_json(evaluate / "old_eps8_seed1.json")["mauve_to_test"] == before
